@@ -1,0 +1,2090 @@
+"""WhatsTracking: which ad campaign brought each customer who wrote to you on WhatsApp.
+
+A script on the website (``tracker.js``) records where a visitor came from and puts a short tracking
+code in the WhatsApp message; Evolution API posts the incoming message to this server; the code is
+matched and a lead is recorded with its campaign.
+
+Run:
+    python whatstracking.py                 # serve (SQLite at ./whatstracking.db by default)
+    python whatstracking.py migrate         # create / upgrade the database schema
+    python whatstracking.py company add ID --name NAME [--evolution-url URL --evolution-key KEY]
+    python whatstracking.py token add COMPANY_ID [--name NAME]
+
+Environment (also read from ``.env``; the real environment wins), see ``config.example.env``:
+    HOST, PORT, DATABASE_URL (sqlite:///whatstracking.db | postgresql://...), PUBLIC_URL,
+    ADMIN_TOKEN, WEBHOOK_SHARED_TOKEN, EVOLUTION_API_URL, EVOLUTION_API_KEY, LOG_LEVEL,
+    LOG_FORMAT (json|text), TRUST_PROXY, RETENTION_DAYS, META_GRAPH_URL, GA4_MP_URL,
+    SQLITE_SYNCHRONOUS (FULL|NORMAL)
+
+Sections, each using only what is above it: constants, config, errors and small helpers, storage
+(SQLite and Postgres behind one interface), domain (codes, attribution, Evolution messages, lead
+matching), HTTP handlers, middlewares, ``create_app()``, CLI, ``main()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import gzip
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+import time
+import urllib.parse
+import uuid
+import zoneinfo
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+# ##################################################################################################
+# Constants
+# ##################################################################################################
+
+VERSION = "0.1.0"
+HERE = Path(__file__).resolve().parent
+TRACKER_PATH = HERE / "tracker.js"
+
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 8080
+DEFAULT_DATABASE_URL = "sqlite:///whatstracking.db"
+DEFAULT_META_GRAPH_URL = "https://graph.facebook.com"
+DEFAULT_GA4_MP_URL = "https://www.google-analytics.com/mp/collect"
+
+TRACKING_BODY_MAX = 64 * 1024  # bytes
+WEBHOOK_BODY_MAX = 1024 * 1024  # bytes; also the most of a raw body we store
+FIELD_MAX = 2048  # characters, one attribution value
+URL_FIELD_MAX = 4096  # characters, page_url / referrer / landing_page
+FIRST_MESSAGE_MAX = 1000  # characters kept of a lead's first message
+TRACKER_MAX_AGE = 3600  # seconds, Cache-Control of the served script
+SQLITE_BATCH_MAX = 512  # units of work committed together at most
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+CODE_BODY_LEN = 6  # random characters; a check character follows
+# The invisible copy of a code: 35 bits (7 characters x 5) as zero-width characters, framed.
+ZW_ZERO, ZW_ONE, ZW_FRAME = "\u200b", "\u200c", "\u200d"
+
+UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content", "utm_id")
+CLICK_ID_KEYS = ("gclid", "gbraid", "wbraid", "fbclid", "ttclid", "msclkid")
+COOKIE_KEYS = ("fbc", "fbp", "ga_client_id")
+CAMPAIGN_KEYS = UTM_KEYS + CLICK_ID_KEYS
+URL_KEYS = ("page_url", "referrer", "landing_page")
+TOUCH_KEYS = CAMPAIGN_KEYS + COOKIE_KEYS + URL_KEYS
+LEAD_ATTRIBUTION_KEYS = (
+    UTM_KEYS[:5] + ("gclid", "gbraid", "wbraid", "fbclid", "fbc", "fbp", "ttclid", "msclkid",
+                    "ga_client_id", "ctwa_clid", "ad_id", "ad_title", "referrer", "landing_page",
+                    "page_url")
+)
+
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "allowed_origins": [],  # empty: any origin
+    "code_mode": "both",  # visible | invisible | both
+    "code_template": "[ref {code}]",
+    "attribution_window_days": 30,
+    "store_first_message": True,
+    "window_match": False,  # the `window` fallback of SPEC §6, off by default
+    "window_minutes": 30,
+    "timezone": "America/Sao_Paulo",
+    "currency": "BRL",
+    "webhook_auth_required": True,
+}
+WINDOW_CONFIDENCE = 0.5
+
+log = logging.getLogger("whatstracking")
+
+
+# ##################################################################################################
+# Config
+# ##################################################################################################
+
+class ConfigError(Exception):
+    """A setting is wrong; the message is one sentence for the operator."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    database_url: str = DEFAULT_DATABASE_URL
+    public_url: str = ""
+    admin_token: str = ""
+    webhook_shared_token: str = ""
+    evolution_api_url: str = ""
+    evolution_api_key: str = ""
+    log_level: str = "INFO"
+    log_format: str = "text"
+    trust_proxy: bool = False
+    retention_days: int = 0
+    meta_graph_url: str = DEFAULT_META_GRAPH_URL
+    ga4_mp_url: str = DEFAULT_GA4_MP_URL
+    sqlite_synchronous: str = "FULL"
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    low = value.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, not {value!r}.")
+
+
+def _parse_int(name: str, value: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {value!r}.") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, not {number}.")
+    return number
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> Config:
+    """Build the Config from an environment mapping; raise ConfigError with one readable sentence."""
+    env = os.environ if environ is None else environ
+
+    def get(name: str, default: str = "") -> str:
+        return (env.get(name) or default).strip()
+
+    database_url = get("DATABASE_URL", DEFAULT_DATABASE_URL)
+    if not database_url.startswith(("sqlite:", "postgres://", "postgresql://")):
+        raise ConfigError("DATABASE_URL must start with sqlite:/// or postgresql://.")
+    log_format = get("LOG_FORMAT", "text").lower()
+    if log_format not in ("json", "text"):
+        raise ConfigError("LOG_FORMAT must be json or text.")
+    log_level = get("LOG_LEVEL", "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError("LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    synchronous = get("SQLITE_SYNCHRONOUS", "FULL").upper()
+    if synchronous not in ("FULL", "NORMAL"):
+        raise ConfigError("SQLITE_SYNCHRONOUS must be FULL or NORMAL.")
+    urls = {}
+    for name, default in (("PUBLIC_URL", ""), ("EVOLUTION_API_URL", ""),
+                          ("META_GRAPH_URL", DEFAULT_META_GRAPH_URL),
+                          ("GA4_MP_URL", DEFAULT_GA4_MP_URL)):
+        value = get(name, default).rstrip("/")
+        if value and not value.startswith(("http://", "https://")):
+            raise ConfigError(f"{name} must start with http:// or https://.")
+        urls[name] = value
+    return Config(
+        host=get("HOST", DEFAULT_HOST),
+        port=_parse_int("PORT", get("PORT", str(DEFAULT_PORT)), 0, 65535),
+        database_url=database_url,
+        public_url=urls["PUBLIC_URL"],
+        admin_token=get("ADMIN_TOKEN"),
+        webhook_shared_token=get("WEBHOOK_SHARED_TOKEN"),
+        evolution_api_url=urls["EVOLUTION_API_URL"],
+        evolution_api_key=get("EVOLUTION_API_KEY"),
+        log_level=log_level,
+        log_format=log_format,
+        trust_proxy=_parse_bool("TRUST_PROXY", get("TRUST_PROXY")),
+        retention_days=_parse_int("RETENTION_DAYS", get("RETENTION_DAYS", "0"), 0, 36500),
+        meta_graph_url=urls["META_GRAPH_URL"],
+        ga4_mp_url=urls["GA4_MP_URL"],
+        sqlite_synchronous=synchronous,
+    )
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+                 "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level)
+
+
+# ##################################################################################################
+# Errors and small helpers
+# ##################################################################################################
+
+def json_dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def http_error(status: int, message: str, **extra: Any) -> web.HTTPException:
+    """An aiohttp HTTP exception whose body is SPEC §4's {"error": sentence}."""
+    cls = web.HTTPException
+    for candidate in (web.HTTPBadRequest, web.HTTPUnauthorized, web.HTTPForbidden,
+                      web.HTTPNotFound, web.HTTPMethodNotAllowed, web.HTTPConflict, web.HTTPGone,
+                      web.HTTPRequestEntityTooLarge, web.HTTPUnsupportedMediaType,
+                      web.HTTPTooManyRequests, web.HTTPInternalServerError, web.HTTPBadGateway,
+                      web.HTTPServiceUnavailable):
+        if candidate.status_code == status:
+            cls = candidate
+            break
+    body = json_dumps({"error": message, **extra})
+    if cls is web.HTTPMethodNotAllowed:
+        return cls("?", extra.get("allow", []), text=body, content_type="application/json")
+    if cls is web.HTTPRequestEntityTooLarge:
+        return cls(max_size=0, actual_size=0, text=body, content_type="application/json")
+    return cls(text=body, content_type="application/json")
+
+
+def now() -> float:
+    return time.time()
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def parse_time(value: Any, field: str) -> float:
+    """ISO 8601 (``Z`` or offset) or unix seconds → unix seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=timezone.utc)
+            return parsed.timestamp()
+    raise http_error(400, f"{field} must be an ISO 8601 time or unix seconds")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_secret(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+def same_secret(given: str | None, expected: str | None) -> bool:
+    if not given or not expected:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def digits(value: str | None) -> str:
+    return re.sub(r"\D", "", value or "")
+
+
+def loads_or(value: str | None, default: Any) -> Any:
+    return json.loads(value) if value else default
+
+
+# ##################################################################################################
+# Storage
+#
+# One small interface (Storage) with two backends. Queries are written once with `?` placeholders;
+# the Postgres backend translates them. Writes run as units of work through `transact(fn)`: the
+# unit gets a transaction object (`tx`) and its result is returned only after the commit. SQLite
+# commits many concurrent units together (group commit: one fsync for a batch, each unit in its
+# own savepoint so one failure does not undo the others); Postgres runs each unit in its own
+# transaction from a pool.
+# ##################################################################################################
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, """
+CREATE TABLE companies (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    settings TEXT NOT NULL DEFAULT '{}',
+    evolution_url TEXT,
+    evolution_key TEXT,
+    webhook_secret TEXT NOT NULL,
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL
+);
+CREATE TABLE api_tokens (
+    id {id},
+    company_id TEXT NOT NULL REFERENCES companies (id) ON DELETE CASCADE,
+    name TEXT,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at {real} NOT NULL
+);
+CREATE TABLE visits (
+    id {id},
+    company_id TEXT NOT NULL,
+    visitor_id TEXT NOT NULL,
+    code TEXT NOT NULL,
+    expires_at {real} NOT NULL,
+    utm_source TEXT,
+    utm_medium TEXT,
+    utm_campaign TEXT,
+    last_touch TEXT NOT NULL,
+    first_touch TEXT NOT NULL,
+    pageviews INTEGER NOT NULL DEFAULT 0,
+    clicks INTEGER NOT NULL DEFAULT 0,
+    clicked_at {real},
+    click_phone TEXT,
+    lead_id {bigint},
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL,
+    UNIQUE (company_id, code)
+);
+CREATE INDEX visits_visitor ON visits (company_id, visitor_id, id);
+CREATE INDEX visits_click ON visits (company_id, click_phone, clicked_at);
+CREATE TABLE tracking_events (
+    id {id},
+    company_id TEXT NOT NULL,
+    visit_id {bigint} NOT NULL,
+    event TEXT NOT NULL,
+    page_url TEXT,
+    referrer TEXT,
+    utm_source TEXT,
+    utm_medium TEXT,
+    utm_campaign TEXT,
+    whatsapp_phone TEXT,
+    created_at {real} NOT NULL
+);
+CREATE INDEX tracking_events_company_time ON tracking_events (company_id, created_at);
+CREATE INDEX tracking_events_time ON tracking_events (created_at);
+CREATE TABLE connections (
+    company_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    state TEXT,
+    phone TEXT,
+    profile_name TEXT,
+    picture_url TEXT,
+    instance_id TEXT,
+    instance_token TEXT,
+    webhook_secret TEXT,
+    qr_code TEXT,
+    qr_pairing_code TEXT,
+    qr_at {real},
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL,
+    deleted_at {real},
+    PRIMARY KEY (company_id, id)
+);
+CREATE TABLE contacts (
+    id {id},
+    company_id TEXT NOT NULL,
+    phone TEXT,
+    lid TEXT,
+    name TEXT,
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL
+);
+CREATE UNIQUE INDEX contacts_phone ON contacts (company_id, phone) WHERE phone IS NOT NULL;
+CREATE UNIQUE INDEX contacts_lid ON contacts (company_id, lid) WHERE lid IS NOT NULL;
+CREATE TABLE leads (
+    id {id},
+    company_id TEXT NOT NULL,
+    connection_id TEXT,
+    contact_id {bigint},
+    phone TEXT,
+    lid TEXT,
+    name TEXT,
+    first_message TEXT,
+    message_id TEXT,
+    code TEXT,
+    match_method TEXT NOT NULL,
+    confidence {real} NOT NULL,
+    visit_id {bigint},
+    utm_source TEXT,
+    utm_medium TEXT,
+    utm_campaign TEXT,
+    ad_id TEXT,
+    gclid TEXT,
+    ctwa_clid TEXT,
+    attribution TEXT NOT NULL,
+    first_touch TEXT,
+    context_info TEXT,
+    clicked_at {real},
+    created_at {real} NOT NULL
+);
+CREATE UNIQUE INDEX leads_code ON leads (company_id, code) WHERE code IS NOT NULL;
+CREATE UNIQUE INDEX leads_ctwa ON leads (company_id, ctwa_clid) WHERE ctwa_clid IS NOT NULL;
+CREATE INDEX leads_company_time ON leads (company_id, created_at);
+CREATE INDEX leads_contact ON leads (contact_id);
+CREATE TABLE messages (
+    id {id},
+    company_id TEXT NOT NULL,
+    connection_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    contact_id {bigint},
+    lead_id {bigint},
+    created_at {real} NOT NULL,
+    UNIQUE (company_id, connection_id, message_id)
+);
+CREATE TABLE lead_events (
+    id {id},
+    company_id TEXT NOT NULL,
+    lead_id {bigint} NOT NULL,
+    name TEXT NOT NULL,
+    value {real},
+    currency TEXT,
+    occurred_at {real} NOT NULL,
+    event_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_at {real} NOT NULL,
+    UNIQUE (company_id, event_id)
+);
+CREATE INDEX lead_events_lead ON lead_events (lead_id);
+CREATE TABLE webhook_deliveries (
+    id {id},
+    company_id TEXT,
+    source TEXT NOT NULL,
+    instance TEXT,
+    event TEXT,
+    headers TEXT,
+    body {blob} NOT NULL,
+    truncated INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL,
+    result TEXT,
+    error TEXT,
+    received_at {real} NOT NULL,
+    processed_at {real}
+);
+CREATE INDEX webhook_deliveries_time ON webhook_deliveries (received_at);
+CREATE INDEX webhook_deliveries_status ON webhook_deliveries (status, id);
+"""),
+]
+
+DIALECT_TYPES = {
+    "sqlite": {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "bigint": "INTEGER", "real": "REAL",
+               "blob": "BLOB"},
+    "postgres": {"id": "BIGSERIAL PRIMARY KEY", "bigint": "BIGINT", "real": "DOUBLE PRECISION",
+                 "blob": "BYTEA"},
+}
+
+
+class StorageError(Exception):
+    pass
+
+
+class Storage:
+    """What the application needs from a database; subclasses provide the primitives."""
+
+    dialect = ""
+
+    async def connect(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def fetchone(self, sql: str, *args: Any) -> dict | None:
+        """A read outside any unit of work (sees committed data only)."""
+        raise NotImplementedError
+
+    async def fetchall(self, sql: str, *args: Any) -> list[dict]:
+        raise NotImplementedError
+
+    async def transact(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run ``await fn(tx)`` in a transaction; return its result once committed."""
+        raise NotImplementedError
+
+    async def migrate(self) -> list[int]:
+        """Apply the pending migrations; return the versions applied."""
+        raise NotImplementedError
+
+    async def ping(self) -> None:
+        await self.fetchone("SELECT 1 AS one")
+
+    @staticmethod
+    def from_url(url: str, config: Config | None = None) -> "Storage":
+        if url.startswith("sqlite:"):
+            return SqliteStorage(url, synchronous=config.sqlite_synchronous if config else "FULL")
+        if url.startswith(("postgres://", "postgresql://")):
+            return PostgresStorage(url)
+        raise ConfigError("DATABASE_URL must start with sqlite:/// or postgresql://.")
+
+    def migration_statements(self, sql: str) -> list[str]:
+        types = DIALECT_TYPES[self.dialect]
+        sql = re.sub(r"\{(id|bigint|real|blob)\}", lambda m: types[m.group(1)], sql)
+        return [s.strip() for s in sql.split(";") if s.strip()]
+
+
+class SqliteTx:
+    """The transaction object handed to units of work on SQLite."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self._depth = 0
+
+    async def fetchone(self, sql: str, *args: Any) -> dict | None:
+        async with self.conn.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        return dict(row) if row is not None else None
+
+    async def fetchall(self, sql: str, *args: Any) -> list[dict]:
+        async with self.conn.execute(sql, args) as cur:
+            return [dict(r) for r in await cur.fetchall()]
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement; return the number of rows it changed."""
+        async with self.conn.execute(sql, args) as cur:
+            return cur.rowcount
+
+    @contextlib.asynccontextmanager
+    async def savepoint(self):
+        self._depth += 1
+        name = f"sp{self._depth}"
+        await self.conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield self
+        except BaseException:
+            await self.conn.execute(f"ROLLBACK TO {name}")
+            await self.conn.execute(f"RELEASE {name}")
+            raise
+        else:
+            await self.conn.execute(f"RELEASE {name}")
+        finally:
+            self._depth -= 1
+
+
+class SqliteStorage(Storage):
+    """SQLite through aiosqlite: one writer connection fed by a group-commit loop, one reader."""
+
+    dialect = "sqlite"
+
+    def __init__(self, url: str, synchronous: str = "FULL") -> None:
+        path = url[len("sqlite:"):]
+        if path.startswith("///"):
+            path = path[3:]
+        elif path.startswith("//"):
+            path = path[2:]
+        if not path or path == ":memory:":
+            raise ConfigError("DATABASE_URL for SQLite must name a file, e.g. "
+                              "sqlite:///whatstracking.db.")
+        self.path = path
+        self.synchronous = synchronous
+        self._writer = None
+        self._reader = None
+        self._queue: asyncio.Queue | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._read_lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        import aiosqlite
+
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        self._writer.row_factory = aiosqlite.Row
+        for pragma in ("journal_mode=WAL", f"synchronous={self.synchronous}",
+                       "busy_timeout=10000", "foreign_keys=ON"):
+            await self._writer.execute(f"PRAGMA {pragma}")
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        self._reader.row_factory = aiosqlite.Row
+        await self._reader.execute("PRAGMA busy_timeout=10000")
+        await self._reader.execute("PRAGMA query_only=ON")
+        self._queue = asyncio.Queue()
+        self._loop_task = asyncio.create_task(self._commit_loop(), name="sqlite-group-commit")
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            # Flush: let every queued unit of work commit before the connections close.
+            await self._queue.put(None)
+            await self._loop_task
+            self._loop_task = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    async def fetchone(self, sql: str, *args: Any) -> dict | None:
+        async with self._reader.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        return dict(row) if row is not None else None
+
+    async def fetchall(self, sql: str, *args: Any) -> list[dict]:
+        async with self._reader.execute(sql, args) as cur:
+            return [dict(r) for r in await cur.fetchall()]
+
+    async def transact(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        if self._loop_task is None or self._loop_task.done():
+            raise StorageError("the database is closed")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((fn, future))
+        return await future
+
+    async def _commit_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            item = await self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < SQLITE_BATCH_MAX and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list) -> None:
+        results = []
+        try:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            for fn, future in batch:
+                tx = SqliteTx(self._writer)
+                try:
+                    async with tx.savepoint():
+                        results.append((future, await fn(tx), None))
+                except Exception as exc:  # noqa: BLE001 - handed to the unit's caller
+                    results.append((future, None, exc))
+            await self._writer.execute("COMMIT")
+        except Exception as exc:  # the batch as a whole failed: nothing of it is committed
+            with contextlib.suppress(Exception):
+                await self._writer.execute("ROLLBACK")
+            for _fn, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future, value, exc in results:
+            if future.done():  # the caller went away (cancelled); the work is committed anyway
+                continue
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(value)
+
+    async def migrate(self) -> list[int]:
+        async def run(tx: SqliteTx) -> list[int]:
+            await tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                             "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+            done = {r["version"] for r in await tx.fetchall("SELECT version FROM schema_migrations")}
+            applied = []
+            for version, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in self.migration_statements(sql):
+                    await tx.execute(statement)
+                await tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                                 version, now())
+                applied.append(version)
+            return applied
+
+        return await self.transact(run)
+
+
+@functools.lru_cache(maxsize=512)
+def to_dollar_params(sql: str) -> str:
+    """Translate `?` placeholders to Postgres' `$1, $2, ...` (queries carry no `?` literals)."""
+    parts = sql.split("?")
+    out = [parts[0]]
+    for n, part in enumerate(parts[1:], start=1):
+        out.append(f"${n}{part}")
+    return "".join(out)
+
+
+class PostgresTx:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def fetchone(self, sql: str, *args: Any) -> dict | None:
+        row = await self.conn.fetchrow(to_dollar_params(sql), *args)
+        return dict(row) if row is not None else None
+
+    async def fetchall(self, sql: str, *args: Any) -> list[dict]:
+        return [dict(r) for r in await self.conn.fetch(to_dollar_params(sql), *args)]
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        status = await self.conn.execute(to_dollar_params(sql), *args)
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    @contextlib.asynccontextmanager
+    async def savepoint(self):
+        async with self.conn.transaction():
+            yield self
+
+
+class PostgresStorage(Storage):
+    """Postgres (and Supabase) through an asyncpg pool."""
+
+    dialect = "postgres"
+    MIGRATION_LOCK = 7_405_119_213  # pg_advisory_xact_lock key: one migrator at a time
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        cache_size = None
+        kept = []
+        for key, value in query:
+            if key == "statement_cache_size":
+                cache_size = _parse_int("statement_cache_size", value, 0, 100_000)
+            else:
+                kept.append((key, value))
+        if cache_size is None:
+            # Supabase's transaction pooler (port 6543) cannot keep prepared statements.
+            cache_size = 0 if parts.port == 6543 else 100
+        self.statement_cache_size = cache_size
+        self.dsn = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept)))
+        self.pool = None
+
+    async def connect(self) -> None:
+        import asyncpg
+
+        self.pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=10, statement_cache_size=self.statement_cache_size,
+            command_timeout=30)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    async def fetchone(self, sql: str, *args: Any) -> dict | None:
+        row = await self.pool.fetchrow(to_dollar_params(sql), *args)
+        return dict(row) if row is not None else None
+
+    async def fetchall(self, sql: str, *args: Any) -> list[dict]:
+        return [dict(r) for r in await self.pool.fetch(to_dollar_params(sql), *args)]
+
+    async def transact(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        if self.pool is None:
+            raise StorageError("the database is closed")
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                return await fn(PostgresTx(conn))
+
+    async def migrate(self) -> list[int]:
+        async def run(tx: PostgresTx) -> list[int]:
+            await tx.execute(f"SELECT pg_advisory_xact_lock({self.MIGRATION_LOCK})")
+            await tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                             "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
+            done = {r["version"] for r in await tx.fetchall("SELECT version FROM schema_migrations")}
+            applied = []
+            for version, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in self.migration_statements(sql):
+                    await tx.execute(statement)
+                await tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                                 version, now())
+                applied.append(version)
+            return applied
+
+        return await self.transact(run)
+
+
+# ##################################################################################################
+# Domain: companies and tokens
+# ##################################################################################################
+
+COMPANY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Company:
+    id: str
+    name: str
+    settings: dict
+    evolution_url: str | None
+    evolution_key: str | None
+    webhook_secret: str
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Company":
+        settings = dict(DEFAULT_SETTINGS)
+        settings.update(loads_or(row["settings"], {}))
+        return cls(row["id"], row["name"], settings, row["evolution_url"], row["evolution_key"],
+                   row["webhook_secret"])
+
+    def public(self) -> dict:
+        """The company as its token holders see it: secrets are write-only."""
+        return {"company_id": self.id, "name": self.name, **self.settings,
+                "evolution_url": self.evolution_url,
+                "evolution_key_set": bool(self.evolution_key)}
+
+
+async def get_company(db: Storage, company_id: str) -> Company | None:
+    row = await db.fetchone("SELECT * FROM companies WHERE id = ?", company_id)
+    return Company.from_row(row) if row else None
+
+
+def validate_settings(patch: Mapping[str, Any]) -> dict:
+    """Check company settings; return them normalised or raise 400 naming the field."""
+    out: dict[str, Any] = {}
+    for key, value in patch.items():
+        if key == "allowed_origins":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise http_error(400, "allowed_origins must be a list of origins")
+            for origin in value:
+                if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+                    raise http_error(400, f"allowed_origins: {origin!r} is not an origin "
+                                          "like https://example.com")
+            out[key] = [o.rstrip("/") for o in value]
+        elif key == "code_mode":
+            if value not in ("visible", "invisible", "both"):
+                raise http_error(400, "code_mode must be visible, invisible or both")
+            out[key] = value
+        elif key == "code_template":
+            if not isinstance(value, str) or "{code}" not in value or len(value) > 64:
+                raise http_error(400, "code_template must be text of at most 64 characters "
+                                      "containing {code}")
+            out[key] = value
+        elif key in ("attribution_window_days", "window_minutes"):
+            high = 365 if key == "attribution_window_days" else 1440
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+                raise http_error(400, f"{key} must be a whole number from 1 to {high}")
+            out[key] = value
+        elif key in ("store_first_message", "window_match", "webhook_auth_required"):
+            if not isinstance(value, bool):
+                raise http_error(400, f"{key} must be true or false")
+            out[key] = value
+        elif key == "timezone":
+            try:
+                zoneinfo.ZoneInfo(value)
+            except (zoneinfo.ZoneInfoNotFoundError, TypeError, ValueError):
+                raise http_error(400, "timezone must be an IANA name like America/Sao_Paulo") \
+                    from None
+            out[key] = value
+        elif key == "currency":
+            if not isinstance(value, str) or not re.match(r"^[A-Za-z]{3}$", value):
+                raise http_error(400, "currency must be a three-letter ISO 4217 code")
+            out[key] = value.upper()
+        else:
+            raise http_error(400, f"Unknown field: {key}")
+    return out
+
+
+def validate_evolution(patch: Mapping[str, Any]) -> dict:
+    out = {}
+    if "evolution_url" in patch:
+        url = patch["evolution_url"]
+        if url is not None and (not isinstance(url, str)
+                                or not re.match(r"^https?://\S+$", url) or len(url) > 512):
+            raise http_error(400, "evolution_url must be an http(s) URL or null")
+        out["evolution_url"] = url.rstrip("/") if url else None
+    if "evolution_key" in patch:
+        key = patch["evolution_key"]
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 512):
+            raise http_error(400, "evolution_key must be text or null")
+        out["evolution_key"] = key or None
+    return out
+
+
+async def create_company(db: Storage, company_id: str, name: str, settings: Mapping | None = None,
+                         evolution_url: str | None = None,
+                         evolution_key: str | None = None) -> dict:
+    """Create a company with a first API token; return the secrets (shown once)."""
+    token = new_secret("wt_")
+    webhook_secret = new_secret("whs_")
+    t = now()
+
+    async def run(tx) -> bool:
+        if await tx.fetchone("SELECT id FROM companies WHERE id = ?", company_id):
+            return False
+        await tx.execute(
+            "INSERT INTO companies (id, name, settings, evolution_url, evolution_key, "
+            "webhook_secret, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            company_id, name, json_dumps(dict(settings or {})), evolution_url, evolution_key,
+            webhook_secret, t, t)
+        await tx.execute("INSERT INTO api_tokens (company_id, name, token_hash, created_at) "
+                         "VALUES (?, ?, ?, ?)", company_id, "default", hash_token(token), t)
+        return True
+
+    if not await db.transact(run):
+        raise http_error(409, f"Company {company_id} already exists")
+    return {"company_id": company_id, "name": name, "token": token,
+            "webhook_secret": webhook_secret}
+
+
+async def add_token(db: Storage, company_id: str, name: str | None = None) -> str:
+    token = new_secret("wt_")
+
+    async def run(tx) -> bool:
+        if not await tx.fetchone("SELECT id FROM companies WHERE id = ?", company_id):
+            return False
+        await tx.execute("INSERT INTO api_tokens (company_id, name, token_hash, created_at) "
+                         "VALUES (?, ?, ?, ?)", company_id, name, hash_token(token), now())
+        return True
+
+    if not await db.transact(run):
+        raise http_error(404, "Company not found")
+    return token
+
+
+async def company_for_token(db: Storage, token: str) -> str | None:
+    # The token is compared by its SHA-256 through the unique index; timing reveals nothing about
+    # the token itself.
+    row = await db.fetchone("SELECT company_id FROM api_tokens WHERE token_hash = ?",
+                            hash_token(token))
+    return row["company_id"] if row else None
+
+
+# ##################################################################################################
+# Domain: tracking codes
+#
+# Crockford base32 (no I, L, O, U), six random characters and a check character: the weighted sum
+# of the values with odd weights modulo 32, so any single mistyped character changes the check and
+# the code is rejected instead of matching somebody else. I and L read as 1, O as 0.
+# ##################################################################################################
+
+_CODE_VALUE = {c: i for i, c in enumerate(CROCKFORD)}
+_CODE_ALIASES = str.maketrans({"I": "1", "L": "1", "O": "0"})
+_INVISIBLE_RE = re.compile(f"{ZW_FRAME}([{ZW_ZERO}{ZW_ONE}]{{35}}){ZW_FRAME}")
+_REF_CODE_RE = re.compile(r"ref\W{0,3}([0-9a-z]{7})(?![0-9a-z])", re.IGNORECASE)
+_TOKEN_RE = re.compile(r"(?<![0-9A-Za-z])([0-9A-Za-z]{7})(?![0-9A-Za-z])")
+
+
+def code_check(body: str) -> str:
+    return CROCKFORD[sum((2 * i + 1) * _CODE_VALUE[c] for i, c in enumerate(body)) % 32]
+
+
+def new_code() -> str:
+    body = "".join(secrets.choice(CROCKFORD) for _ in range(CODE_BODY_LEN))
+    return body + code_check(body)
+
+
+def normalize_code(text: Any) -> str | None:
+    """The canonical code for ``text``, or None if it is not a well-formed code."""
+    if not isinstance(text, str) or len(text) != CODE_BODY_LEN + 1:
+        return None
+    code = text.upper().translate(_CODE_ALIASES)
+    if any(c not in _CODE_VALUE for c in code):
+        return None
+    return code if code_check(code[:-1]) == code[-1] else None
+
+
+def invisible_code(code: str) -> str:
+    bits = "".join(format(_CODE_VALUE[c], "05b") for c in code)
+    return ZW_FRAME + bits.replace("0", ZW_ZERO).replace("1", ZW_ONE) + ZW_FRAME
+
+
+def message_code(code: str, mode: str = "both", template: str = "[ref {code}]") -> str:
+    """What tracker.js appends to a WhatsApp message (the server's copy, used by tests and docs)."""
+    visible = template.replace("{code}", code)
+    if mode == "visible":
+        return visible
+    if mode == "invisible":
+        return invisible_code(code)
+    return visible + invisible_code(code)
+
+
+def find_codes(text: str) -> list[str]:
+    """Well-formed codes in a message, most trustworthy first: the invisible copy, a code after
+    "ref", then any seven-character word that passes the check."""
+    found: list[str] = []
+    for match in _INVISIBLE_RE.finditer(text):
+        bits = match.group(1).replace(ZW_ZERO, "0").replace(ZW_ONE, "1")
+        code = "".join(CROCKFORD[int(bits[i:i + 5], 2)] for i in range(0, 35, 5))
+        if normalize_code(code):
+            found.append(code)
+    for regex in (_REF_CODE_RE, _TOKEN_RE):
+        for match in regex.finditer(text):
+            code = normalize_code(match.group(1))
+            if code:
+                found.append(code)
+    return list(dict.fromkeys(found))
+
+
+# ##################################################################################################
+# Domain: website tracking
+# ##################################################################################################
+
+def _clean(value: Any, field: str, limit: int = FIELD_MAX) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise http_error(400, f"{field} must be a string")
+    value = value.strip()
+    if len(value) > limit:
+        raise http_error(400, f"{field} is longer than {limit} characters")
+    return value or None
+
+
+def _touch_from(source: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    touch = {}
+    for key in TOUCH_KEYS:
+        value = _clean(source.get(key), prefix + key,
+                       URL_FIELD_MAX if key in URL_KEYS else FIELD_MAX)
+        if value is not None:
+            touch[key] = value
+    return touch
+
+
+def _url_params(url: str | None) -> dict[str, str]:
+    if not url:
+        return {}
+    try:
+        query = urllib.parse.urlsplit(url).query
+    except ValueError:
+        return {}
+    params = {}
+    for key, value in urllib.parse.parse_qsl(query):
+        if key in CAMPAIGN_KEYS and value and key not in params:
+            params[key] = value[:FIELD_MAX]
+    return params
+
+
+@dataclasses.dataclass
+class TrackingInput:
+    company_id: str
+    event: str
+    visitor_id: str | None
+    code: str | None
+    touch: dict  # attribution of this request (last touch as the browser knows it)
+    first_touch: dict | None
+    whatsapp_phone: str | None
+
+
+def parse_tracking(body: Any) -> TrackingInput:
+    if not isinstance(body, dict):
+        raise http_error(400, "Body must be a JSON object")
+    company_id = body.get("company_id", body.get("companie_id"))
+    if not isinstance(company_id, str) or not company_id.strip():
+        raise http_error(400, "company_id is required")
+    event = body.get("event") or "pageview"
+    if event not in ("pageview", "whatsapp_click"):
+        raise http_error(400, "event must be pageview or whatsapp_click")
+    visitor_id = _clean(body.get("visitor_id"), "visitor_id", 64)
+    if visitor_id is not None and not re.match(r"^[A-Za-z0-9_.-]+$", visitor_id):
+        raise http_error(400, "visitor_id may only hold letters, digits, '-', '_' and '.'")
+    raw_code = _clean(body.get("code"), "code", 64)
+    touch = _touch_from(body)
+    for key, value in _url_params(touch.get("page_url")).items():
+        touch.setdefault(key, value)
+    first = body.get("first_touch")
+    if first is not None and not isinstance(first, dict):
+        raise http_error(400, "first_touch must be an object")
+    first_touch = None
+    if first:
+        first_touch = _touch_from(first, "first_touch.")
+        ts = first.get("ts")
+        if ts is not None:
+            if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+                raise http_error(400, "first_touch.ts must be a number (milliseconds)")
+            first_touch["ts"] = ts
+    phone = _clean(body.get("whatsapp_phone"), "whatsapp_phone", 64)
+    return TrackingInput(company_id.strip(), event, visitor_id, normalize_code(raw_code), touch,
+                         first_touch, digits(phone) or None)
+
+
+def _campaign(touch: Mapping[str, Any]) -> tuple:
+    return tuple(touch.get(k) for k in CAMPAIGN_KEYS)
+
+
+def _next_last_touch(stored: dict | None, touch: dict) -> tuple[dict, bool]:
+    """The visit's last touch after this request, and whether a new campaign replaced it."""
+    if any(touch.get(k) for k in CAMPAIGN_KEYS) and (
+            stored is None or _campaign(touch) != _campaign(stored)):
+        new = dict(touch)
+        new.setdefault("landing_page", touch.get("page_url"))
+        return new, True
+    if stored is None:
+        new = dict(touch)
+        new.setdefault("landing_page", touch.get("page_url"))
+        return new, False
+    merged = dict(stored)
+    for key in COOKIE_KEYS:  # cookies appear later (consent banners); keep them once seen
+        if touch.get(key) and not merged.get(key):
+            merged[key] = touch[key]
+    return merged, False
+
+
+async def record_tracking(db: Storage, company: Company, t: TrackingInput) -> dict:
+    """Store one tracking event and return {session_id, visitor_id, code}; committed on return."""
+    window = company.settings["attribution_window_days"] * 86400  # seconds
+    visitor_id = t.visitor_id or uuid.uuid4().hex
+
+    async def run(tx) -> dict:
+        ts = now()
+        visit = None
+        if t.code:
+            row = await tx.fetchone("SELECT * FROM visits WHERE company_id = ? AND code = ?",
+                                    company.id, t.code)
+            if row and row["visitor_id"] == visitor_id and row["expires_at"] > ts:
+                visit = row
+        if visit is None and t.visitor_id:
+            row = await tx.fetchone(
+                "SELECT * FROM visits WHERE company_id = ? AND visitor_id = ? "
+                "ORDER BY id DESC LIMIT 1", company.id, visitor_id)
+            if row and row["expires_at"] > ts:
+                visit = row
+        stored_last = loads_or(visit["last_touch"], None) if visit else None
+        last_touch, new_campaign = _next_last_touch(stored_last, t.touch)
+        previous = visit
+        if visit is not None and visit["lead_id"] is not None and new_campaign:
+            visit = None  # this visit's code already brought a lead: a new ad click, a new code
+        clicked = t.event == "whatsapp_click"
+        if visit is None:
+            if previous is not None:
+                first_touch = loads_or(previous["first_touch"], {})
+            else:
+                first_touch = t.first_touch or dict(last_touch)
+            candidates = [t.code] if t.code else []
+            visit_id = code = None
+            for code in candidates + [new_code() for _ in range(5)]:
+                row = await tx.fetchone(
+                    "INSERT INTO visits (company_id, visitor_id, code, expires_at, utm_source, "
+                    "utm_medium, utm_campaign, last_touch, first_touch, pageviews, clicks, "
+                    "clicked_at, click_phone, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (company_id, code) DO NOTHING RETURNING id",
+                    company.id, visitor_id, code, ts + window, last_touch.get("utm_source"),
+                    last_touch.get("utm_medium"), last_touch.get("utm_campaign"),
+                    json_dumps(last_touch), json_dumps(first_touch), 0 if clicked else 1,
+                    1 if clicked else 0, ts if clicked else None,
+                    t.whatsapp_phone if clicked else None, ts, ts)
+                if row:
+                    visit_id = row["id"]
+                    break
+            if visit_id is None:
+                raise StorageError("could not allocate a free tracking code")
+        else:
+            visit_id, code = visit["id"], visit["code"]
+            await tx.execute(
+                "UPDATE visits SET expires_at = ?, utm_source = ?, utm_medium = ?, "
+                "utm_campaign = ?, last_touch = ?, pageviews = pageviews + ?, "
+                "clicks = clicks + ?, clicked_at = COALESCE(?, clicked_at), "
+                "click_phone = COALESCE(?, click_phone), updated_at = ? WHERE id = ?",
+                ts + window, last_touch.get("utm_source"), last_touch.get("utm_medium"),
+                last_touch.get("utm_campaign"), json_dumps(last_touch), 0 if clicked else 1,
+                1 if clicked else 0, ts if clicked else None,
+                t.whatsapp_phone if clicked else None, ts, visit_id)
+        await tx.execute(
+            "INSERT INTO tracking_events (company_id, visit_id, event, page_url, referrer, "
+            "utm_source, utm_medium, utm_campaign, whatsapp_phone, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            company.id, visit_id, t.event, t.touch.get("page_url"), t.touch.get("referrer"),
+            t.touch.get("utm_source"), t.touch.get("utm_medium"), t.touch.get("utm_campaign"),
+            t.whatsapp_phone, ts)
+        return {"session_id": visit_id, "visitor_id": visitor_id, "code": code}
+
+    return await db.transact(run)
+
+
+# ##################################################################################################
+# Domain: Evolution API envelopes (see the Evolution contract, §4-§8)
+# ##################################################################################################
+
+TEXT_WRAPPERS = ("ephemeralMessage", "viewOnceMessage", "viewOnceMessageV2",
+                 "viewOnceMessageV2Extension", "documentWithCaptionMessage", "editedMessage")
+JID_PHONE = "@s.whatsapp.net"
+JID_LID = "@lid"
+
+
+def normalize_event(name: Any) -> str:
+    """`messages.upsert`, `MESSAGES_UPSERT` and `messages-upsert` all become `messages.upsert`."""
+    if not isinstance(name, str):
+        return ""
+    return name.strip().lower().replace("_", ".").replace("-", ".")
+
+
+def jid_user(jid: str) -> str:
+    """The user part of a JID without the device suffix: `5511...:12@s.whatsapp.net` → `5511...`."""
+    return jid.split("@", 1)[0].split(":", 1)[0]
+
+
+def extract_text(message: Any, depth: int = 0) -> str | None:
+    """The text of a WhatsApp message in Evolution's JSON, in the contract's priority order."""
+    if not isinstance(message, dict) or depth > 4:
+        return None
+
+    def text_at(*path: str) -> str | None:
+        node: Any = message
+        for key in path:
+            if not isinstance(node, dict):
+                return None
+            node = node.get(key)
+        return node if isinstance(node, str) and node else None
+
+    for path in (("conversation",), ("extendedTextMessage", "text"),
+                 ("imageMessage", "caption"), ("videoMessage", "caption"),
+                 ("documentMessage", "caption"),
+                 ("buttonsResponseMessage", "selectedDisplayText"),
+                 ("listResponseMessage", "title"),
+                 ("templateButtonReplyMessage", "selectedDisplayText"),
+                 ("interactiveResponseMessage", "body", "text")):
+        text = text_at(*path)
+        if text:
+            return text
+    for wrapper in TEXT_WRAPPERS:
+        inner = message.get(wrapper)
+        if isinstance(inner, dict):
+            text = extract_text(inner.get("message", inner), depth + 1)
+            if text:
+                return text
+    return None
+
+
+def find_ad_context(data: Mapping[str, Any]) -> dict | None:
+    """The contextInfo that carries Click-to-WhatsApp ad data, wherever this version put it."""
+    candidates = [data.get("contextInfo")]
+    message = data.get("message")
+    if isinstance(message, dict):
+        for value in message.values():
+            if isinstance(value, dict):
+                candidates.append(value.get("contextInfo"))
+                inner = value.get("message")
+                if isinstance(inner, dict):
+                    candidates.extend(v.get("contextInfo") for v in inner.values()
+                                      if isinstance(v, dict))
+    for info in candidates:
+        if isinstance(info, dict) and isinstance(info.get("externalAdReply"), dict):
+            return info
+    return None
+
+
+@dataclasses.dataclass
+class InboundMessage:
+    message_id: str
+    phone: str | None
+    lid: str | None
+    name: str | None
+    text: str
+    ad_context: dict | None
+    timestamp: float | None
+
+
+def parse_upsert(data: Any) -> InboundMessage | str:
+    """An inbound private message, or the reason it is ignored."""
+    if not isinstance(data, dict):
+        return "no message data"
+    key = data.get("key")
+    if not isinstance(key, dict):
+        return "no message key"
+    message_id = key.get("id")
+    if not isinstance(message_id, str) or not message_id or len(message_id) > 128:
+        return "no message id"
+    if key.get("fromMe") is True:
+        return "from me"
+    chat = key.get("remoteJid")
+    if not isinstance(chat, str):
+        return "no chat"
+    if chat.endswith("@g.us"):
+        return "group"
+    if chat == "status@broadcast" or chat.endswith("@broadcast"):
+        return "broadcast"
+    if chat.endswith("@newsletter"):
+        return "newsletter"
+    phone = lid = None
+    for field in ("remoteJid", "remoteJidAlt", "senderPn", "previousRemoteJid", "senderLid"):
+        jid = key.get(field)
+        if not isinstance(jid, str):
+            continue
+        if phone is None and jid.endswith(JID_PHONE):
+            phone = digits(jid_user(jid)) or None
+        elif lid is None and jid.endswith(JID_LID):
+            lid = jid_user(jid) or None
+    if phone is None and lid is None:
+        return "unknown sender"
+    name = data.get("pushName")
+    name = name[:200] if isinstance(name, str) and name else None
+    timestamp = data.get("messageTimestamp")
+    timestamp = float(timestamp) if isinstance(timestamp, (int, float)) else None
+    return InboundMessage(message_id, phone, lid, name, extract_text(data.get("message")) or "",
+                          find_ad_context(data), timestamp)
+
+
+def ad_attribution(info: Mapping[str, Any]) -> dict:
+    ad = info.get("externalAdReply") or {}
+
+    def text(value: Any) -> str | None:
+        return str(value)[:FIELD_MAX] if isinstance(value, (str, int)) and value != "" else None
+
+    source_url = text(ad.get("sourceUrl"))
+    return {"utm_source": "meta_ads", "utm_medium": "ctwa", "ad_id": text(ad.get("sourceId")),
+            "ctwa_clid": text(ad.get("ctwaClid")), "ad_title": text(ad.get("title")),
+            "landing_page": source_url, "page_url": source_url}
+
+
+# ##################################################################################################
+# Domain: connections, contacts and leads
+# ##################################################################################################
+
+async def ensure_connection(tx, company_id: str, connection_id: str) -> dict:
+    """The connection row for an Evolution instance, created the first time it is heard from."""
+    ts = now()
+    await tx.execute("INSERT INTO connections (company_id, id, created_at, updated_at) "
+                     "VALUES (?, ?, ?, ?) ON CONFLICT (company_id, id) DO NOTHING",
+                     company_id, connection_id, ts, ts)
+    return await tx.fetchone("SELECT * FROM connections WHERE company_id = ? AND id = ?",
+                             company_id, connection_id)
+
+
+async def resolve_contact(tx, company_id: str, msg: InboundMessage) -> tuple[dict, bool]:
+    """Find or create the sender's contact, merging a LID-only contact once the phone is known.
+    Returns (contact, is_new)."""
+    ts = now()
+    by_phone = by_lid = None
+    if msg.phone:
+        by_phone = await tx.fetchone("SELECT * FROM contacts WHERE company_id = ? AND phone = ?",
+                                     company_id, msg.phone)
+    if msg.lid:
+        by_lid = await tx.fetchone("SELECT * FROM contacts WHERE company_id = ? AND lid = ?",
+                                   company_id, msg.lid)
+    if by_phone and by_lid and by_phone["id"] != by_lid["id"]:
+        # The same person was first known only by LID: fold that contact into the phone one.
+        await tx.execute("UPDATE leads SET contact_id = ?, phone = ? WHERE contact_id = ?",
+                         by_phone["id"], msg.phone, by_lid["id"])
+        await tx.execute("DELETE FROM contacts WHERE id = ?", by_lid["id"])
+        by_lid = None
+    contact = by_phone or by_lid
+    if contact is None:
+        row = await tx.fetchone(
+            "INSERT INTO contacts (company_id, phone, lid, name, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) RETURNING *", company_id, msg.phone, msg.lid, msg.name, ts, ts)
+        return row, True
+    phone = contact["phone"] or msg.phone
+    lid = contact["lid"] or msg.lid
+    if phone != contact["phone"]:
+        await tx.execute("UPDATE leads SET phone = ? WHERE contact_id = ? AND phone IS NULL",
+                         phone, contact["id"])
+    if lid != contact["lid"]:
+        await tx.execute("UPDATE leads SET lid = ? WHERE contact_id = ? AND lid IS NULL",
+                         lid, contact["id"])
+    await tx.execute("UPDATE contacts SET phone = ?, lid = ?, name = COALESCE(?, name), "
+                     "updated_at = ? WHERE id = ?", phone, lid, msg.name, ts, contact["id"])
+    contact = dict(contact, phone=phone, lid=lid)
+    return contact, False
+
+
+async def _visit_for_code(tx, company_id: str, codes: list[str], contact_id: int
+                          ) -> tuple[dict | None, str | None]:
+    """The live visit of the first code that can attribute this contact, or why none can."""
+    reason = None
+    for code in codes:
+        visit = await tx.fetchone(
+            "SELECT * FROM visits WHERE company_id = ? AND code = ? AND expires_at > ?",
+            company_id, code, now())
+        if visit is None:
+            continue
+        lead = await tx.fetchone("SELECT contact_id FROM leads WHERE company_id = ? AND code = ?",
+                                 company_id, code)
+        if lead is None:
+            return visit, None
+        # A code matched once is not matched again: to the same person it is the same lead; to
+        # another person (a forwarded message) it attributes nothing.
+        reason = "code already matched" if lead["contact_id"] == contact_id else reason
+    return None, reason
+
+
+async def _window_visit(tx, company: Company, connection: dict) -> dict | None:
+    if not company.settings["window_match"] or not connection.get("phone"):
+        return None
+    since = now() - company.settings["window_minutes"] * 60
+    rows = await tx.fetchall(
+        "SELECT * FROM visits WHERE company_id = ? AND click_phone = ? AND clicked_at >= ? "
+        "AND lead_id IS NULL LIMIT 2", company.id, connection["phone"], since)
+    return rows[0] if len(rows) == 1 else None
+
+
+async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
+                      msg: InboundMessage, method: str, confidence: float, visit: dict | None,
+                      attribution: dict, context_info: dict | None) -> int | None:
+    """Insert a lead and its `lead` event; None if its code or ad click is already taken."""
+    ts = now()
+    first_touch = loads_or(visit["first_touch"], None) if visit else None
+    full = {k: attribution.get(k) for k in LEAD_ATTRIBUTION_KEYS}
+    text = None
+    if company.settings["store_first_message"]:  # without the invisible code: it is noise to a reader
+        text = _INVISIBLE_RE.sub("", msg.text)[:FIRST_MESSAGE_MAX]
+    row = await tx.fetchone(
+        "INSERT INTO leads (company_id, connection_id, contact_id, phone, lid, name, first_message,"
+        " message_id, code, match_method, confidence, visit_id, utm_source, utm_medium, "
+        "utm_campaign, ad_id, gclid, ctwa_clid, attribution, first_touch, context_info, "
+        "clicked_at, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT DO NOTHING RETURNING id",
+        company.id, connection_id, contact["id"], contact["phone"], contact["lid"],
+        msg.name or contact.get("name"), text or None, msg.message_id,
+        visit["code"] if visit and method == "code" else None, method, confidence,
+        visit["id"] if visit else None, full["utm_source"], full["utm_medium"],
+        full["utm_campaign"], full["ad_id"], full["gclid"], full["ctwa_clid"], json_dumps(full),
+        json_dumps(first_touch) if first_touch else None,
+        json_dumps(context_info) if context_info else None,
+        visit["clicked_at"] if visit else None, ts)
+    if row is None:
+        return None
+    lead_id = row["id"]
+    if visit is not None:
+        await tx.execute("UPDATE visits SET lead_id = ? WHERE id = ? AND lead_id IS NULL",
+                         lead_id, visit["id"])
+    await tx.execute(
+        "INSERT INTO lead_events (company_id, lead_id, name, value, currency, occurred_at, "
+        "event_id, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        company.id, lead_id, "lead", None, None, msg.timestamp or ts, f"lead-{lead_id}",
+        "whatsapp", ts)
+    return lead_id
+
+
+async def match_message(tx, company: Company, connection: dict, msg: InboundMessage) -> dict:
+    """Apply SPEC §6's lead rules to one inbound message inside a unit of work."""
+    inserted = await tx.fetchone(
+        "INSERT INTO messages (company_id, connection_id, message_id, created_at) "
+        "VALUES (?, ?, ?, ?) ON CONFLICT (company_id, connection_id, message_id) DO NOTHING "
+        "RETURNING id", company.id, connection["id"], msg.message_id, now())
+    if inserted is None:
+        return {"ignored": "duplicate"}
+    contact, is_new = await resolve_contact(tx, company.id, msg)
+    result: dict[str, Any] = {"contact_id": contact["id"]}
+    visit, reason = await _visit_for_code(tx, company.id, find_codes(msg.text), contact["id"])
+    lead_id = None
+    if visit is not None:
+        touch = loads_or(visit["last_touch"], {})
+        lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "code", 1.0,
+                                    visit, touch, None)
+        result["match"] = "code"
+        if lead_id is None:
+            reason = "code already matched"
+    elif msg.ad_context is not None:
+        attribution = ad_attribution(msg.ad_context)
+        clid = attribution["ctwa_clid"]
+        if is_new or clid:
+            lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "ctwa", 1.0,
+                                        None, attribution, msg.ad_context)
+            result["match"] = "ctwa"
+            if lead_id is None:
+                reason = "ad click already matched"
+        else:
+            reason = reason or "existing contact"
+    elif is_new:
+        visit = await _window_visit(tx, company, connection)
+        if visit is not None:
+            lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "window",
+                                        WINDOW_CONFIDENCE, visit, loads_or(visit["last_touch"], {}),
+                                        None)
+            result["match"] = "window"
+        else:
+            lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "none", 0.0,
+                                        None, {"utm_source": "direct"}, None)
+            result["match"] = "none"
+    else:
+        reason = reason or "existing contact"
+    if lead_id is not None:
+        result["lead_id"] = lead_id
+        await tx.execute("UPDATE messages SET contact_id = ?, lead_id = ? WHERE id = ?",
+                         contact["id"], lead_id, inserted["id"])
+    else:
+        result.pop("match", None)
+        result["ignored"] = reason or "no lead"
+        await tx.execute("UPDATE messages SET contact_id = ? WHERE id = ?", contact["id"],
+                         inserted["id"])
+    return result
+
+
+async def apply_connection_update(tx, company_id: str, connection_id: str, data: Any) -> dict:
+    if not isinstance(data, dict):
+        return {"ignored": "no data"}
+    await ensure_connection(tx, company_id, connection_id)
+    state = data.get("state") if isinstance(data.get("state"), str) else None
+    wuid = data.get("wuid")
+    phone = digits(jid_user(wuid)) if isinstance(wuid, str) and wuid.endswith(JID_PHONE) else None
+    name = data.get("profileName") if isinstance(data.get("profileName"), str) else None
+    picture = data.get("profilePictureUrl")
+    picture = picture if isinstance(picture, str) else None
+    await tx.execute(
+        "UPDATE connections SET state = COALESCE(?, state), phone = COALESCE(?, phone), "
+        "profile_name = COALESCE(?, profile_name), picture_url = COALESCE(?, picture_url), "
+        "updated_at = ? WHERE company_id = ? AND id = ?",
+        state, phone or None, name, picture, now(), company_id, connection_id)
+    if state == "open":  # a fresh QR is useless once connected
+        await tx.execute("UPDATE connections SET qr_code = NULL, qr_pairing_code = NULL "
+                         "WHERE company_id = ? AND id = ?", company_id, connection_id)
+    return {"state": state}
+
+
+async def apply_qrcode_update(tx, company_id: str, connection_id: str, data: Any) -> dict:
+    qr = data.get("qrcode") if isinstance(data, dict) else None
+    await ensure_connection(tx, company_id, connection_id)
+    if not isinstance(qr, dict) or not isinstance(qr.get("code"), str):
+        # "QR code limit reached": Evolution gave up waiting for a scan.
+        await tx.execute("UPDATE connections SET qr_code = NULL, qr_pairing_code = NULL, "
+                         "updated_at = ? WHERE company_id = ? AND id = ?",
+                         now(), company_id, connection_id)
+        return {"ignored": "no qr code"}
+    pairing = qr.get("pairingCode") if isinstance(qr.get("pairingCode"), str) else None
+    ts = now()
+    await tx.execute("UPDATE connections SET qr_code = ?, qr_pairing_code = ?, qr_at = ?, "
+                     "updated_at = ? WHERE company_id = ? AND id = ?",
+                     qr["code"][:4096], pairing, ts, ts, company_id, connection_id)
+    return {"qrcode": True}
+
+
+async def process_envelope(tx, company: Company, envelope: Any, event_hint: str = "") -> dict:
+    """Process one Evolution webhook envelope inside a unit of work."""
+    if not isinstance(envelope, dict):
+        return {"ignored": "not an Evolution envelope"}
+    event = normalize_event(envelope.get("event")) or normalize_event(event_hint)
+    instance = envelope.get("instance")
+    if not isinstance(instance, str) or not instance or len(instance) > 128:
+        return {"event": event, "ignored": "no instance"}
+    data = envelope.get("data")
+    if event == "messages.upsert":
+        msg = parse_upsert(data)
+        if isinstance(msg, str):
+            return {"event": event, "ignored": msg}
+        connection = await ensure_connection(tx, company.id, instance)
+        return {"event": event, **await match_message(tx, company, connection, msg)}
+    if event == "connection.update":
+        return {"event": event, **await apply_connection_update(tx, company.id, instance, data)}
+    if event == "qrcode.updated":
+        return {"event": event, **await apply_qrcode_update(tx, company.id, instance, data)}
+    return {"event": event or None, "ignored": "event not handled"}
+
+
+def lead_json(row: Mapping[str, Any]) -> dict:
+    attribution = {k: None for k in LEAD_ATTRIBUTION_KEYS}
+    attribution.update(loads_or(row["attribution"], {}))
+    out = {
+        "id": row["id"], "company_id": row["company_id"], "connection_id": row["connection_id"],
+        "phone": row["phone"], "lid": row["lid"], "name": row["name"],
+        "first_message": row["first_message"], "message_id": row["message_id"],
+        "code": row["code"], "match_method": row["match_method"],
+        "confidence": row["confidence"], "session_id": row["visit_id"],
+        "attribution": attribution, "first_touch": loads_or(row["first_touch"], None),
+        "clicked_at": iso(row["clicked_at"]), "created_at": iso(row["created_at"]),
+    }
+    if row.get("context_info"):
+        out["context_info"] = json.loads(row["context_info"])
+    return out
+
+
+# ##################################################################################################
+# HTTP: keys, request helpers and authentication
+# ##################################################################################################
+
+DB = web.AppKey("db", Storage)
+CONFIG = web.AppKey("config", Config)
+TRACKER = web.AppKey("tracker", dict)
+REQUEST_ID = "request_id"
+
+routes = web.RouteTableDef()
+
+
+async def read_json(request: web.Request, limit: int) -> Any:
+    """The request body as JSON (any content type), or 400/413 with the reason."""
+    raw = await read_body(request, limit)
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise http_error(400, "Body is not valid JSON") from None
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise http_error(413, f"Body is larger than {limit} bytes")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise http_error(413, f"Body is larger than {limit} bytes")
+    return raw
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip() or None
+    return None
+
+
+async def authenticate(request: web.Request, company_id: str | None = None) -> Company:
+    """The company a request acts for: its token's company, or with ADMIN_TOKEN the company named
+    by ``company_id`` (argument, query or body). 401 without a valid token; 404 for an unknown
+    company, including one the token does not own."""
+    token = bearer(request)
+    if not token:
+        raise http_error(401, "Unauthorized")
+    config, db = request.app[CONFIG], request.app[DB]
+    if config.admin_token and same_secret(token, config.admin_token):
+        company_id = company_id or request.query.get("company_id")
+        if not company_id:
+            raise http_error(400, "company_id is required with the admin token")
+    else:
+        owned = await company_for_token(db, token)
+        if owned is None:
+            raise http_error(401, "Unauthorized")
+        if company_id is not None and company_id != owned:
+            raise http_error(404, "Company not found")
+        company_id = owned
+    company = await get_company(db, company_id)
+    if company is None:
+        raise http_error(404, "Company not found")
+    return company
+
+
+def require_admin(request: web.Request) -> None:
+    config = request.app[CONFIG]
+    if not config.admin_token or not same_secret(bearer(request), config.admin_token):
+        raise http_error(401, "Unauthorized")
+
+
+# ##################################################################################################
+# HTTP handlers: health and the tracker script
+# ##################################################################################################
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "version": VERSION})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    db = request.app[DB]
+    try:
+        await asyncio.wait_for(db.ping(), 5)
+    except Exception:  # noqa: BLE001 - any failure means not ready
+        log.warning("readiness check failed", exc_info=True)
+        raise http_error(503, "Database unreachable") from None
+    return web.json_response({"ok": True, "database": db.dialect})
+
+
+def load_tracker() -> dict:
+    try:
+        source = TRACKER_PATH.read_bytes()
+    except OSError:
+        raise ConfigError(f"tracker.js is missing: expected it at {TRACKER_PATH}.") from None
+    return {"raw": source, "gzip": gzip.compress(source, 9, mtime=0),
+            "etag": '"' + hashlib.sha256(source).hexdigest()[:20] + '"'}
+
+
+@routes.get("/scripts/whatsapp-tracker.js")
+async def serve_tracker(request: web.Request) -> web.Response:
+    script = request.app[TRACKER]
+    headers = {"ETag": script["etag"], "Cache-Control": f"public, max-age={TRACKER_MAX_AGE}",
+               "Vary": "Accept-Encoding", "Access-Control-Allow-Origin": "*"}
+    if script["etag"] in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    body = script["raw"]
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        body = script["gzip"]
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers, content_type="application/javascript",
+                        charset="utf-8")
+
+
+# ##################################################################################################
+# HTTP handlers: tracking from the website
+# ##################################################################################################
+
+def cors_headers(request: web.Request, company: Company | None = None) -> dict[str, str]:
+    origin = request.headers.get("Origin")
+    allowed = company.settings["allowed_origins"] if company else []
+    if not origin:
+        return {"Access-Control-Allow-Origin": "*"}
+    if not allowed or "*" in allowed or origin.rstrip("/") in allowed:
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    return {}
+
+
+@routes.options("/tracking")
+async def tracking_preflight(request: web.Request) -> web.Response:
+    # The company is in the body, which a preflight does not carry: the POST enforces origins.
+    return web.Response(status=204, headers={
+        **cors_headers(request), "Access-Control-Allow-Methods": "POST, OPTIONS",
+        "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "86400"})
+
+
+@routes.post("/tracking")
+async def track(request: web.Request) -> web.Response:
+    body = await read_json(request, TRACKING_BODY_MAX)
+    t = parse_tracking(body)
+    db = request.app[DB]
+    company = await get_company(db, t.company_id)
+    if company is None:
+        raise http_error(404, "Company not found")
+    headers = cors_headers(request, company)
+    if not headers:
+        raise http_error(403, "Origin not allowed")
+    result = await record_tracking(db, company, t)
+    result = {"ok": True, **result, "message": {"mode": company.settings["code_mode"],
+                                                "template": company.settings["code_template"]}}
+    return web.json_response(result, headers=headers)
+
+
+# ##################################################################################################
+# HTTP handlers: Evolution webhooks
+# ##################################################################################################
+
+async def _store_delivery(tx, company_id: str | None, source: str, raw: bytes,
+                          headers: Mapping[str, str], envelope: Any) -> int:
+    instance = event = None
+    if isinstance(envelope, dict):
+        instance = envelope.get("instance") if isinstance(envelope.get("instance"), str) else None
+        event = normalize_event(envelope.get("event")) or None
+    kept = {k: v for k, v in headers.items()
+            if k.lower() in ("content-type", "user-agent", "x-request-id", "x-instance-id",
+                             "x-instance-name", "x-event-type", "x-timestamp")}
+    row = await tx.fetchone(
+        "INSERT INTO webhook_deliveries (company_id, source, instance, event, headers, body, "
+        "truncated, status, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        company_id, source, instance and instance[:128], event and event[:64], json_dumps(kept),
+        raw[:WEBHOOK_BODY_MAX], 0, "received", now())
+    return row["id"]
+
+
+async def _header_authenticated(db: Storage, company: Company, request: web.Request) -> bool:
+    given = request.headers.get("X-Webhook-Secret") or bearer(request)
+    if not given:
+        return False
+    if same_secret(given, company.webhook_secret):
+        return True
+    rows = await db.fetchall("SELECT webhook_secret FROM connections WHERE company_id = ? "
+                             "AND webhook_secret IS NOT NULL", company.id)
+    return any(same_secret(given, r["webhook_secret"]) for r in rows)
+
+
+async def _apikey_authenticated(db: Storage, company: Company, envelope: Any) -> bool:
+    if not isinstance(envelope, dict):
+        return False
+    instance, apikey = envelope.get("instance"), envelope.get("apikey")
+    if not isinstance(instance, str) or not isinstance(apikey, str):
+        return False
+    row = await db.fetchone("SELECT instance_token FROM connections WHERE company_id = ? AND id = ?",
+                            company.id, instance)
+    return bool(row) and same_secret(apikey, row["instance_token"])
+
+
+async def ingest_evolution(db: Storage, company: Company, raw: bytes, envelope: Any,
+                           headers: Mapping[str, str], source: str, event_hint: str = "") -> dict:
+    """Store a delivery's raw body, then process it; both commit together, but a processing
+    failure only marks the stored delivery as failed (it can be replayed after a fix)."""
+    async def run(tx) -> dict:
+        delivery_id = await _store_delivery(tx, company.id, source, raw, headers, envelope)
+        try:
+            async with tx.savepoint():
+                result = await process_envelope(tx, company, envelope, event_hint)
+        except Exception as exc:  # noqa: BLE001 - recorded on the delivery, re-raised as 500
+            log.exception("webhook processing failed (delivery %s)", delivery_id)
+            await tx.execute("UPDATE webhook_deliveries SET status = ?, error = ?, "
+                             "processed_at = ? WHERE id = ?", "failed", repr(exc)[:2000], now(),
+                             delivery_id)
+            return {"delivery_id": delivery_id, "failed": True}
+        await tx.execute("UPDATE webhook_deliveries SET status = ?, result = ?, processed_at = ? "
+                         "WHERE id = ?", "processed", json_dumps(result), now(), delivery_id)
+        return {"delivery_id": delivery_id, **result}
+
+    return await db.transact(run)
+
+
+@routes.post("/webhook/{company_id}")
+@routes.post("/webhook/{company_id}/{suffix}")
+async def evolution_webhook(request: web.Request) -> web.Response:
+    db = request.app[DB]
+    company = await get_company(db, request.match_info["company_id"])
+    if company is None:
+        raise http_error(404, "Company not found")
+    raw = await read_body(request, WEBHOOK_BODY_MAX)
+    try:
+        envelope = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        envelope = None
+        bad_json = True
+    else:
+        bad_json = False
+    authenticated = (await _header_authenticated(db, company, request)
+                     or await _apikey_authenticated(db, company, envelope))
+    if not authenticated:
+        if company.settings["webhook_auth_required"]:
+            raise http_error(401, "Unauthorized")
+        log.warning("unauthenticated webhook accepted: company %s turned authentication off",
+                    company.id)
+    hint = request.match_info.get("suffix", "")
+    if bad_json:
+        delivery_id = await db.transact(lambda tx: _store_delivery(
+            tx, company.id, "evolution", raw, request.headers, None))
+        raise http_error(400, "Body is not valid JSON", delivery_id=delivery_id)
+    result = await ingest_evolution(db, company, raw, envelope, request.headers, "evolution", hint)
+    if result.get("failed"):
+        raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
+    return web.json_response({"ok": True, **result})
+
+
+# ##################################################################################################
+# HTTP handlers: companies and leads
+# ##################################################################################################
+
+@routes.post("/api/companies")
+async def create_company_route(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = await read_json(request, TRACKING_BODY_MAX)
+    if not isinstance(body, dict):
+        raise http_error(400, "Body must be a JSON object")
+    body = dict(body)
+    company_id = body.pop("company_id", None) or body.pop("id", None)
+    if not isinstance(company_id, str) or not COMPANY_ID_RE.match(company_id):
+        raise http_error(400, "company_id must be 1-64 letters, digits, '-', '_' or '.'")
+    name = body.pop("name", None) or company_id
+    if not isinstance(name, str) or len(name) > 200:
+        raise http_error(400, "name must be text of at most 200 characters")
+    evolution = validate_evolution(body)
+    body.pop("evolution_url", None)
+    body.pop("evolution_key", None)
+    settings = validate_settings(body)
+    created = await create_company(request.app[DB], company_id, name, settings,
+                                   evolution.get("evolution_url"), evolution.get("evolution_key"))
+    company = await get_company(request.app[DB], company_id)
+    log.info("company created: %s", company_id)
+    return web.json_response({**company.public(), **created}, status=201)
+
+
+@routes.get("/api/company")
+async def show_company(request: web.Request) -> web.Response:
+    company = await authenticate(request)
+    return web.json_response(company.public())
+
+
+@routes.patch("/api/company")
+async def update_company(request: web.Request) -> web.Response:
+    body = await read_json(request, TRACKING_BODY_MAX)
+    if not isinstance(body, dict):
+        raise http_error(400, "Body must be a JSON object")
+    body = dict(body)
+    company = await authenticate(request, body.pop("company_id", None))
+    name = body.pop("name", company.name)
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise http_error(400, "name must be text of at most 200 characters")
+    rotate = body.pop("rotate_webhook_secret", False)
+    if not isinstance(rotate, bool):
+        raise http_error(400, "rotate_webhook_secret must be true or false")
+    evolution = validate_evolution(body)
+    body.pop("evolution_url", None)
+    body.pop("evolution_key", None)
+    settings = {**company.settings, **validate_settings(body)}
+    stored = {k: v for k, v in settings.items() if DEFAULT_SETTINGS.get(k) != v}
+    secret = new_secret("whs_") if rotate else company.webhook_secret
+    url = evolution.get("evolution_url", company.evolution_url)
+    key = evolution.get("evolution_key", company.evolution_key)
+
+    async def run(tx) -> None:
+        await tx.execute(
+            "UPDATE companies SET name = ?, settings = ?, evolution_url = ?, evolution_key = ?, "
+            "webhook_secret = ?, updated_at = ? WHERE id = ?",
+            name.strip(), json_dumps(stored), url, key, secret, now(), company.id)
+
+    await request.app[DB].transact(run)
+    updated = await get_company(request.app[DB], company.id)
+    out = updated.public()
+    if rotate:
+        out["webhook_secret"] = secret
+    return web.json_response(out)
+
+
+@routes.get("/api/leads")
+async def list_leads(request: web.Request) -> web.Response:
+    company = await authenticate(request)
+    query = request.query
+    try:
+        limit = int(query.get("limit", "100"))
+    except ValueError:
+        raise http_error(400, "limit must be a whole number") from None
+    if not 1 <= limit <= 1000:
+        raise http_error(400, "limit must be from 1 to 1000")
+    sql = "SELECT * FROM leads WHERE company_id = ?"
+    args: list[Any] = [company.id]
+    if query.get("cursor"):
+        try:
+            args.append(int(query["cursor"]))
+        except ValueError:
+            raise http_error(400, "cursor is not valid") from None
+        sql += " AND id < ?"
+    sql += " ORDER BY id DESC LIMIT ?"
+    args.append(limit + 1)
+    rows = await request.app[DB].fetchall(sql, *args)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return web.json_response({"leads": [lead_json(r) for r in rows],
+                              "next_cursor": str(rows[-1]["id"]) if more else None})
+
+
+# ##################################################################################################
+# Middlewares
+# ##################################################################################################
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_STATUS_MESSAGES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
+                    405: "Method not allowed", 413: "Request body too large"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Every error becomes SPEC §4's JSON; every response carries X-Request-Id."""
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            exc.headers["X-Request-Id"] = request_id
+            raise
+        if exc.content_type == "application/json":
+            response = web.Response(status=exc.status, text=exc.text,
+                                    content_type="application/json", headers={
+                                        k: v for k, v in exc.headers.items()
+                                        if k.lower() in ("allow", "retry-after", "www-authenticate",
+                                                         "access-control-allow-origin")})
+        else:
+            message = _STATUS_MESSAGES.get(exc.status, exc.reason)
+            response = web.json_response({"error": message}, status=exc.status)
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.path,
+                      request_id)
+        response = web.json_response({"error": "Internal server error",
+                                      "request_id": request_id}, status=500)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+# ##################################################################################################
+# Application factory
+# ##################################################################################################
+
+async def storage_ctx(app: web.Application):
+    db = app[DB]
+    await db.connect()
+    await db.migrate()
+    yield
+    await db.close()  # flushes units of work still queued
+
+
+def create_app(config: Config | None = None) -> web.Application:
+    """The WhatsTracking application; nothing connects until it starts."""
+    config = config or load_config({})
+    app = web.Application(middlewares=[error_middleware], client_max_size=WEBHOOK_BODY_MAX)
+    app[CONFIG] = config
+    app[DB] = Storage.from_url(config.database_url, config)
+    app[TRACKER] = load_tracker()
+    app.cleanup_ctx.append(storage_ctx)
+    app.add_routes(routes)
+    return app
+
+
+# ##################################################################################################
+# CLI
+# ##################################################################################################
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+async def _with_storage(config: Config, fn: Callable[[Storage], Awaitable[Any]]) -> Any:
+    db = Storage.from_url(config.database_url, config)
+    await db.connect()
+    try:
+        await db.migrate()
+        return await fn(db)
+    finally:
+        await db.close()
+
+
+async def cli_migrate(config: Config, args: argparse.Namespace) -> Any:
+    db = Storage.from_url(config.database_url, config)
+    await db.connect()
+    try:
+        applied = await db.migrate()
+    finally:
+        await db.close()
+    return {"applied": applied, "latest": MIGRATIONS[-1][0]}
+
+
+async def cli_company_add(config: Config, args: argparse.Namespace) -> Any:
+    if not COMPANY_ID_RE.match(args.id):
+        raise ConfigError("ID must be 1-64 letters, digits, '-', '_' or '.'.")
+    evolution = validate_evolution({k: v for k, v in (("evolution_url", args.evolution_url),
+                                                      ("evolution_key", args.evolution_key))
+                                    if v is not None})
+    return await _with_storage(config, lambda db: create_company(
+        db, args.id, args.name or args.id, {}, evolution.get("evolution_url"),
+        evolution.get("evolution_key")))
+
+
+async def cli_token_add(config: Config, args: argparse.Namespace) -> Any:
+    async def run(db: Storage) -> dict:
+        return {"company_id": args.company_id,
+                "token": await add_token(db, args.company_id, args.name)}
+
+    return await _with_storage(config, run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="whatstracking.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the server (the default)")
+    sub.add_parser("migrate", help="create or upgrade the database schema")
+    company = sub.add_parser("company", help="manage companies").add_subparsers(dest="action",
+                                                                                required=True)
+    add = company.add_parser("add", help="create a company and its first API token")
+    add.add_argument("id")
+    add.add_argument("--name")
+    add.add_argument("--evolution-url")
+    add.add_argument("--evolution-key")
+    token = sub.add_parser("token", help="manage API tokens").add_subparsers(dest="action",
+                                                                            required=True)
+    token_add = token.add_parser("add", help="create another API token for a company")
+    token_add.add_argument("company_id")
+    token_add.add_argument("--name")
+    return parser
+
+
+def serve(config: Config) -> None:
+    async def announce(app: web.Application) -> None:
+        row = await app[DB].fetchone("SELECT COUNT(*) AS n FROM companies")
+        log.info("WhatsTracking %s on http://%s:%s (database: %s)", VERSION, config.host,
+                 config.port, app[DB].dialect)
+        if row["n"] == 0:
+            print("No company yet. Create one with:\n"
+                  "  python whatstracking.py company add my-company --name \"My Company\"",
+                  file=sys.stderr)
+
+    app = create_app(config)
+    app.on_startup.append(announce)
+    # No access log: it would sit on the hot path of every tracked page view.
+    web.run_app(app, host=config.host, port=config.port, access_log=None, print=None,
+                shutdown_timeout=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # optional at run time: plain environment variables still work
+        pass
+    else:
+        load_dotenv(override=False)
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config()
+        setup_logging(config)
+        command = args.command or "serve"
+        if command == "serve":
+            serve(config)
+            return 0
+        handler = {"migrate": cli_migrate, "company": cli_company_add,
+                   "token": cli_token_add}[command]
+        _print_json(asyncio.run(handler(config, args)))
+        return 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except web.HTTPException as exc:
+        print(f"error: {json.loads(exc.text)['error']}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
