@@ -14,7 +14,7 @@ Environment (also read from ``.env``; the real environment wins), see ``config.e
     HOST, PORT, DATABASE_URL (sqlite:///whatstracking.db | postgresql://...), PUBLIC_URL,
     ADMIN_TOKEN, WEBHOOK_SHARED_TOKEN, EVOLUTION_API_URL, EVOLUTION_API_KEY, LOG_LEVEL,
     LOG_FORMAT (json|text), TRUST_PROXY, RETENTION_DAYS, META_GRAPH_URL, GA4_MP_URL,
-    SQLITE_SYNCHRONOUS (FULL|NORMAL)
+    SQLITE_SYNCHRONOUS (FULL|NORMAL), EVOLUTION_TIMEOUT (seconds)
 
 Sections, each using only what is above it: constants, config, errors and small helpers, storage
 (SQLite and Postgres behind one interface), domain (codes, attribution, Evolution messages, lead
@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import functools
 import gzip
 import hashlib
 import hmac
+import html
+import io
 import json
 import logging
 import os
@@ -128,6 +131,7 @@ class Config:
     meta_graph_url: str = DEFAULT_META_GRAPH_URL
     ga4_mp_url: str = DEFAULT_GA4_MP_URL
     sqlite_synchronous: str = "FULL"
+    evolution_timeout: float = 15.0  # seconds for one Evolution API call
 
 
 def _parse_bool(name: str, value: str) -> bool:
@@ -192,6 +196,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         meta_graph_url=urls["META_GRAPH_URL"],
         ga4_mp_url=urls["GA4_MP_URL"],
         sqlite_synchronous=synchronous,
+        evolution_timeout=_parse_int("EVOLUTION_TIMEOUT", get("EVOLUTION_TIMEOUT", "15"), 1, 300),
     )
 
 
@@ -206,12 +211,19 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class TextLogFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = getattr(record, "fields", None)
+        return f"{text} {json.dumps(fields, ensure_ascii=False, default=str)}" if fields else text
+
+
 def setup_logging(config: Config) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if config.log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if config.log_format == "json" else TextLogFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level)
@@ -460,6 +472,10 @@ CREATE TABLE webhook_deliveries (
 );
 CREATE INDEX webhook_deliveries_time ON webhook_deliveries (received_at);
 CREATE INDEX webhook_deliveries_status ON webhook_deliveries (status, id);
+"""),
+    (2, """
+ALTER TABLE companies ADD COLUMN signing_key TEXT;
+CREATE INDEX connections_id ON connections (id);
 """),
 ]
 
@@ -798,13 +814,14 @@ class Company:
     evolution_url: str | None
     evolution_key: str | None
     webhook_secret: str
+    signing_key: str | None = None  # HMAC key of onboarding links, made on first use
 
     @classmethod
     def from_row(cls, row: dict) -> "Company":
         settings = dict(DEFAULT_SETTINGS)
         settings.update(loads_or(row["settings"], {}))
         return cls(row["id"], row["name"], settings, row["evolution_url"], row["evolution_key"],
-                   row["webhook_secret"])
+                   row["webhook_secret"], row.get("signing_key"))
 
     def public(self) -> dict:
         """The company as its token holders see it: secrets are write-only."""
@@ -828,7 +845,7 @@ def validate_settings(patch: Mapping[str, Any]) -> dict:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise http_error(400, "allowed_origins must be a list of origins")
             for origin in value:
-                if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+                if origin != "*" and not re.match(r"^https?://[^/\s]+/?$", origin):
                     raise http_error(400, f"allowed_origins: {origin!r} is not an origin "
                                           "like https://example.com")
             out[key] = [o.rstrip("/") for o in value]
@@ -1563,12 +1580,176 @@ def lead_json(row: Mapping[str, Any]) -> dict:
 
 
 # ##################################################################################################
+# Integrations: Evolution API v2 (the REST routes of the Evolution contract, §1-§3)
+#
+# Evolution answers errors in its own shape ({"status", "error", "response": {"message": ...}},
+# the message a string, a list or a list of lists), and `connect` / `restart` answer HTTP 200 with
+# {"error": true} when they fail. EvolutionClient turns all of that into EvolutionError with the
+# status and sentence WhatsTracking answers with.
+# ##################################################################################################
+
+EVOLUTION_EVENTS = ["MESSAGES_UPSERT", "CONNECTION_UPDATE", "QRCODE_UPDATED", "LABELS_EDIT",
+                    "LABELS_ASSOCIATION"]
+WEBHOOK_SECRET_HEADER = "x-webhook-secret"
+CONNECTION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class EvolutionError(Exception):
+    """An Evolution call that failed, with the status and sentence to answer our client with."""
+
+    def __init__(self, status: int, message: str, upstream_status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.upstream_status = upstream_status
+
+
+def evolution_message(body: Any) -> str:
+    """The human part of an Evolution error body, whichever of its shapes it has."""
+    if isinstance(body, dict):
+        message = body.get("message")
+        response = body.get("response")
+        if isinstance(response, dict) and response.get("message") is not None:
+            message = response["message"]
+        while isinstance(message, list) and message:
+            message = message[0] if len(message) == 1 else "; ".join(map(str, message))
+        if isinstance(message, str) and message:
+            return message
+        if isinstance(body.get("error"), str):
+            return body["error"]
+    return "no message"
+
+
+class EvolutionClient:
+    def __init__(self, session: Any, base_url: str, api_key: str, timeout: float) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """(HTTP status, parsed JSON) of one Evolution call; EvolutionError(502) when Evolution
+        cannot be reached, is too slow, or answers something that is not JSON."""
+        import aiohttp
+
+        url = self.base_url + path
+        try:
+            async with self.session.request(
+                    method, url, json=body, headers={"apikey": self.api_key},
+                    timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except asyncio.TimeoutError:
+            raise EvolutionError(502, f"Evolution API did not answer within {self.timeout:g} "
+                                      f"seconds ({method} {path})") from None
+        except aiohttp.ClientError as exc:
+            raise EvolutionError(502, f"Evolution API is unreachable at {self.base_url} "
+                                      f"({exc.__class__.__name__})") from None
+        try:
+            return status, json.loads(raw) if raw else None
+        except (UnicodeDecodeError, ValueError):
+            raise EvolutionError(502, f"Evolution API answered {method} {path} with something "
+                                      f"that is not JSON (HTTP {status})", status) from None
+
+    def fail(self, status: int, body: Any, what: str) -> EvolutionError:
+        """Map an Evolution error answer that no route handles specially."""
+        if status == 401:
+            return EvolutionError(502, "Evolution API refused the API key (401): check the "
+                                       "company's Evolution key", status)
+        return EvolutionError(502, f"Evolution API could not {what}: {evolution_message(body)} "
+                                   f"(HTTP {status})", status)
+
+    @staticmethod
+    def not_found(status: int, body: Any) -> bool:
+        return status == 404 and "does not exist" in evolution_message(body)
+
+    async def create_instance(self, name: str, token: str, webhook: dict,
+                              number: str | None = None) -> dict:
+        payload = {"instanceName": name, "integration": "WHATSAPP-BAILEYS", "token": token,
+                   "qrcode": True, "webhook": webhook}
+        if number:
+            payload["number"] = number
+        status, body = await self.call("POST", "/instance/create", payload)
+        if status == 403 and "already in use" in evolution_message(body):
+            raise EvolutionError(409, f"Connection {name} already exists on the Evolution server",
+                                 status)
+        if status not in (200, 201) or not isinstance(body, dict) or body.get("error") is True:
+            raise self.fail(status, body, "create the instance")
+        return body
+
+    async def connection_state(self, name: str) -> str | None:
+        status, body = await self.call("GET", f"/instance/connectionState/{name}")
+        self._raise_for_instance(status, body, name, "read the connection state")
+        instance = body.get("instance") if isinstance(body, dict) else None
+        state = instance.get("state") if isinstance(instance, dict) else None
+        return state if isinstance(state, str) else None
+
+    async def fetch_instance(self, name: str) -> dict | None:
+        """Owner number, profile name and picture (v2 array of rows; v1 objects)."""
+        status, body = await self.call(
+            "GET", "/instance/fetchInstances?" + urllib.parse.urlencode({"instanceName": name}))
+        if status != 200:
+            return None
+        rows = body if isinstance(body, list) else [body]
+        for row in rows:
+            if not isinstance(row, dict):
+                continue
+            if row.get("name") == name:  # v2
+                return {"owner": row.get("ownerJid"), "profile_name": row.get("profileName"),
+                        "picture_url": row.get("profilePicUrl")}
+            inner = row.get("instance")
+            if isinstance(inner, dict) and inner.get("instanceName") == name:  # v1
+                return {"owner": inner.get("owner"), "profile_name": inner.get("profileName"),
+                        "picture_url": inner.get("profilePictureUrl")}
+        return None
+
+    async def connect(self, name: str) -> dict:
+        """The current QR ({code, pairingCode, base64, count}) or {"instance": {"state": "open"}}."""
+        status, body = await self.call("GET", f"/instance/connect/{name}")
+        self._raise_for_instance(status, body, name, "produce a QR code")
+        return body
+
+    async def restart(self, name: str) -> dict:
+        status, body = await self.call("POST", f"/instance/restart/{name}")
+        if status == 404 and "Cannot POST" in evolution_message(body):
+            status, body = await self.call("PUT", f"/instance/restart/{name}")  # Evolution v1
+        if status == 200 and isinstance(body, dict) and body.get("error") is True:
+            raise EvolutionError(409, f"Connection {name} is not connected, so it cannot be "
+                                      "restarted: scan its QR code first", status)
+        self._raise_for_instance(status, body, name, "restart the instance")
+        return body
+
+    async def logout(self, name: str) -> dict:
+        status, body = await self.call("DELETE", f"/instance/logout/{name}")
+        if status == 400 and "not connected" in evolution_message(body):
+            raise EvolutionError(409, f"Connection {name} is not connected, so there is nothing "
+                                      "to log out", status)
+        self._raise_for_instance(status, body, name, "log out")
+        return body
+
+    async def delete(self, name: str) -> bool:
+        """Delete the instance; False when Evolution no longer had it (which counts as done)."""
+        status, body = await self.call("DELETE", f"/instance/delete/{name}")
+        if self.not_found(status, body):
+            return False
+        self._raise_for_instance(status, body, name, "delete the instance")
+        return True
+
+    def _raise_for_instance(self, status: int, body: Any, name: str, what: str) -> None:
+        if self.not_found(status, body):
+            raise EvolutionError(404, "Connection not found", status)
+        if status not in (200, 201) or not isinstance(body, dict) or body.get("error") is True:
+            raise self.fail(status, body, what)
+
+
+# ##################################################################################################
 # HTTP: keys, request helpers and authentication
 # ##################################################################################################
 
 DB = web.AppKey("db", Storage)
 CONFIG = web.AppKey("config", Config)
 TRACKER = web.AppKey("tracker", dict)
+HTTP = web.AppKey("http", object)  # the aiohttp.ClientSession for outbound calls
 REQUEST_ID = "request_id"
 
 routes = web.RouteTableDef()
@@ -1586,7 +1767,13 @@ async def read_json(request: web.Request, limit: int) -> Any:
 async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise http_error(413, f"Body is larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
+    raw = bytearray()  # read() returns what is buffered, not the whole body: loop until EOF
+    while len(raw) <= limit:
+        chunk = await request.content.read(limit + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    raw = bytes(raw)
     if len(raw) > limit:
         raise http_error(413, f"Body is larger than {limit} bytes")
     return raw
@@ -1607,8 +1794,8 @@ async def authenticate(request: web.Request, company_id: str | None = None) -> C
     if not token:
         raise http_error(401, "Unauthorized")
     config, db = request.app[CONFIG], request.app[DB]
+    company_id = company_id or request.query.get("company_id")
     if config.admin_token and same_secret(token, config.admin_token):
-        company_id = company_id or request.query.get("company_id")
         if not company_id:
             raise http_error(400, "company_id is required with the admin token")
     else:
@@ -1909,6 +2096,502 @@ async def list_leads(request: web.Request) -> web.Response:
 
 
 # ##################################################################################################
+# HTTP handlers: connections (Evolution instances), QR codes and onboarding links
+# ##################################################################################################
+
+QR_FRESH_SECONDS = 30  # a qrcode.updated younger than this is shown without asking Evolution
+LINK_TTL_DEFAULT = 7 * 86400  # seconds
+LINK_TTL_MAX = 30 * 86400  # seconds
+
+
+def mask_phone(phone: str | None) -> str | None:
+    """Country and area code and the last four digits: enough to recognise, not to call."""
+    if not phone:
+        return None
+    if len(phone) <= 8:
+        return phone[:2] + "*" * (len(phone) - 2)
+    return phone[:4] + "*" * (len(phone) - 8) + phone[-4:]
+
+
+def connection_json(row: Mapping[str, Any]) -> dict:
+    return {"connectionId": row["id"], "companyId": row["company_id"], "state": row["state"],
+            "phone": row["phone"], "profileName": row["profile_name"],
+            "pictureUrl": row["picture_url"], "instanceId": row["instance_id"],
+            "qrAt": iso(row["qr_at"]), "createdAt": iso(row["created_at"]),
+            "updatedAt": iso(row["updated_at"]), "deletedAt": iso(row["deleted_at"])}
+
+
+def evolution_for(request: web.Request, company: Company) -> EvolutionClient:
+    config = request.app[CONFIG]
+    if company.evolution_url:
+        url, key = company.evolution_url, company.evolution_key or config.evolution_api_key
+    else:
+        url, key = config.evolution_api_url, config.evolution_api_key
+    if not url or not key:
+        raise http_error(400, "No server configured")
+    return EvolutionClient(request.app[HTTP], url, key, config.evolution_timeout)
+
+
+async def evolution_call(coro: Awaitable[Any]) -> Any:
+    try:
+        return await coro
+    except EvolutionError as exc:
+        if exc.status >= 500:
+            log.warning("Evolution API: %s", exc.message)
+        raise http_error(exc.status, exc.message) from None
+
+
+async def get_connection(db: Storage, company_id: str, connection_id: str,
+                         include_deleted: bool = False) -> dict:
+    row = await db.fetchone("SELECT * FROM connections WHERE company_id = ? AND id = ?",
+                            company_id, connection_id)
+    if row is None or (row["deleted_at"] is not None and not include_deleted):
+        raise http_error(404, "Connection not found")
+    return row
+
+
+async def update_connection(db: Storage, company_id: str, connection_id: str, **fields: Any
+                            ) -> None:
+    assignments = ", ".join(f"{name} = ?" for name in fields)
+
+    async def run(tx) -> None:
+        await tx.execute(f"UPDATE connections SET {assignments}, updated_at = ? "
+                         "WHERE company_id = ? AND id = ?",
+                         *fields.values(), now(), company_id, connection_id)
+
+    await db.transact(run)
+
+
+async def connection_request(request: web.Request) -> tuple[Company, str]:
+    """The company and connectionId of a management call (JSON body or query)."""
+    body: Any = {}
+    if request.can_read_body:
+        body = await read_json(request, TRACKING_BODY_MAX)
+        if not isinstance(body, dict):
+            raise http_error(400, "Body must be a JSON object")
+    connection_id = body.get("connectionId") or request.query.get("connectionId")
+    if not isinstance(connection_id, str) or not connection_id:
+        raise http_error(400, "connectionId is required")
+    if not CONNECTION_ID_RE.match(connection_id):
+        raise http_error(400, "connectionId must be 1-64 letters, digits, '-', '_' or '.'")
+    company_id = body.get("company_id")
+    if company_id is not None and not isinstance(company_id, str):
+        raise http_error(400, "company_id must be a string")
+    return await authenticate(request, company_id), connection_id
+
+
+def public_base(request: web.Request) -> str:
+    config = request.app[CONFIG]
+    if config.public_url:
+        return config.public_url
+    scheme = request.scheme
+    if config.trust_proxy:
+        scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
+    return f"{scheme}://{request.host}"
+
+
+def qr_payload(code: str, pairing_code: str | None, state: str | None) -> dict:
+    import segno
+
+    qr = segno.make_qr(code)
+    return {"code": code, "pairingCode": pairing_code,
+            "base64": qr.png_data_uri(scale=6, border=4), "state": state}
+
+
+@routes.get("/api/connections")
+async def list_connections(request: web.Request) -> web.Response:
+    company = await authenticate(request)
+    rows = await request.app[DB].fetchall(
+        "SELECT * FROM connections WHERE company_id = ? ORDER BY created_at, id", company.id)
+    return web.json_response({"connections": [connection_json(r) for r in rows]})
+
+
+@routes.post("/api/create-instance")
+async def create_instance(request: web.Request) -> web.Response:
+    body = await read_json(request, TRACKING_BODY_MAX)
+    if not isinstance(body, dict):
+        raise http_error(400, "Body must be a JSON object")
+    company_id = body.get("company_id")
+    company = await authenticate(request, company_id if isinstance(company_id, str) else None)
+    connection_id = body.get("connectionId")
+    if not isinstance(connection_id, str) or not CONNECTION_ID_RE.match(connection_id):
+        raise http_error(400, "connectionId must be 1-64 letters, digits, '-', '_' or '.'")
+    number = body.get("number")
+    if number is not None and (not isinstance(number, str) or not 8 <= len(digits(number)) <= 15):
+        raise http_error(400, "number must be a phone number with country code")
+    db = request.app[DB]
+    taken = await db.fetchone("SELECT company_id FROM connections WHERE id = ? AND "
+                              "deleted_at IS NULL", connection_id)
+    if taken is not None:
+        raise http_error(409, f"Connection {connection_id} already exists")
+    evolution = evolution_for(request, company)
+    instance_token = str(uuid.uuid4()).upper()
+    secret = new_secret("whc_")
+    webhook = {"url": f"{public_base(request)}/webhook/{company.id}", "byEvents": False,
+               "base64": False, "headers": {WEBHOOK_SECRET_HEADER: secret},
+               "events": EVOLUTION_EVENTS}
+    created = await evolution_call(evolution.create_instance(
+        connection_id, instance_token, webhook, digits(number) if number else None))
+    instance = created.get("instance") if isinstance(created.get("instance"), dict) else {}
+    token = created.get("hash")
+    if isinstance(token, dict):  # Evolution v1: {"apikey": ...}
+        token = token.get("apikey")
+    qr = created.get("qrcode") if isinstance(created.get("qrcode"), dict) else {}
+    code = qr.get("code") if isinstance(qr.get("code"), str) else None
+    pairing = qr.get("pairingCode") if isinstance(qr.get("pairingCode"), str) else None
+    ts = now()
+
+    async def run(tx) -> dict:
+        # A connection deleted earlier under this name comes back to life with new secrets.
+        await tx.execute("DELETE FROM connections WHERE company_id = ? AND id = ?",
+                         company.id, connection_id)
+        return await tx.fetchone(
+            "INSERT INTO connections (company_id, id, state, instance_id, instance_token, "
+            "webhook_secret, qr_code, qr_pairing_code, qr_at, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+            company.id, connection_id, instance.get("status") or "connecting",
+            instance.get("instanceId"), token if isinstance(token, str) else instance_token,
+            secret, code, pairing, ts if code else None, ts, ts)
+
+    row = await db.transact(run)
+    log.info("connection created: %s/%s", company.id, connection_id)
+    out = {"ok": True, "connection": connection_json(row),
+           "qrcode": qr_payload(code, pairing, row["state"]) if code else None}
+    return web.json_response(out, status=201)
+
+
+@routes.get("/api/instance-status")
+async def instance_status(request: web.Request) -> web.Response:
+    company, connection_id = await connection_request(request)
+    db = request.app[DB]
+    await get_connection(db, company.id, connection_id)
+    evolution = evolution_for(request, company)
+    state = await evolution_call(evolution.connection_state(connection_id))
+    fields: dict[str, Any] = {"state": state} if state else {}
+    if state == "open":
+        info = await evolution_call(evolution.fetch_instance(connection_id))
+        if info:
+            owner = info.get("owner")
+            if isinstance(owner, str) and owner.endswith(JID_PHONE):
+                fields["phone"] = digits(jid_user(owner))
+            for key in ("profile_name", "picture_url"):
+                if isinstance(info.get(key), str):
+                    fields[key] = info[key]
+    if fields:
+        await update_connection(db, company.id, connection_id, **fields)
+    row = await get_connection(db, company.id, connection_id)
+    return web.json_response(connection_json(row))
+
+
+@routes.delete("/api/delete-instance")
+async def delete_instance(request: web.Request) -> web.Response:
+    """Delete the Evolution instance; keep the connection's history, marked deleted."""
+    company, connection_id = await connection_request(request)
+    db = request.app[DB]
+    await get_connection(db, company.id, connection_id, include_deleted=True)
+    existed = await evolution_call(evolution_for(request, company).delete(connection_id))
+    ts = now()
+    await update_connection(db, company.id, connection_id, state="deleted", deleted_at=ts,
+                            qr_code=None, qr_pairing_code=None)
+    return web.json_response({"ok": True, "connectionId": connection_id, "deleted": True,
+                              "existedOnEvolution": existed})
+
+
+@routes.delete("/instance/delete")
+async def delete_instance_completely(request: web.Request) -> web.Response:
+    """Delete the Evolution instance and the local connection with its secrets and QR data;
+    leads keep the connection id as text."""
+    company, connection_id = await connection_request(request)
+    db = request.app[DB]
+    await get_connection(db, company.id, connection_id, include_deleted=True)
+    existed = await evolution_call(evolution_for(request, company).delete(connection_id))
+
+    async def run(tx) -> None:
+        await tx.execute("DELETE FROM connections WHERE company_id = ? AND id = ?",
+                         company.id, connection_id)
+
+    await db.transact(run)
+    return web.json_response({"ok": True, "connectionId": connection_id, "deleted": True,
+                              "existedOnEvolution": existed})
+
+
+@routes.post("/instance/restart")
+async def restart_instance(request: web.Request) -> web.Response:
+    company, connection_id = await connection_request(request)
+    db = request.app[DB]
+    await get_connection(db, company.id, connection_id)
+    body = await evolution_call(evolution_for(request, company).restart(connection_id))
+    instance = body.get("instance") if isinstance(body.get("instance"), dict) else {}
+    state = instance.get("state") or instance.get("status")
+    return web.json_response({"ok": True, "connectionId": connection_id,
+                              "state": state if isinstance(state, str) else None})
+
+
+@routes.post("/instance/logout")
+async def logout_instance(request: web.Request) -> web.Response:
+    company, connection_id = await connection_request(request)
+    db = request.app[DB]
+    await get_connection(db, company.id, connection_id)
+    await evolution_call(evolution_for(request, company).logout(connection_id))
+    await update_connection(db, company.id, connection_id, state="close")
+    return web.json_response({"ok": True, "connectionId": connection_id, "state": "close"})
+
+
+def link_signature(key: str, company_id: str, connection_id: str, expires: int) -> str:
+    mac = hmac.new(key.encode(), f"{company_id}\n{connection_id}\n{expires}".encode(),
+                   hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
+async def signing_key(db: Storage, company: Company) -> str:
+    """The company's key for onboarding links, made the first time one is asked for."""
+    if company.signing_key:
+        return company.signing_key
+
+    async def run(tx) -> str:
+        await tx.execute("UPDATE companies SET signing_key = ? WHERE id = ? AND "
+                         "signing_key IS NULL", new_secret("sk_"), company.id)
+        row = await tx.fetchone("SELECT signing_key FROM companies WHERE id = ?", company.id)
+        return row["signing_key"]
+
+    return await db.transact(run)
+
+
+class LinkError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def verify_link(db: Storage, query: Mapping[str, str], connection_id: str) -> Company:
+    """The company of a signed onboarding link, or LinkError(401 tampered | 410 expired)."""
+    company_id, expires, sig = query.get("c", ""), query.get("exp", ""), query.get("sig", "")
+    company = await get_company(db, company_id) if company_id else None
+    if company is None or not company.signing_key or not expires.isdigit():
+        raise LinkError(401, "This link is not valid")
+    expected = link_signature(company.signing_key, company_id, connection_id, int(expires))
+    if not same_secret(sig, expected):
+        raise LinkError(401, "This link is not valid")
+    if int(expires) < now():
+        raise LinkError(410, "This link has expired: ask for a new one")
+    return company
+
+
+@routes.post("/api/connection-link")
+async def create_connection_link(request: web.Request) -> web.Response:
+    body = await read_json(request, TRACKING_BODY_MAX)
+    if not isinstance(body, dict):
+        raise http_error(400, "Body must be a JSON object")
+    company_id = body.get("company_id")
+    company = await authenticate(request, company_id if isinstance(company_id, str) else None)
+    connection_id = body.get("connectionId")
+    if not isinstance(connection_id, str) or not connection_id:
+        raise http_error(400, "connectionId is required")
+    ttl = body.get("ttl", LINK_TTL_DEFAULT)
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 60 <= ttl <= LINK_TTL_MAX:
+        raise http_error(400, f"ttl must be seconds from 60 to {LINK_TTL_MAX}")
+    db = request.app[DB]
+    await get_connection(db, company.id, connection_id)
+    key = await signing_key(db, company)
+    expires = int(now()) + ttl
+    query = urllib.parse.urlencode({"c": company.id, "exp": expires,
+                                    "sig": link_signature(key, company.id, connection_id, expires)})
+    path = f"/connect/{urllib.parse.quote(connection_id)}?{query}"
+    return web.json_response({"ok": True, "connectionId": connection_id,
+                              "url": public_base(request) + path, "expires_at": iso(expires)},
+                             status=201)
+
+
+async def current_qr(request: web.Request, company: Company, connection_id: str) -> dict:
+    """The freshest QR of a connection: a recent qrcode.updated, else Evolution's connect.
+    409 (with the state) when the number is already connected."""
+    db = request.app[DB]
+    row = await get_connection(db, company.id, connection_id)
+    if row["qr_code"] and row["qr_at"] and now() - row["qr_at"] < QR_FRESH_SECONDS \
+            and row["state"] != "open":
+        return qr_payload(row["qr_code"], row["qr_pairing_code"], row["state"])
+    body = await evolution_call(evolution_for(request, company).connect(connection_id))
+    instance = body.get("instance")
+    if isinstance(instance, dict) and instance.get("state") == "open":
+        await update_connection(db, company.id, connection_id, state="open", qr_code=None,
+                                qr_pairing_code=None)
+        row = await get_connection(db, company.id, connection_id)
+        raise http_error(409, f"Connection {connection_id} is already connected", state="open",
+                         phone=row["phone"], profileName=row["profile_name"])
+    code = body.get("code")
+    if not isinstance(code, str) or not code:
+        raise http_error(503, "Evolution API has no QR code yet; try again in a few seconds")
+    pairing = body.get("pairingCode") if isinstance(body.get("pairingCode"), str) else None
+    await update_connection(db, company.id, connection_id, state="connecting", qr_code=code,
+                            qr_pairing_code=pairing, qr_at=now())
+    return qr_payload(code, pairing, "connecting")
+
+
+@routes.get("/qrcode/generate-qrcode")
+async def generate_qrcode(request: web.Request) -> web.Response:
+    import segno
+
+    connection_id = request.query.get("instanceId") or request.query.get("connectionId")
+    if not connection_id:
+        raise http_error(400, "instanceId is required")
+    fmt = request.query.get("format", "png")
+    if fmt not in ("png", "svg", "json"):
+        raise http_error(400, "format must be png, svg or json")
+    if "sig" in request.query:
+        try:
+            company = await verify_link(request.app[DB], request.query, connection_id)
+        except LinkError as exc:
+            raise http_error(exc.status, exc.message) from None
+    else:
+        company = await authenticate(request)
+    qr = await current_qr(request, company, connection_id)
+    headers = {"Cache-Control": "no-store"}
+    if fmt == "json":
+        return web.json_response(qr, headers=headers)
+    buffer = io.BytesIO()
+    segno.make_qr(qr["code"]).save(buffer, kind=fmt, scale=8, border=4)
+    content_type = "image/png" if fmt == "png" else "image/svg+xml"
+    return web.Response(body=buffer.getvalue(), content_type=content_type, headers=headers)
+
+
+CONNECT_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Connect WhatsApp</title>
+<style>
+body{font-family:system-ui,sans-serif;max-width:28rem;margin:2rem auto;padding:0 1rem;
+text-align:center;color:#1f2933}
+#qr{width:18rem;height:18rem;image-rendering:pixelated}
+.ok{color:#137333;font-size:1.3rem}.err{color:#b3261e}small{color:#52606d}
+</style></head><body>
+<h1>Connect WhatsApp</h1>
+<p id="status">Loading the QR code…</p>
+<img id="qr" alt="QR code to scan with WhatsApp" hidden>
+<p id="pairing" hidden></p>
+<p><small>On the phone: WhatsApp → Settings → Linked devices → Link a device, then scan.</small></p>
+<script>
+(function () {
+  "use strict";
+  var url = __QR_URL__, statusEl = document.getElementById("status"),
+      img = document.getElementById("qr"), pairing = document.getElementById("pairing");
+  function show(text, cls) { statusEl.textContent = text; statusEl.className = cls || ""; }
+  function poll() {
+    fetch(url, {cache: "no-store"}).then(function (r) {
+      return r.json().then(function (body) { return {status: r.status, body: body}; });
+    }).then(function (res) {
+      if (res.status === 200) {
+        img.src = res.body.base64; img.hidden = false;
+        show("Scan this QR code with the WhatsApp of the number to connect.");
+        if (res.body.pairingCode) {
+          pairing.hidden = false; pairing.textContent = "Or type the code " + res.body.pairingCode;
+        }
+        setTimeout(poll, 3000);
+      } else if (res.status === 409) {
+        img.hidden = true; pairing.hidden = true;
+        show("Connected" + (res.body.phone ? ": +" + res.body.phone : "") +
+             (res.body.profileName ? " (" + res.body.profileName + ")" : ""), "ok");
+        document.body.setAttribute("data-state", "connected");
+      } else if (res.status === 401 || res.status === 410) {
+        img.hidden = true; show(res.body.error, "err");
+      } else {
+        show(res.body.error || "Waiting for the QR code…"); setTimeout(poll, 3000);
+      }
+    }).catch(function () { show("Connection lost; retrying…"); setTimeout(poll, 5000); });
+  }
+  poll();
+})();
+</script></body></html>
+"""
+
+CONNECT_ERROR_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>Link problem</title>
+<style>body{font-family:system-ui,sans-serif;max-width:28rem;margin:2rem auto;padding:0 1rem;
+text-align:center;color:#b3261e}</style></head>
+<body><h1>__MESSAGE__</h1><p>Ask whoever sent you this link for a new one.</p></body></html>
+"""
+
+
+@routes.get("/connect/{connection_id}")
+async def connect_page(request: web.Request) -> web.Response:
+    """The page an agency sends its client: the QR, refreshed until the number is connected."""
+    connection_id = request.match_info["connection_id"]
+    try:
+        company = await verify_link(request.app[DB], request.query, connection_id)
+        await get_connection(request.app[DB], company.id, connection_id)
+    except LinkError as exc:
+        if "text/html" not in request.headers.get("Accept", "text/html"):
+            raise http_error(exc.status, exc.message) from None
+        page = CONNECT_ERROR_PAGE.replace("__MESSAGE__", html.escape(exc.message))
+        return web.Response(status=exc.status, text=page, content_type="text/html")
+    query = urllib.parse.urlencode({"instanceId": connection_id, "format": "json",
+                                    "c": request.query["c"], "exp": request.query["exp"],
+                                    "sig": request.query["sig"]})
+    page = CONNECT_PAGE.replace("__QR_URL__", json.dumps("/qrcode/generate-qrcode?" + query))
+    return web.Response(text=page, content_type="text/html",
+                        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+
+
+@routes.get("/public/get-connection")
+async def public_connection(request: web.Request) -> web.Response:
+    connection_id = request.query.get("connectionId")
+    if not connection_id:
+        raise http_error(400, "connectionId is required")
+    row = await request.app[DB].fetchone(
+        "SELECT c.id, c.state, c.phone, c.profile_name, p.name AS company_name "
+        "FROM connections c JOIN companies p ON p.id = c.company_id "
+        "WHERE c.id = ? AND c.deleted_at IS NULL ORDER BY c.created_at LIMIT 1", connection_id)
+    if row is None:
+        raise http_error(404, "Connection not found")
+    return web.json_response({"connectionId": row["id"], "company": row["company_name"],
+                              "state": row["state"], "phone": mask_phone(row["phone"]),
+                              "profileName": row["profile_name"]})
+
+
+# ##################################################################################################
+# HTTP handlers: generic webhook ingest
+# ##################################################################################################
+
+@routes.post("/webhook-ingest")
+async def webhook_ingest(request: web.Request) -> web.Response:
+    config, db = request.app[CONFIG], request.app[DB]
+    given = request.headers.get("X-Webhook-Token") or bearer(request)
+    if not same_secret(given, config.webhook_shared_token):
+        raise http_error(401, "Unauthorized")
+    raw = await read_body(request, WEBHOOK_BODY_MAX)
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise http_error(400, "Body is not valid JSON") from None
+    source = (request.query.get("source") or request.headers.get("X-Webhook-Source")
+              or "ingest")[:64]
+    company = None
+    company_id = request.query.get("company_id")
+    if company_id:
+        company = await get_company(db, company_id)
+        if company is None:
+            raise http_error(404, "Company not found")
+    evolution = (company is not None and isinstance(payload, dict)
+                 and isinstance(payload.get("event"), str) and "instance" in payload
+                 and "data" in payload)
+    if evolution:
+        result = await ingest_evolution(db, company, raw, payload, request.headers, source)
+        if result.get("failed"):
+            raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
+    else:
+        delivery_id = await db.transact(lambda tx: _store_delivery(
+            tx, company.id if company else None, source, raw, request.headers, payload))
+        result = {"delivery_id": delivery_id, "processed": False}
+    log.info("webhook ingested", extra={"fields": {
+        "event": "webhook_ingest", "source": source, "company_id": company_id,
+        "delivery_id": result["delivery_id"], "bytes": len(raw),
+        "payload_event": payload.get("event") if isinstance(payload, dict) else None,
+        "processed": evolution, "request_id": request[REQUEST_ID]}})
+    return web.json_response({"ok": True, "id": result["delivery_id"], **result}, status=202)
+
+
+# ##################################################################################################
 # Middlewares
 # ##################################################################################################
 
@@ -1963,6 +2646,17 @@ async def storage_ctx(app: web.Application):
     await db.close()  # flushes units of work still queued
 
 
+async def http_client_ctx(app: web.Application):
+    import aiohttp
+
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=60, connect=10),
+        headers={"User-Agent": f"WhatsTracking/{VERSION}"})
+    app[HTTP] = session
+    yield
+    await session.close()
+
+
 def create_app(config: Config | None = None) -> web.Application:
     """The WhatsTracking application; nothing connects until it starts."""
     config = config or load_config({})
@@ -1971,6 +2665,7 @@ def create_app(config: Config | None = None) -> web.Application:
     app[DB] = Storage.from_url(config.database_url, config)
     app[TRACKER] = load_tracker()
     app.cleanup_ctx.append(storage_ctx)
+    app.cleanup_ctx.append(http_client_ctx)
     app.add_routes(routes)
     return app
 
