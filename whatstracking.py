@@ -14,7 +14,8 @@ Environment (also read from ``.env``; the real environment wins), see ``config.e
     HOST, PORT, DATABASE_URL (sqlite:///whatstracking.db | postgresql://...), PUBLIC_URL,
     ADMIN_TOKEN, WEBHOOK_SHARED_TOKEN, EVOLUTION_API_URL, EVOLUTION_API_KEY, LOG_LEVEL,
     LOG_FORMAT (json|text), TRUST_PROXY, RETENTION_DAYS, META_GRAPH_URL, GA4_MP_URL,
-    SQLITE_SYNCHRONOUS (FULL|NORMAL), EVOLUTION_TIMEOUT (seconds)
+    SQLITE_SYNCHRONOUS (FULL|NORMAL), EVOLUTION_TIMEOUT, META_API_VERSION, DELIVERY_TIMEOUT,
+    DELIVERY_RETRY_SECONDS, DELIVERY_POLL_SECONDS
 
 Sections, each using only what is above it: constants, config, errors and small helpers, storage
 (SQLite and Postgres behind one interface), domain (codes, attribution, Evolution messages, lead
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import csv
 import dataclasses
 import functools
 import gzip
@@ -63,6 +65,7 @@ DEFAULT_PORT = 8080
 DEFAULT_DATABASE_URL = "sqlite:///whatstracking.db"
 DEFAULT_META_GRAPH_URL = "https://graph.facebook.com"
 DEFAULT_GA4_MP_URL = "https://www.google-analytics.com/mp/collect"
+DEFAULT_META_API_VERSION = "v23.0"
 
 TRACKING_BODY_MAX = 64 * 1024  # bytes
 WEBHOOK_BODY_MAX = 1024 * 1024  # bytes; also the most of a raw body we store
@@ -102,6 +105,16 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "webhook_auth_required": True,
 }
 WINDOW_CONFIDENCE = 0.5
+# Our event name → the Google Ads conversion action name written in the offline-conversions CSV.
+DEFAULT_GOOGLE_ADS_CONVERSIONS = {"lead": "WhatsApp Lead", "qualified": "WhatsApp Qualified Lead",
+                                  "purchase": "WhatsApp Purchase"}
+# Conversion destinations (company settings): fields, and which of them are write-only secrets.
+DESTINATION_FIELDS = {
+    "meta": {"dataset_id": False, "access_token": True, "test_event_code": False,
+             "waba_id": False, "event_names": False, "enabled": False},
+    "ga4": {"measurement_id": False, "api_secret": True, "event_names": False, "enabled": False},
+    "crm_webhook": {"url": False, "secret": True, "enabled": False},
+}
 
 log = logging.getLogger("whatstracking")
 
@@ -132,6 +145,10 @@ class Config:
     ga4_mp_url: str = DEFAULT_GA4_MP_URL
     sqlite_synchronous: str = "FULL"
     evolution_timeout: float = 15.0  # seconds for one Evolution API call
+    meta_api_version: str = DEFAULT_META_API_VERSION
+    delivery_timeout: float = 10.0  # seconds for one conversion delivery
+    delivery_retry_seconds: float = 30.0  # first retry delay; doubles each attempt
+    delivery_poll_seconds: float = 5.0  # how often the worker looks for due deliveries
 
 
 def _parse_bool(name: str, value: str) -> bool:
@@ -150,6 +167,16 @@ def _parse_int(name: str, value: str, low: int, high: int) -> int:
         raise ConfigError(f"{name} must be a whole number, not {value!r}.") from None
     if not low <= number <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, not {number}.")
+    return number
+
+
+def _parse_float(name: str, value: str, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {value!r}.") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{name} must be between {low:g} and {high:g}, not {number:g}.")
     return number
 
 
@@ -197,6 +224,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         ga4_mp_url=urls["GA4_MP_URL"],
         sqlite_synchronous=synchronous,
         evolution_timeout=_parse_int("EVOLUTION_TIMEOUT", get("EVOLUTION_TIMEOUT", "15"), 1, 300),
+        meta_api_version=get("META_API_VERSION", DEFAULT_META_API_VERSION),
+        delivery_timeout=_parse_float("DELIVERY_TIMEOUT", get("DELIVERY_TIMEOUT", "10"), 0.1, 300),
+        delivery_retry_seconds=_parse_float(
+            "DELIVERY_RETRY_SECONDS", get("DELIVERY_RETRY_SECONDS", "30"), 0.01, 86400),
+        delivery_poll_seconds=_parse_float(
+            "DELIVERY_POLL_SECONDS", get("DELIVERY_POLL_SECONDS", "5"), 0.01, 3600),
     )
 
 
@@ -477,6 +510,38 @@ CREATE INDEX webhook_deliveries_status ON webhook_deliveries (status, id);
 ALTER TABLE companies ADD COLUMN signing_key TEXT;
 CREATE INDEX connections_id ON connections (id);
 """),
+    (3, """
+ALTER TABLE visits ADD COLUMN user_agent TEXT;
+CREATE TABLE deliveries (
+    id {id},
+    company_id TEXT NOT NULL,
+    event_row_id {bigint} NOT NULL,
+    lead_id {bigint} NOT NULL,
+    destination TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at {real} NOT NULL,
+    locked_until {real},
+    last_status INTEGER,
+    last_error TEXT,
+    response TEXT,
+    delivered_at {real},
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL,
+    UNIQUE (event_row_id, destination)
+);
+CREATE INDEX deliveries_due ON deliveries (status, next_attempt_at);
+CREATE INDEX deliveries_company ON deliveries (company_id, status, id);
+CREATE TABLE labels (
+    company_id TEXT NOT NULL,
+    connection_id TEXT NOT NULL,
+    label_id TEXT NOT NULL,
+    name TEXT,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    updated_at {real} NOT NULL,
+    PRIMARY KEY (company_id, connection_id, label_id)
+);
+"""),
 ]
 
 DIALECT_TYPES = {
@@ -495,6 +560,7 @@ class Storage:
     """What the application needs from a database; subclasses provide the primitives."""
 
     dialect = ""
+    skip_locked = ""  # appended to a claiming SELECT: rows another process holds are passed over
 
     async def connect(self) -> None:
         raise NotImplementedError
@@ -734,6 +800,7 @@ class PostgresStorage(Storage):
     """Postgres (and Supabase) through an asyncpg pool."""
 
     dialect = "postgres"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
     MIGRATION_LOCK = 7_405_119_213  # pg_advisory_xact_lock key: one migrator at a time
 
     def __init__(self, url: str) -> None:
@@ -825,7 +892,17 @@ class Company:
 
     def public(self) -> dict:
         """The company as its token holders see it: secrets are write-only."""
-        return {"company_id": self.id, "name": self.name, **self.settings,
+        settings = dict(self.settings)
+        for destination, fields in DESTINATION_FIELDS.items():
+            if isinstance(settings.get(destination), dict):
+                shown = {}
+                for key, value in settings[destination].items():
+                    if fields.get(key):
+                        shown[f"{key}_set"] = bool(value)
+                    else:
+                        shown[key] = value
+                settings[destination] = shown
+        return {"company_id": self.id, "name": self.name, **settings,
                 "evolution_url": self.evolution_url,
                 "evolution_key_set": bool(self.evolution_key)}
 
@@ -835,11 +912,67 @@ async def get_company(db: Storage, company_id: str) -> Company | None:
     return Company.from_row(row) if row else None
 
 
-def validate_settings(patch: Mapping[str, Any]) -> dict:
+def _validate_destination(name: str, value: Any, current: Any) -> dict | None:
+    """A destination's settings merged over the current ones (secrets stay unless replaced;
+    a null field removes it; null as a whole removes the destination)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise http_error(400, f"{name} must be an object or null")
+    merged = dict(current) if isinstance(current, dict) else {}
+    for key, field in value.items():
+        where = f"{name}.{key}"
+        if key not in DESTINATION_FIELDS[name]:
+            raise http_error(400, f"Unknown field: {where}")
+        if field is None:
+            merged.pop(key, None)
+        elif key == "enabled":
+            if not isinstance(field, bool):
+                raise http_error(400, f"{where} must be true or false")
+            merged[key] = field
+        elif key == "event_names":
+            valid = isinstance(field, dict) and all(
+                isinstance(k, str) and (v is None or isinstance(v, (str, dict)))
+                for k, v in field.items())
+            if not valid:
+                raise http_error(400, f"{where} must map event names to platform event names")
+            merged[key] = field
+        elif key == "url":
+            if not isinstance(field, str) or not re.match(r"^https?://\S+$", field) \
+                    or len(field) > 1024:
+                raise http_error(400, f"{where} must be an http(s) URL")
+            merged[key] = field
+        else:
+            if not isinstance(field, str) or not field.strip() or len(field) > 1024:
+                raise http_error(400, f"{where} must be non-empty text")
+            merged[key] = field.strip()
+    return merged
+
+
+def _validate_mapping(key: str, value: Any, allowed: tuple[str, ...] | None) -> dict:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and k and (v is None or isinstance(v, str))
+            for k, v in value.items()):
+        raise http_error(400, f"{key} must be an object of names")
+    if allowed is not None:
+        for k, v in value.items():
+            if v is not None and v not in allowed:
+                raise http_error(400, f"{key}: {v!r} is not one of {', '.join(allowed)}")
+    return {k: v for k, v in value.items() if v is not None}
+
+
+def validate_settings(patch: Mapping[str, Any], current: Mapping[str, Any] | None = None) -> dict:
     """Check company settings; return them normalised or raise 400 naming the field."""
+    current = current or {}
     out: dict[str, Any] = {}
     for key, value in patch.items():
-        if key == "allowed_origins":
+        if key in DESTINATION_FIELDS:
+            out[key] = _validate_destination(key, value, current.get(key))
+        elif key == "label_events":
+            out[key] = _validate_mapping(key, value, ("qualified", "purchase", "refund", "lost"))
+        elif key == "google_ads_conversions":
+            out[key] = _validate_mapping(key, value, None)
+        elif key == "allowed_origins":
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -1064,6 +1197,7 @@ class TrackingInput:
     touch: dict  # attribution of this request (last touch as the browser knows it)
     first_touch: dict | None
     whatsapp_phone: str | None
+    user_agent: str | None = None  # kept on the visit: Meta needs it for website events
 
 
 def parse_tracking(body: Any) -> TrackingInput:
@@ -1156,14 +1290,14 @@ async def record_tracking(db: Storage, company: Company, t: TrackingInput) -> di
                 row = await tx.fetchone(
                     "INSERT INTO visits (company_id, visitor_id, code, expires_at, utm_source, "
                     "utm_medium, utm_campaign, last_touch, first_touch, pageviews, clicks, "
-                    "clicked_at, click_phone, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "clicked_at, click_phone, created_at, updated_at, user_agent) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (company_id, code) DO NOTHING RETURNING id",
                     company.id, visitor_id, code, ts + window, last_touch.get("utm_source"),
                     last_touch.get("utm_medium"), last_touch.get("utm_campaign"),
                     json_dumps(last_touch), json_dumps(first_touch), 0 if clicked else 1,
                     1 if clicked else 0, ts if clicked else None,
-                    t.whatsapp_phone if clicked else None, ts, ts)
+                    t.whatsapp_phone if clicked else None, ts, ts, t.user_agent)
                 if row:
                     visit_id = row["id"]
                     break
@@ -1175,11 +1309,12 @@ async def record_tracking(db: Storage, company: Company, t: TrackingInput) -> di
                 "UPDATE visits SET expires_at = ?, utm_source = ?, utm_medium = ?, "
                 "utm_campaign = ?, last_touch = ?, pageviews = pageviews + ?, "
                 "clicks = clicks + ?, clicked_at = COALESCE(?, clicked_at), "
-                "click_phone = COALESCE(?, click_phone), updated_at = ? WHERE id = ?",
+                "click_phone = COALESCE(?, click_phone), "
+                "user_agent = COALESCE(?, user_agent), updated_at = ? WHERE id = ?",
                 ts + window, last_touch.get("utm_source"), last_touch.get("utm_medium"),
                 last_touch.get("utm_campaign"), json_dumps(last_touch), 0 if clicked else 1,
                 1 if clicked else 0, ts if clicked else None,
-                t.whatsapp_phone if clicked else None, ts, visit_id)
+                t.whatsapp_phone if clicked else None, t.user_agent, ts, visit_id)
         await tx.execute(
             "INSERT INTO tracking_events (company_id, visit_id, event, page_url, referrer, "
             "utm_source, utm_medium, utm_campaign, whatsapp_phone, created_at) "
@@ -1328,6 +1463,116 @@ def ad_attribution(info: Mapping[str, Any]) -> dict:
 
 
 # ##################################################################################################
+# Domain: conversion events and the delivery outbox
+#
+# A lead's lifecycle is a list of events (lead, qualified, purchase, refund, lost). Recording an
+# event also commits, in the same transaction, one outbox row per destination the company has set
+# up (Meta, GA4, its CRM webhook); a background worker sends them. Nothing is lost on a restart.
+# ##################################################################################################
+
+EVENT_NAMES = ("lead", "qualified", "purchase", "refund", "lost")
+DESTINATIONS = ("meta", "ga4", "crm_webhook")
+
+
+def configured_destinations(company: Company) -> list[str]:
+    out = []
+    meta = company.settings.get("meta") or {}
+    if meta.get("dataset_id") and meta.get("access_token") and meta.get("enabled", True):
+        out.append("meta")
+    ga4 = company.settings.get("ga4") or {}
+    if ga4.get("measurement_id") and ga4.get("api_secret") and ga4.get("enabled", True):
+        out.append("ga4")
+    crm = company.settings.get("crm_webhook") or {}
+    if crm.get("url") and crm.get("secret") and crm.get("enabled", True):
+        out.append("crm_webhook")
+    return out
+
+
+async def record_event(tx, company: Company, lead_id: int, name: str, event_id: str,
+                       occurred_at: float, source: str, value: float | None = None,
+                       currency: str | None = None) -> tuple[dict, bool]:
+    """Insert a lead event and its outbox rows; (event row, created). An existing event_id is
+    returned as it is, with no second delivery."""
+    ts = now()
+    row = await tx.fetchone(
+        "INSERT INTO lead_events (company_id, lead_id, name, value, currency, occurred_at, "
+        "event_id, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (company_id, event_id) DO NOTHING RETURNING *",
+        company.id, lead_id, name, value, currency, occurred_at, event_id, source, ts)
+    if row is None:
+        existing = await tx.fetchone("SELECT * FROM lead_events WHERE company_id = ? AND "
+                                     "event_id = ?", company.id, event_id)
+        return existing, False
+    for destination in configured_destinations(company):
+        await tx.execute(
+            "INSERT INTO deliveries (company_id, event_row_id, lead_id, destination, status, "
+            "attempts, next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            company.id, row["id"], lead_id, destination, "pending", 0, ts, ts, ts)
+    return row, True
+
+
+def event_json(row: Mapping[str, Any]) -> dict:
+    return {"id": row["id"], "lead_id": row["lead_id"], "name": row["name"],
+            "value": row["value"], "currency": row["currency"],
+            "occurred_at": iso(row["occurred_at"]), "event_id": row["event_id"],
+            "source": row["source"], "created_at": iso(row["created_at"])}
+
+
+def delivery_json(row: Mapping[str, Any]) -> dict:
+    return {"id": row["id"], "lead_id": row["lead_id"], "event_id": row["event_row_id"],
+            "event": row.get("event_name"), "destination": row["destination"],
+            "status": row["status"], "attempts": row["attempts"],
+            "last_status": row["last_status"], "last_error": row["last_error"],
+            "next_attempt_at": iso(row["next_attempt_at"]) if row["status"] == "pending" else None,
+            "delivered_at": iso(row["delivered_at"]), "created_at": iso(row["created_at"]),
+            "updated_at": iso(row["updated_at"])}
+
+
+async def apply_label_edit(tx, company_id: str, connection_id: str, data: Any) -> dict:
+    if not isinstance(data, dict) or not isinstance(data.get("id"), (str, int)):
+        return {"ignored": "no label"}
+    name = data.get("name") if isinstance(data.get("name"), str) else None
+    deleted = 1 if data.get("deleted") is True else 0
+    await tx.execute(
+        "INSERT INTO labels (company_id, connection_id, label_id, name, deleted, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (company_id, connection_id, label_id) DO UPDATE "
+        "SET name = COALESCE(excluded.name, labels.name), deleted = excluded.deleted, "
+        "updated_at = excluded.updated_at",
+        company_id, connection_id, str(data["id"]), name, deleted, now())
+    return {"label": str(data["id"])}
+
+
+async def apply_label_association(tx, company: Company, connection_id: str, data: Any) -> dict:
+    """A label added to a lead's chat records the event the company mapped that label to."""
+    if not isinstance(data, dict) or data.get("type") != "add":
+        return {"ignored": "not a label added"}
+    chat, label_id = data.get("chatId"), data.get("labelId")
+    if not isinstance(chat, str) or not isinstance(label_id, (str, int)):
+        return {"ignored": "no chat or label"}
+    label = await tx.fetchone("SELECT name FROM labels WHERE company_id = ? AND "
+                              "connection_id = ? AND label_id = ?",
+                              company.id, connection_id, str(label_id))
+    if label is None or not label["name"]:
+        return {"ignored": "unknown label"}
+    name = (company.settings.get("label_events") or {}).get(label["name"])
+    if not name:
+        return {"ignored": "label not mapped to an event"}
+    column, value = ("lid", jid_user(chat)) if chat.endswith(JID_LID) else \
+        ("phone", digits(jid_user(chat)))
+    lead = await tx.fetchone(
+        f"SELECT l.id FROM leads l JOIN contacts c ON c.id = l.contact_id "
+        f"WHERE c.company_id = ? AND c.{column} = ? ORDER BY l.id DESC LIMIT 1",
+        company.id, value)
+    if lead is None:
+        return {"ignored": "no lead for this chat"}
+    event, created = await record_event(
+        tx, company, lead["id"], name, f"label-{connection_id}-{label_id}-{lead['id']}", now(),
+        "label")
+    return {"lead_id": lead["id"], "event": name, "event_row_id": event["id"],
+            **({} if created else {"duplicate": True})}
+
+
+# ##################################################################################################
 # Domain: connections, contacts and leads
 # ##################################################################################################
 
@@ -1362,7 +1607,10 @@ async def resolve_contact(tx, company_id: str, msg: InboundMessage) -> tuple[dic
     if contact is None:
         row = await tx.fetchone(
             "INSERT INTO contacts (company_id, phone, lid, name, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) RETURNING *", company_id, msg.phone, msg.lid, msg.name, ts, ts)
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING *",
+            company_id, msg.phone, msg.lid, msg.name, ts, ts)
+        if row is None:  # a concurrent delivery from this person created it first: use that one
+            return await resolve_contact(tx, company_id, msg)
         return row, True
     phone = contact["phone"] or msg.phone
     lid = contact["lid"] or msg.lid
@@ -1439,11 +1687,8 @@ async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
     if visit is not None:
         await tx.execute("UPDATE visits SET lead_id = ? WHERE id = ? AND lead_id IS NULL",
                          lead_id, visit["id"])
-    await tx.execute(
-        "INSERT INTO lead_events (company_id, lead_id, name, value, currency, occurred_at, "
-        "event_id, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        company.id, lead_id, "lead", None, None, msg.timestamp or ts, f"lead-{lead_id}",
-        "whatsapp", ts)
+    await record_event(tx, company, lead_id, "lead", f"lead-{lead_id}", msg.timestamp or ts,
+                       "whatsapp")
     return lead_id
 
 
@@ -1559,6 +1804,10 @@ async def process_envelope(tx, company: Company, envelope: Any, event_hint: str 
         return {"event": event, **await apply_connection_update(tx, company.id, instance, data)}
     if event == "qrcode.updated":
         return {"event": event, **await apply_qrcode_update(tx, company.id, instance, data)}
+    if event == "labels.edit":
+        return {"event": event, **await apply_label_edit(tx, company.id, instance, data)}
+    if event == "labels.association":
+        return {"event": event, **await apply_label_association(tx, company, instance, data)}
     return {"event": event or None, "ignored": "event not handled"}
 
 
@@ -1743,6 +1992,305 @@ class EvolutionClient:
 
 
 # ##################################################################################################
+# Integrations: conversions out (Meta Conversions API, GA4 Measurement Protocol, signed webhook)
+#
+# Each sender turns (company, lead, event) into one HTTP request and its answer into an Outcome:
+# delivered, retry (network errors, 5xx, 429; honouring Retry-After), failed (any other 4xx), or
+# skipped (the platform would refuse it: too old, nothing to match on, no event name mapped).
+# ##################################################################################################
+
+META_WINDOW = 7 * 86400  # seconds: Meta refuses events older than 7 days
+GA4_WINDOW = 72 * 3600  # seconds: GA4 accepts timestamps up to 72 hours back
+DELIVERY_MAX_ATTEMPTS = 8
+DELIVERY_BACKOFF_MAX = 6 * 3600  # seconds
+DELIVERY_BATCH = 20  # outbox rows claimed at once by one worker
+
+META_EVENT_NAMES = {
+    # website / chat leads: standard web events, plus a custom one for qualification
+    "website": {"lead": "Lead", "qualified": "QualifiedLead", "purchase": "Purchase"},
+    # Click-to-WhatsApp leads: Meta accepts only its business-messaging event names here
+    "messaging": {"lead": "LeadSubmitted", "purchase": "Purchase"},
+}
+GA4_EVENT_NAMES = {"lead": "generate_lead", "qualified": "qualify_lead", "purchase": "purchase",
+                   "refund": "refund", "lost": "close_unconvert_lead"}
+
+
+@dataclasses.dataclass
+class Outcome:
+    status: str  # delivered | retry | failed | skipped
+    http_status: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    response: str | None = None
+
+
+def sha256_hex(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def meta_phone_hash(phone: str) -> str:
+    """Meta: digits only, with country code, then SHA-256."""
+    return sha256_hex(digits(phone))
+
+
+def google_phone_hash(phone: str) -> str:
+    """Google: E.164 with a leading +, then SHA-256."""
+    return sha256_hex("+" + digits(phone))
+
+
+def meta_event(company: Company, lead: Mapping[str, Any], event: Mapping[str, Any],
+               user_agent: str | None) -> dict | Outcome:
+    """The Meta CAPI event for a lead event, or an Outcome saying why it is not sent."""
+    meta = company.settings.get("meta") or {}
+    attribution = loads_or(lead["attribution"], {})
+    ctwa = lead["match_method"] == "ctwa" and attribution.get("ctwa_clid")
+    path = "messaging" if ctwa else "website"
+    names = {**META_EVENT_NAMES[path], **((meta.get("event_names") or {}).get(path) or {})}
+    name = names.get(event["name"])
+    if not name:
+        return Outcome("skipped", error=f"no Meta event name for {event['name']} ({path} leads)")
+    if now() - event["occurred_at"] > META_WINDOW:
+        return Outcome("skipped", error="older than Meta's 7-day window")
+    out: dict[str, Any] = {"event_name": name, "event_time": int(event["occurred_at"]),
+                           "event_id": event["event_id"]}
+    if ctwa:
+        if not meta.get("waba_id"):
+            return Outcome("skipped", error="the company's WhatsApp Business Account id "
+                                            "(meta.waba_id) is not set")
+        out.update(action_source="business_messaging", messaging_channel="whatsapp",
+                   user_data={"whatsapp_business_account_id": meta["waba_id"],
+                              "ctwa_clid": attribution["ctwa_clid"]})
+    else:
+        user: dict[str, Any] = {}
+        if lead["phone"]:
+            user["ph"] = [meta_phone_hash(lead["phone"])]
+        for key in ("fbc", "fbp"):
+            if attribution.get(key):
+                user[key] = attribution[key]
+        if "fbc" not in user and attribution.get("fbclid"):
+            # Meta's documented fbc format, built from the click id when the cookie was missing.
+            clicked = lead["clicked_at"] or lead["created_at"]
+            user["fbc"] = f"fb.1.{int(clicked * 1000)}.{attribution['fbclid']}"
+        if not user:
+            return Outcome("skipped", error="nothing to match the person on (no phone, fbc, fbp)")
+        source_url = attribution.get("page_url") or attribution.get("landing_page")
+        if lead["visit_id"] is not None and source_url and user_agent:
+            user["client_user_agent"] = user_agent
+            out.update(action_source="website", event_source_url=source_url)
+        else:
+            out["action_source"] = "chat"  # the conversion happened in the WhatsApp chat
+        out["user_data"] = user
+    custom: dict[str, Any] = {}
+    if event["value"] is not None or event["name"] == "purchase":
+        custom = {"value": event["value"] or 0, "currency": event["currency"]
+                  or company.settings["currency"]}
+    if custom:
+        out["custom_data"] = custom
+    return out
+
+
+def ga4_event(company: Company, lead: Mapping[str, Any], event: Mapping[str, Any]
+              ) -> dict | Outcome:
+    ga4 = company.settings.get("ga4") or {}
+    attribution = loads_or(lead["attribution"], {})
+    client_id = attribution.get("ga_client_id")
+    if not client_id:
+        return Outcome("skipped", error="the lead has no GA client id (_ga cookie)")
+    name = {**GA4_EVENT_NAMES, **(ga4.get("event_names") or {})}.get(event["name"])
+    if not name:
+        return Outcome("skipped", error=f"no GA4 event name for {event['name']}")
+    if now() - event["occurred_at"] > GA4_WINDOW:
+        return Outcome("skipped", error="older than GA4's 72-hour window")
+    params: dict[str, Any] = {"lead_source": attribution.get("utm_source") or "direct",
+                              "match_method": lead["match_method"]}
+    if event["value"] is not None or name in ("purchase", "refund"):
+        params.update(value=event["value"] or 0, currency=event["currency"]
+                      or company.settings["currency"])
+    if name in ("purchase", "refund"):
+        params["transaction_id"] = event["event_id"]
+    return {"client_id": client_id, "timestamp_micros": int(event["occurred_at"] * 1_000_000),
+            "events": [{"name": name, "params": params}]}
+
+
+def crm_payload(company: Company, lead: Mapping[str, Any], event: Mapping[str, Any]) -> dict:
+    return {"type": f"lead.{event['name']}", "company_id": company.id,
+            "event": event_json(event), "lead": lead_json(lead)}
+
+
+def crm_signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now())
+    except (TypeError, ValueError):
+        return None
+
+
+async def post_json(session: Any, url: str, body: bytes, headers: Mapping[str, str],
+                    timeout: float) -> Outcome:
+    import aiohttp
+
+    try:
+        async with session.post(url, data=body, headers={"Content-Type": "application/json",
+                                                         **headers},
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            text = (await resp.text(errors="replace"))[:2000]
+            status = resp.status
+            retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+    except asyncio.TimeoutError:
+        return Outcome("retry", error=f"no answer within {timeout:g} seconds")
+    except aiohttp.ClientError as exc:
+        return Outcome("retry", error=f"unreachable ({exc.__class__.__name__})")
+    if 200 <= status < 300:
+        return Outcome("delivered", status, response=text)
+    kind = "retry" if status >= 500 or status == 429 else "failed"
+    return Outcome(kind, status, error=f"HTTP {status}: {text[:500]}", retry_after=retry_after,
+                   response=text)
+
+
+async def send_delivery(session: Any, config: Config, company: Company, destination: str,
+                        lead: Mapping[str, Any], event: Mapping[str, Any],
+                        user_agent: str | None) -> Outcome:
+    timeout = config.delivery_timeout
+    if destination == "meta":
+        meta = company.settings.get("meta") or {}
+        payload = meta_event(company, lead, event, user_agent)
+        if isinstance(payload, Outcome):
+            return payload
+        body: dict[str, Any] = {"data": [payload], "access_token": meta["access_token"]}
+        if meta.get("test_event_code"):
+            body["test_event_code"] = meta["test_event_code"]
+        url = f"{config.meta_graph_url}/{config.meta_api_version}/{meta['dataset_id']}/events"
+        return await post_json(session, url, json_dumps(body).encode(), {}, timeout)
+    if destination == "ga4":
+        ga4 = company.settings.get("ga4") or {}
+        payload = ga4_event(company, lead, event)
+        if isinstance(payload, Outcome):
+            return payload
+        url = config.ga4_mp_url + "?" + urllib.parse.urlencode(
+            {"measurement_id": ga4["measurement_id"], "api_secret": ga4["api_secret"]})
+        return await post_json(session, url, json_dumps(payload).encode(), {}, timeout)
+    if destination == "crm_webhook":
+        crm = company.settings.get("crm_webhook") or {}
+        raw = json_dumps(crm_payload(company, lead, event)).encode()
+        headers = {"X-WhatsTracking-Signature": crm_signature(crm["secret"], raw),
+                   "X-WhatsTracking-Timestamp": str(int(now())),
+                   "X-WhatsTracking-Event": f"lead.{event['name']}"}
+        return await post_json(session, crm["url"], raw, headers, timeout)
+    return Outcome("failed", error=f"unknown destination {destination}")
+
+
+async def claim_deliveries(db: Storage, lock_seconds: float) -> list[dict]:
+    """Take due outbox rows for this worker: pending ones whose time has come, and ones a
+    crashed worker left `sending` past their lock. Safe with several processes (SKIP LOCKED)."""
+    async def run(tx) -> list[dict]:
+        ts = now()
+        return await tx.fetchall(
+            "UPDATE deliveries SET status = 'sending', locked_until = ?, "
+            "attempts = attempts + 1, updated_at = ? WHERE id IN (SELECT id FROM deliveries "
+            "WHERE (status = 'pending' AND next_attempt_at <= ?) OR "
+            "(status = 'sending' AND locked_until < ?) ORDER BY next_attempt_at, id LIMIT ?"
+            f"{db.skip_locked}) RETURNING *", ts + lock_seconds, ts, ts, ts, DELIVERY_BATCH)
+
+    return await db.transact(run)
+
+
+def backoff_seconds(attempts: int, base: float) -> float:
+    """Exponential backoff with ±20% jitter: base, 2·base, 4·base… capped."""
+    delay = min(base * 2 ** max(attempts - 1, 0), DELIVERY_BACKOFF_MAX)
+    return delay * (0.8 + 0.4 * secrets.randbelow(1000) / 1000)
+
+
+async def finish_delivery(db: Storage, row: Mapping[str, Any], outcome: Outcome,
+                          retry_base: float) -> None:
+    ts = now()
+    status = outcome.status
+    next_at = row["next_attempt_at"]
+    if status == "retry":
+        if row["attempts"] >= DELIVERY_MAX_ATTEMPTS:
+            status = "failed"
+        else:
+            status = "pending"
+            wait = backoff_seconds(row["attempts"], retry_base)
+            if outcome.retry_after is not None:
+                wait = max(wait, min(outcome.retry_after, 86400))
+            next_at = ts + wait
+
+    async def run(tx) -> None:
+        await tx.execute(
+            "UPDATE deliveries SET status = ?, next_attempt_at = ?, locked_until = NULL, "
+            "last_status = ?, last_error = ?, response = ?, delivered_at = ?, updated_at = ? "
+            "WHERE id = ?", status, next_at, outcome.http_status, outcome.error,
+            outcome.response, ts if status == "delivered" else None, ts, row["id"])
+
+    await db.transact(run)
+
+
+async def run_delivery(app: web.Application, row: Mapping[str, Any]) -> Outcome:
+    db, config = app[DB], app[CONFIG]
+    company = await get_company(db, row["company_id"])
+    lead = await db.fetchone("SELECT * FROM leads WHERE id = ?", row["lead_id"])
+    event = await db.fetchone("SELECT * FROM lead_events WHERE id = ?", row["event_row_id"])
+    if company is None or lead is None or event is None:
+        return Outcome("failed", error="the lead or its event no longer exists")
+    if row["destination"] not in configured_destinations(company):
+        return Outcome("skipped", error=f"{row['destination']} is no longer set up")
+    user_agent = None
+    if lead["visit_id"] is not None:
+        visit = await db.fetchone("SELECT user_agent FROM visits WHERE id = ?", lead["visit_id"])
+        user_agent = visit["user_agent"] if visit else None
+    return await send_delivery(app[HTTP], config, company, row["destination"], lead, event,
+                               user_agent)
+
+
+async def delivery_worker(app: web.Application, wake: asyncio.Event,
+                          stopping: asyncio.Event) -> None:
+    config, db = app[CONFIG], app[DB]
+    lock = config.delivery_timeout * 3 + 30  # seconds a claimed row stays ours
+    while not stopping.is_set():
+        try:
+            rows = await claim_deliveries(db, lock)
+        except Exception:  # noqa: BLE001 - the database may be briefly away; try again later
+            log.exception("delivery worker: could not claim deliveries")
+            rows = []
+        for index, row in enumerate(rows):
+            if stopping.is_set():
+                # Shutting down: hand the rows not yet sent back, due at once.
+                async def release(tx, ids=[r["id"] for r in rows[index:]]) -> None:
+                    for delivery_id in ids:
+                        await tx.execute("UPDATE deliveries SET status = 'pending', "
+                                         "attempts = attempts - 1, locked_until = NULL "
+                                         "WHERE id = ? AND status = 'sending'", delivery_id)
+                await db.transact(release)
+                return
+            try:
+                outcome = await run_delivery(app, row)
+            except Exception as exc:  # noqa: BLE001 - a bug must not stop the other deliveries
+                log.exception("delivery %s failed unexpectedly", row["id"])
+                outcome = Outcome("retry", error=f"internal error: {exc!r}"[:500])
+            await finish_delivery(db, row, outcome, config.delivery_retry_seconds)
+            if outcome.status != "delivered":
+                log.info("delivery %s to %s: %s", row["id"], row["destination"], outcome.status,
+                         extra={"fields": {"event": "delivery", "delivery_id": row["id"],
+                                           "status": outcome.status,
+                                           "http_status": outcome.http_status,
+                                           "error": outcome.error}})
+        if not rows:
+            wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), config.delivery_poll_seconds)
+
+
+# ##################################################################################################
 # HTTP: keys, request helpers and authentication
 # ##################################################################################################
 
@@ -1750,6 +2298,7 @@ DB = web.AppKey("db", Storage)
 CONFIG = web.AppKey("config", Config)
 TRACKER = web.AppKey("tracker", dict)
 HTTP = web.AppKey("http", object)  # the aiohttp.ClientSession for outbound calls
+DELIVERY_WAKE = web.AppKey("delivery_wake", asyncio.Event)  # set: deliveries are waiting
 REQUEST_ID = "request_id"
 
 routes = web.RouteTableDef()
@@ -1887,6 +2436,7 @@ async def tracking_preflight(request: web.Request) -> web.Response:
 async def track(request: web.Request) -> web.Response:
     body = await read_json(request, TRACKING_BODY_MAX)
     t = parse_tracking(body)
+    t.user_agent = request.headers.get("User-Agent", "")[:512] or None
     db = request.app[DB]
     company = await get_company(db, t.company_id)
     if company is None:
@@ -1995,6 +2545,8 @@ async def evolution_webhook(request: web.Request) -> web.Response:
     result = await ingest_evolution(db, company, raw, envelope, request.headers, "evolution", hint)
     if result.get("failed"):
         raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
+    if "lead_id" in result:  # a lead or label event may have deliveries waiting
+        request.app[DELIVERY_WAKE].set()
     return web.json_response({"ok": True, **result})
 
 
@@ -2048,8 +2600,8 @@ async def update_company(request: web.Request) -> web.Response:
     evolution = validate_evolution(body)
     body.pop("evolution_url", None)
     body.pop("evolution_key", None)
-    settings = {**company.settings, **validate_settings(body)}
-    stored = {k: v for k, v in settings.items() if DEFAULT_SETTINGS.get(k) != v}
+    settings = {**company.settings, **validate_settings(body, company.settings)}
+    stored = {k: v for k, v in settings.items() if DEFAULT_SETTINGS.get(k) != v and v is not None}
     secret = new_secret("whs_") if rotate else company.webhook_secret
     url = evolution.get("evolution_url", company.evolution_url)
     key = evolution.get("evolution_key", company.evolution_key)
@@ -2579,6 +3131,8 @@ async def webhook_ingest(request: web.Request) -> web.Response:
         result = await ingest_evolution(db, company, raw, payload, request.headers, source)
         if result.get("failed"):
             raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
+        if "lead_id" in result:
+            request.app[DELIVERY_WAKE].set()
     else:
         delivery_id = await db.transact(lambda tx: _store_delivery(
             tx, company.id if company else None, source, raw, request.headers, payload))
@@ -2589,6 +3143,175 @@ async def webhook_ingest(request: web.Request) -> web.Response:
         "payload_event": payload.get("event") if isinstance(payload, dict) else None,
         "processed": evolution, "request_id": request[REQUEST_ID]}})
     return web.json_response({"ok": True, "id": result["delivery_id"], **result}, status=202)
+
+
+# ##################################################################################################
+# HTTP handlers: conversion events, deliveries and the Google Ads export
+# ##################################################################################################
+
+def wake_worker(request: web.Request) -> None:
+    request.app[DELIVERY_WAKE].set()
+
+
+async def company_lead(request: web.Request, company: Company) -> dict:
+    try:
+        lead_id = int(request.match_info["lead_id"])
+    except ValueError:
+        raise http_error(404, "Lead not found") from None
+    lead = await request.app[DB].fetchone("SELECT * FROM leads WHERE company_id = ? AND id = ?",
+                                          company.id, lead_id)
+    if lead is None:
+        raise http_error(404, "Lead not found")
+    return lead
+
+
+@routes.post("/api/leads/{lead_id}/events")
+async def add_lead_event(request: web.Request) -> web.Response:
+    body = await read_json(request, TRACKING_BODY_MAX)
+    if not isinstance(body, dict):
+        raise http_error(400, "Body must be a JSON object")
+    company_id = body.get("company_id")
+    company = await authenticate(request, company_id if isinstance(company_id, str) else None)
+    lead = await company_lead(request, company)
+    name = body.get("name")
+    if name not in EVENT_NAMES[1:]:
+        raise http_error(400, "name must be qualified, purchase, refund or lost")
+    value = body.get("value")
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                              or value < 0 or value > 1e12):
+        raise http_error(400, "value must be a number from 0")
+    currency = body.get("currency", company.settings["currency"])
+    if not isinstance(currency, str) or not re.match(r"^[A-Za-z]{3}$", currency):
+        raise http_error(400, "currency must be a three-letter ISO 4217 code")
+    occurred_at = now()
+    if body.get("occurred_at") is not None:
+        occurred_at = parse_time(body["occurred_at"], "occurred_at")
+        if occurred_at > now() + 300:
+            raise http_error(400, "occurred_at is in the future")
+    event_id = body.get("event_id")
+    if event_id is None:
+        event_id = f"{name}-{lead['id']}-{uuid.uuid4().hex[:12]}"
+    elif not isinstance(event_id, str) or not 1 <= len(event_id) <= 128:
+        raise http_error(400, "event_id must be text of 1 to 128 characters")
+    event, created = await request.app[DB].transact(lambda tx: record_event(
+        tx, company, lead["id"], name, event_id, occurred_at, "api",
+        float(value) if value is not None else None, currency.upper()))
+    if event["lead_id"] != lead["id"]:
+        raise http_error(409, "event_id is already used by another lead's event")
+    if created:
+        wake_worker(request)
+    return web.json_response({"ok": True, "event": event_json(event), "duplicate": not created},
+                             status=201 if created else 200)
+
+
+@routes.get("/api/leads/{lead_id}/events")
+async def list_lead_events(request: web.Request) -> web.Response:
+    company = await authenticate(request)
+    lead = await company_lead(request, company)
+    rows = await request.app[DB].fetchall("SELECT * FROM lead_events WHERE lead_id = ? "
+                                          "ORDER BY occurred_at, id", lead["id"])
+    return web.json_response({"events": [event_json(r) for r in rows]})
+
+
+@routes.get("/api/deliveries")
+async def list_deliveries(request: web.Request) -> web.Response:
+    company = await authenticate(request)
+    sql = ("SELECT d.*, e.name AS event_name FROM deliveries d "
+           "JOIN lead_events e ON e.id = d.event_row_id WHERE d.company_id = ?")
+    args: list[Any] = [company.id]
+    status = request.query.get("status")
+    if status:
+        if status not in ("pending", "sending", "delivered", "failed", "skipped"):
+            raise http_error(400, "status must be pending, sending, delivered, failed or skipped")
+        sql += " AND d.status = ?"
+        args.append(status)
+    if request.query.get("lead_id", "").isdigit():
+        sql += " AND d.lead_id = ?"
+        args.append(int(request.query["lead_id"]))
+    rows = await request.app[DB].fetchall(sql + " ORDER BY d.id DESC LIMIT 500", *args)
+    return web.json_response({"deliveries": [delivery_json(r) for r in rows]})
+
+
+@routes.post("/api/deliveries/{delivery_id}/retry")
+async def retry_delivery(request: web.Request) -> web.Response:
+    company = await authenticate(request)
+    try:
+        delivery_id = int(request.match_info["delivery_id"])
+    except ValueError:
+        raise http_error(404, "Not found") from None
+
+    async def run(tx) -> dict | None:
+        row = await tx.fetchone("SELECT * FROM deliveries WHERE id = ? AND company_id = ?",
+                                delivery_id, company.id)
+        if row is None or row["status"] != "failed":
+            return row
+        await tx.execute("UPDATE deliveries SET status = 'pending', attempts = 0, "
+                         "next_attempt_at = ?, updated_at = ? WHERE id = ?", now(), now(),
+                         delivery_id)
+        return await tx.fetchone(
+            "SELECT d.*, e.name AS event_name FROM deliveries d JOIN lead_events e "
+            "ON e.id = d.event_row_id WHERE d.id = ?", delivery_id)
+
+    row = await request.app[DB].transact(run)
+    if row is None:
+        raise http_error(404, "Not found")
+    if row["status"] != "pending":
+        raise http_error(409, f"Only failed deliveries can be retried (this one is "
+                              f"{row['status']})")
+    wake_worker(request)
+    return web.json_response({"ok": True, "delivery": delivery_json(row)})
+
+
+def parse_range(query: Mapping[str, str]) -> tuple[float | None, float | None]:
+    """`from` and `to` as ISO 8601 times or dates (a date `to` includes that whole day, UTC)."""
+    bounds = []
+    for field in ("from", "to"):
+        value = query.get(field)
+        if not value:
+            bounds.append(None)
+            continue
+        ts = parse_time(value, field)
+        if field == "to" and re.match(r"^\d{4}-\d{2}-\d{2}$", value):
+            ts += 86400
+        bounds.append(ts)
+    return bounds[0], bounds[1]
+
+
+@routes.get("/api/exports/google-ads.csv")
+async def google_ads_export(request: web.Request) -> web.Response:
+    """Offline click conversions in Google Ads' upload template, gclid leads only."""
+    company = await authenticate(request)
+    start, end = parse_range(request.query)
+    conversions = {**DEFAULT_GOOGLE_ADS_CONVERSIONS,
+                   **(company.settings.get("google_ads_conversions") or {})}
+    wanted = request.query.get("conversion_name")
+    names = {event: name for event, name in conversions.items()
+             if name and (not wanted or name == wanted)}
+    sql = ("SELECT l.gclid, e.name, e.value, e.currency, e.occurred_at FROM lead_events e "
+           "JOIN leads l ON l.id = e.lead_id WHERE e.company_id = ? AND l.gclid IS NOT NULL")
+    args: list[Any] = [company.id]
+    if start is not None:
+        sql += " AND e.occurred_at >= ?"
+        args.append(start)
+    if end is not None:
+        sql += " AND e.occurred_at < ?"
+        args.append(end)
+    rows = await request.app[DB].fetchall(sql + " ORDER BY e.occurred_at, e.id", *args)
+    zone = zoneinfo.ZoneInfo(company.settings["timezone"])
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow([f"Parameters:TimeZone={company.settings['timezone']}"])
+    writer.writerow(["Google Click ID", "Conversion Name", "Conversion Time", "Conversion Value",
+                     "Conversion Currency"])
+    for row in rows:
+        if row["name"] not in names:
+            continue
+        when = datetime.fromtimestamp(row["occurred_at"], zone).strftime("%Y-%m-%d %H:%M:%S")
+        value = "" if row["value"] is None else f"{row['value']:g}"
+        writer.writerow([row["gclid"], names[row["name"]], when, value,
+                         row["currency"] or company.settings["currency"]])
+    return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8", headers={
+        "Content-Disposition": 'attachment; filename="google-ads-conversions.csv"'})
 
 
 # ##################################################################################################
@@ -2657,6 +3380,20 @@ async def http_client_ctx(app: web.Application):
     await session.close()
 
 
+async def delivery_worker_ctx(app: web.Application):
+    stopping = asyncio.Event()
+    task = asyncio.create_task(delivery_worker(app, app[DELIVERY_WAKE], stopping),
+                               name="delivery-worker")
+    yield
+    # Finish the delivery in flight, hand back the rest, stop.
+    stopping.set()
+    app[DELIVERY_WAKE].set()
+    try:
+        await asyncio.wait_for(task, app[CONFIG].delivery_timeout + 5)
+    except asyncio.TimeoutError:
+        log.warning("delivery worker did not stop in time; its claimed rows retry later")
+
+
 def create_app(config: Config | None = None) -> web.Application:
     """The WhatsTracking application; nothing connects until it starts."""
     config = config or load_config({})
@@ -2666,6 +3403,8 @@ def create_app(config: Config | None = None) -> web.Application:
     app[TRACKER] = load_tracker()
     app.cleanup_ctx.append(storage_ctx)
     app.cleanup_ctx.append(http_client_ctx)
+    app[DELIVERY_WAKE] = asyncio.Event()
+    app.cleanup_ctx.append(delivery_worker_ctx)
     app.add_routes(routes)
     return app
 
@@ -2756,11 +3495,12 @@ def serve(config: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        from dotenv import load_dotenv
+        from dotenv import find_dotenv, load_dotenv
     except ImportError:  # optional at run time: plain environment variables still work
         pass
     else:
-        load_dotenv(override=False)
+        # The working directory's .env (like ./whatstracking.db), not the one next to this file.
+        load_dotenv(find_dotenv(usecwd=True), override=False)
     args = build_parser().parse_args(argv)
     try:
         config = load_config()
