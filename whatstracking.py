@@ -46,7 +46,7 @@ import time
 import urllib.parse
 import uuid
 import zoneinfo
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
 
@@ -316,6 +316,30 @@ def parse_time(value: Any, field: str) -> float:
     raise http_error(400, f"{field} must be an ISO 8601 time or unix seconds")
 
 
+def parse_range(query: Mapping[str, str], zone: zoneinfo.ZoneInfo | None = None
+                ) -> tuple[float | None, float | None]:
+    """`from` and `to` as ISO 8601 times or dates; a date is midnight in ``zone`` (UTC without
+    one) and a `to` date includes that whole day."""
+    bounds: list[float | None] = []
+    for field in ("from", "to"):
+        value = query.get(field)
+        if not value:
+            bounds.append(None)
+            continue
+        if re.match(r"^\d{4}-\d{2}-\d{2}$", value):
+            try:
+                day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=zone or timezone.utc)
+            except ValueError:
+                raise http_error(400, f"{field} must be a date or an ISO 8601 time") from None
+            if field == "to":
+                day = (day.replace(tzinfo=None) + timedelta(days=1)).replace(
+                    tzinfo=zone or timezone.utc)
+            bounds.append(day.timestamp())
+        else:
+            bounds.append(parse_time(value, field))
+    return bounds[0], bounds[1]
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -512,6 +536,8 @@ CREATE INDEX connections_id ON connections (id);
 """),
     (3, """
 ALTER TABLE visits ADD COLUMN user_agent TEXT;
+CREATE INDEX visits_company_time ON visits (company_id, created_at);
+CREATE INDEX lead_events_company_time ON lead_events (company_id, occurred_at);
 CREATE TABLE deliveries (
     id {id},
     company_id TEXT NOT NULL,
@@ -561,6 +587,10 @@ class Storage:
 
     dialect = ""
     skip_locked = ""  # appended to a claiming SELECT: rows another process holds are passed over
+
+    def bucket(self, expr: str, seconds: int) -> str:
+        """SQL for floor(expr / seconds) as an integer (positive values)."""
+        return f"CAST({expr} / {seconds} AS INTEGER)"
 
     async def connect(self) -> None:
         raise NotImplementedError
@@ -663,12 +693,16 @@ class SqliteStorage(Storage):
     async def connect(self) -> None:
         import aiosqlite
 
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-        self._writer.row_factory = aiosqlite.Row
-        for pragma in ("journal_mode=WAL", f"synchronous={self.synchronous}",
-                       "busy_timeout=10000", "foreign_keys=ON"):
-            await self._writer.execute(f"PRAGMA {pragma}")
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+            self._writer.row_factory = aiosqlite.Row
+            for pragma in ("journal_mode=WAL", f"synchronous={self.synchronous}",
+                           "busy_timeout=10000", "foreign_keys=ON"):
+                await self._writer.execute(f"PRAGMA {pragma}")
+        except (OSError, aiosqlite.Error) as exc:
+            raise ConfigError(f"DATABASE_URL: cannot open the SQLite database {self.path} "
+                              f"({exc}).") from None
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         self._reader.row_factory = aiosqlite.Row
         await self._reader.execute("PRAGMA busy_timeout=10000")
@@ -801,6 +835,9 @@ class PostgresStorage(Storage):
 
     dialect = "postgres"
     skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def bucket(self, expr: str, seconds: int) -> str:
+        return f"FLOOR({expr} / {seconds})::BIGINT"  # a plain cast would round, not floor
     MIGRATION_LOCK = 7_405_119_213  # pg_advisory_xact_lock key: one migrator at a time
 
     def __init__(self, url: str) -> None:
@@ -823,9 +860,15 @@ class PostgresStorage(Storage):
     async def connect(self) -> None:
         import asyncpg
 
-        self.pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=10, statement_cache_size=self.statement_cache_size,
-            command_timeout=30)
+        try:
+            self.pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=10, statement_cache_size=self.statement_cache_size,
+                command_timeout=30)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
+                asyncpg.InterfaceError) as exc:
+            where = urllib.parse.urlsplit(self.dsn)  # no password in the message
+            raise ConfigError(f"DATABASE_URL: cannot connect to Postgres at {where.hostname}:"
+                              f"{where.port or 5432}{where.path} ({exc}).") from None
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -1829,6 +1872,104 @@ def lead_json(row: Mapping[str, Any]) -> dict:
 
 
 # ##################################################################################################
+# Domain: reports
+#
+# Three grouped queries (visits, leads, lead events) merged in Python. Days are counted in the
+# company's timezone: the database groups by 15-minute UTC buckets (which every timezone offset
+# divides evenly) and Python folds them into local days, so both backends share one SQL text.
+# ##################################################################################################
+
+REPORT_GROUPS = ("utm_source", "utm_medium", "utm_campaign", "ad_id", "connection", "day")
+MATCH_METHODS = ("code", "ctwa", "window", "none")
+DAY_BUCKET = 900  # seconds
+
+
+def _report_keys(db: Storage, group_by: str) -> tuple[str, str, str]:
+    """SQL for the group key on visits (v), leads (l) and lead events (joined to their lead l)."""
+    if group_by == "day":
+        return (db.bucket("v.created_at", DAY_BUCKET), db.bucket("l.created_at", DAY_BUCKET),
+                db.bucket("e.occurred_at", DAY_BUCKET))
+    if group_by == "connection":
+        visit_key = ("(SELECT MIN(c.id) FROM connections c WHERE c.company_id = v.company_id "
+                     "AND c.phone = v.click_phone)")
+        return visit_key, "l.connection_id", "l.connection_id"
+    if group_by == "ad_id":
+        return "NULL", "l.ad_id", "l.ad_id"
+    return f"v.{group_by}", f"l.{group_by}", f"l.{group_by}"
+
+
+def _empty_row(key: Any) -> dict:
+    return {"key": key, "visits": 0, "clicks": 0, "matched_clicks": 0, "leads": 0,
+            "leads_by_method": {m: 0 for m in MATCH_METHODS}, "qualified": 0, "conversions": 0,
+            "revenue": 0.0}
+
+
+def _finish_row(row: dict) -> dict:
+    row["revenue"] = round(row["revenue"], 2)
+    row["click_to_lead"] = round(row["leads"] / row["clicks"], 4) if row["clicks"] else None
+    row["match_rate"] = (round(row["matched_clicks"] / row["clicks"], 4)
+                         if row["clicks"] else None)
+    return row
+
+
+async def build_report(db: Storage, company: Company, group_by: str, start: float, end: float
+                       ) -> dict:
+    zone = zoneinfo.ZoneInfo(company.settings["timezone"])
+    visit_key, lead_key, event_key = _report_keys(db, group_by)
+    visits = await db.fetchall(
+        f"SELECT {visit_key} AS k, COUNT(*) AS visits, "
+        "SUM(CASE WHEN v.clicks > 0 THEN 1 ELSE 0 END) AS clicks, "
+        "SUM(CASE WHEN v.clicks > 0 AND v.lead_id IS NOT NULL THEN 1 ELSE 0 END) AS matched "
+        "FROM visits v WHERE v.company_id = ? AND v.created_at >= ? AND v.created_at < ? "
+        "GROUP BY 1", company.id, start, end)
+    leads = await db.fetchall(
+        f"SELECT {lead_key} AS k, l.match_method AS method, COUNT(*) AS n FROM leads l "
+        "WHERE l.company_id = ? AND l.created_at >= ? AND l.created_at < ? GROUP BY 1, 2",
+        company.id, start, end)
+    events = await db.fetchall(
+        f"SELECT {event_key} AS k, e.name AS name, COUNT(*) AS n, SUM(e.value) AS total "
+        "FROM lead_events e JOIN leads l ON l.id = e.lead_id WHERE e.company_id = ? "
+        "AND e.occurred_at >= ? AND e.occurred_at < ? "
+        "AND e.name IN ('qualified', 'purchase', 'refund') GROUP BY 1, 2",
+        company.id, start, end)
+
+    def key_of(raw: Any) -> Any:
+        if group_by == "day":
+            return datetime.fromtimestamp(int(raw) * DAY_BUCKET, zone).date().isoformat()
+        return raw
+
+    rows: dict[Any, dict] = {}
+    total = _empty_row(None)
+    for row in visits:
+        for target in (rows.setdefault(key_of(row["k"]), _empty_row(key_of(row["k"]))), total):
+            target["visits"] += row["visits"]
+            target["clicks"] += row["clicks"] or 0
+            target["matched_clicks"] += row["matched"] or 0
+    for row in leads:
+        for target in (rows.setdefault(key_of(row["k"]), _empty_row(key_of(row["k"]))), total):
+            target["leads"] += row["n"]
+            target["leads_by_method"][row["method"]] = (
+                target["leads_by_method"].get(row["method"], 0) + row["n"])
+    for row in events:
+        for target in (rows.setdefault(key_of(row["k"]), _empty_row(key_of(row["k"]))), total):
+            if row["name"] == "qualified":
+                target["qualified"] += row["n"]
+            elif row["name"] == "purchase":
+                target["conversions"] += row["n"]
+                target["revenue"] += row["total"] or 0.0
+            else:  # refunds take revenue back
+                target["revenue"] -= row["total"] or 0.0
+    ordered = list(rows.values())
+    if group_by == "day":
+        ordered.sort(key=lambda r: r["key"])
+    else:
+        ordered.sort(key=lambda r: (-r["leads"], -r["visits"], str(r["key"])))
+    return {"group_by": group_by, "from": iso(start), "to": iso(end),
+            "timezone": company.settings["timezone"], "currency": company.settings["currency"],
+            "rows": [_finish_row(r) for r in ordered], "totals": _finish_row(total)}
+
+
+# ##################################################################################################
 # Integrations: Evolution API v2 (the REST routes of the Evolution contract, §1-§3)
 #
 # Evolution answers errors in its own shape ({"status", "error", "response": {"message": ...}},
@@ -2620,27 +2761,99 @@ async def update_company(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
+LEAD_CSV_COLUMNS = ("id", "created_at", "phone", "name", "match_method", "confidence", "code",
+                    "connection_id", "utm_source", "utm_medium", "utm_campaign", "utm_term",
+                    "utm_content", "gclid", "fbclid", "ctwa_clid", "ad_id", "ad_title",
+                    "landing_page", "referrer", "clicked_at", "first_message")
+
+
+def lead_filters(query: Mapping[str, str], company: Company) -> tuple[str, list[Any]]:
+    """The WHERE clause of a lead listing from its query parameters."""
+    sql = "company_id = ?"
+    args: list[Any] = [company.id]
+    start, end = parse_range(query, zoneinfo.ZoneInfo(company.settings["timezone"]))
+    if start is not None:
+        sql += " AND created_at >= ?"
+        args.append(start)
+    if end is not None:
+        sql += " AND created_at < ?"
+        args.append(end)
+    for field, column in (("utm_source", "utm_source"), ("utm_medium", "utm_medium"),
+                          ("utm_campaign", "utm_campaign"), ("connection", "connection_id"),
+                          ("connection_id", "connection_id"), ("ad_id", "ad_id")):
+        if query.get(field):
+            sql += f" AND {column} = ?"
+            args.append(query[field])
+    method = query.get("match_method")
+    if method:
+        if method not in ("code", "ctwa", "window", "none"):
+            raise http_error(400, "match_method must be code, ctwa, window or none")
+        sql += " AND match_method = ?"
+        args.append(method)
+    return sql, args
+
+
+def csv_cell(value: Any) -> Any:
+    # A cell starting with = + - @ would run as a formula in a spreadsheet.
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return "" if value is None else value
+
+
+async def leads_csv(request: web.Request, where: str, args: list[Any]) -> web.StreamResponse:
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8",
+        "Content-Disposition": 'attachment; filename="leads.csv"'})
+    await response.prepare(request)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    out.write("\ufeff")  # a BOM, so spreadsheets read UTF-8 ("João") correctly
+    writer.writerow(LEAD_CSV_COLUMNS)
+    cursor = None
+    while True:  # in pages, so a large export never sits in memory whole
+        page_sql, page_args = where, list(args)
+        if cursor is not None:
+            page_sql += " AND id < ?"
+            page_args.append(cursor)
+        rows = await request.app[DB].fetchall(
+            f"SELECT * FROM leads WHERE {page_sql} ORDER BY id DESC LIMIT 1000", *page_args)
+        for row in rows:
+            lead = lead_json(row)
+            flat = {**lead, **lead["attribution"]}
+            writer.writerow([csv_cell(flat.get(col)) for col in LEAD_CSV_COLUMNS])
+        await response.write(out.getvalue().encode())
+        out.seek(0)
+        out.truncate()
+        if len(rows) < 1000:
+            break
+        cursor = rows[-1]["id"]
+    await response.write_eof()
+    return response
+
+
 @routes.get("/api/leads")
-async def list_leads(request: web.Request) -> web.Response:
+async def list_leads(request: web.Request) -> web.StreamResponse:
     company = await authenticate(request)
     query = request.query
+    where, args = lead_filters(query, company)
+    if query.get("format") == "csv" or (
+            "text/csv" in request.headers.get("Accept", "") and query.get("format") != "json"):
+        return await leads_csv(request, where, args)
     try:
         limit = int(query.get("limit", "100"))
     except ValueError:
         raise http_error(400, "limit must be a whole number") from None
     if not 1 <= limit <= 1000:
         raise http_error(400, "limit must be from 1 to 1000")
-    sql = "SELECT * FROM leads WHERE company_id = ?"
-    args: list[Any] = [company.id]
     if query.get("cursor"):
         try:
             args.append(int(query["cursor"]))
         except ValueError:
             raise http_error(400, "cursor is not valid") from None
-        sql += " AND id < ?"
-    sql += " ORDER BY id DESC LIMIT ?"
+        where += " AND id < ?"
     args.append(limit + 1)
-    rows = await request.app[DB].fetchall(sql, *args)
+    rows = await request.app[DB].fetchall(
+        f"SELECT * FROM leads WHERE {where} ORDER BY id DESC LIMIT ?", *args)
     more = len(rows) > limit
     rows = rows[:limit]
     return web.json_response({"leads": [lead_json(r) for r in rows],
@@ -3262,26 +3475,11 @@ async def retry_delivery(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "delivery": delivery_json(row)})
 
 
-def parse_range(query: Mapping[str, str]) -> tuple[float | None, float | None]:
-    """`from` and `to` as ISO 8601 times or dates (a date `to` includes that whole day, UTC)."""
-    bounds = []
-    for field in ("from", "to"):
-        value = query.get(field)
-        if not value:
-            bounds.append(None)
-            continue
-        ts = parse_time(value, field)
-        if field == "to" and re.match(r"^\d{4}-\d{2}-\d{2}$", value):
-            ts += 86400
-        bounds.append(ts)
-    return bounds[0], bounds[1]
-
-
 @routes.get("/api/exports/google-ads.csv")
 async def google_ads_export(request: web.Request) -> web.Response:
     """Offline click conversions in Google Ads' upload template, gclid leads only."""
     company = await authenticate(request)
-    start, end = parse_range(request.query)
+    start, end = parse_range(request.query, zoneinfo.ZoneInfo(company.settings["timezone"]))
     conversions = {**DEFAULT_GOOGLE_ADS_CONVERSIONS,
                    **(company.settings.get("google_ads_conversions") or {})}
     wanted = request.query.get("conversion_name")
@@ -3312,6 +3510,41 @@ async def google_ads_export(request: web.Request) -> web.Response:
                          row["currency"] or company.settings["currency"]])
     return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8", headers={
         "Content-Disposition": 'attachment; filename="google-ads-conversions.csv"'})
+
+
+# ##################################################################################################
+# HTTP handlers: reports and the dashboard
+# ##################################################################################################
+
+REPORT_DEFAULT_DAYS = 30
+DASHBOARD_PATH = HERE / "dashboard.html"
+
+
+@routes.get("/api/report")
+async def report(request: web.Request) -> web.Response:
+    company = await authenticate(request)
+    group_by = request.query.get("group_by", "utm_source")
+    if group_by not in REPORT_GROUPS:
+        raise http_error(400, "group_by must be one of " + ", ".join(REPORT_GROUPS))
+    start, end = parse_range(request.query, zoneinfo.ZoneInfo(company.settings["timezone"]))
+    end = end if end is not None else now()
+    start = start if start is not None else end - REPORT_DEFAULT_DAYS * 86400
+    if start >= end:
+        raise http_error(400, "from must be before to")
+    return web.json_response(await build_report(request.app[DB], company, group_by, start, end))
+
+
+@routes.get("/dashboard")
+async def dashboard(request: web.Request) -> web.Response:
+    try:
+        page = DASHBOARD_PATH.read_bytes()
+    except OSError:
+        raise http_error(404, "Not found") from None
+    return web.Response(body=page, content_type="text/html", charset="utf-8", headers={
+        "Cache-Control": "no-cache", "X-Frame-Options": "DENY",
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                                   "style-src 'self' 'unsafe-inline'; "
+                                   "script-src 'self' 'unsafe-inline'"})
 
 
 # ##################################################################################################
