@@ -1,0 +1,388 @@
+"""The CLI and the server as a real process (SPEC §3, §10, §11 durability)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+import whatstracking
+from conftest import ADMIN_TOKEN, upsert
+
+SCRIPT = str(Path(whatstracking.__file__).resolve())
+CONFIG_VARS = ("HOST", "PORT", "DATABASE_URL", "PUBLIC_URL", "ADMIN_TOKEN", "WEBHOOK_SHARED_TOKEN",
+               "EVOLUTION_API_URL", "EVOLUTION_API_KEY", "LOG_LEVEL", "LOG_FORMAT", "TRUST_PROXY",
+               "RETENTION_DAYS", "META_GRAPH_URL", "GA4_MP_URL", "SQLITE_SYNCHRONOUS")
+EVERY_MIGRATION = [version for version, _sql in whatstracking.MIGRATIONS]
+
+
+def clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=clean_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cli_json(*args: str, cwd: Path, **env: str) -> dict:
+    proc = cli(*args, cwd=cwd, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return json.loads(proc.stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | None = None, headers: dict | None = None,
+         timeout: float = 10) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        "Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+class Server:
+    """`python whatstracking.py` running in its own process."""
+
+    def __init__(self, cwd: Path, **env: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.stderr_path = cwd / f"server-{self.port}.log"
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, SCRIPT], cwd=cwd, stdout=subprocess.DEVNULL, stderr=self._stderr,
+            env=clean_env(HOST="127.0.0.1", PORT=str(self.port), ADMIN_TOKEN=ADMIN_TOKEN, **env))
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log}")
+            try:
+                if http("GET", self.base + "/healthz", timeout=2)[0] == 200:
+                    return
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server did not answer /healthz in 30 s:\n{self.log}")
+            time.sleep(0.05)
+
+    @property
+    def log(self) -> str:
+        return self.stderr_path.read_text("utf-8", errors="replace")
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self._stderr.close()
+        return code
+
+    def ensure_stopped(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        if not self._stderr.closed:
+            self._stderr.close()
+
+
+@pytest.fixture
+def servers():
+    started: list[Server] = []
+
+    def start(cwd: Path, **env: str) -> Server:
+        server = Server(cwd, **env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.ensure_stopped()
+
+
+async def pg_rows(database_url: str, sql: str, *args) -> list[dict]:
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        return [dict(r) for r in await conn.fetch(sql, *args)]
+    finally:
+        await conn.close()
+
+
+async def db_rows(database_url: str, sql: str, *args) -> list[dict]:
+    """Rows read straight from the database file / server, outside WhatsTracking."""
+    if database_url.startswith("postgres"):
+        return await pg_rows(database_url, whatstracking.to_dollar_params(sql), *args)
+    path = database_url[len("sqlite:///"):]
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql, args).fetchall()]
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI commands
+# ------------------------------------------------------------------------------------------------
+
+async def test_migrate_prints_applied_versions_and_a_second_run_applies_nothing(
+        tmp_path, database_url):
+    first = cli_json("migrate", cwd=tmp_path, DATABASE_URL=database_url)
+    assert first["applied"] == EVERY_MIGRATION
+    assert first["latest"] == EVERY_MIGRATION[-1]
+    second = cli_json("migrate", cwd=tmp_path, DATABASE_URL=database_url)
+    assert second["applied"] == []
+    assert second["latest"] == EVERY_MIGRATION[-1]
+
+
+async def test_company_add_prints_secrets_and_a_duplicate_fails(tmp_path, database_url):
+    created = cli_json("company", "add", "acme", "--name", "Acme Ltda", cwd=tmp_path,
+                       DATABASE_URL=database_url)
+    assert created["company_id"] == "acme"
+    assert created["token"] and created["webhook_secret"]
+    rows = await db_rows(database_url, "SELECT name FROM companies WHERE id = ?", "acme")
+    assert rows == [{"name": "Acme Ltda"}]
+
+    again = cli("company", "add", "acme", "--name", "Other", cwd=tmp_path,
+                DATABASE_URL=database_url)
+    assert again.returncode != 0
+    assert again.stdout == ""
+    assert "acme" in again.stderr and "exists" in again.stderr
+    assert "Traceback" not in again.stderr
+    rows = await db_rows(database_url, "SELECT name FROM companies WHERE id = ?", "acme")
+    assert rows == [{"name": "Acme Ltda"}]
+
+
+@pytest.mark.parametrize("args,words", [
+    (("company", "add", "bad id!"), "ID"),
+    (("company", "add", "acme", "--evolution-url", "not-a-url"), "evolution_url"),
+])
+def test_company_add_bad_input_fails_readably(tmp_path, args, words):
+    proc = cli(*args, cwd=tmp_path, DATABASE_URL=f"sqlite:///{tmp_path / 'wt.db'}")
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+async def test_token_add_for_an_unknown_company_fails(tmp_path, database_url):
+    proc = cli("token", "add", "ghost", cwd=tmp_path, DATABASE_URL=database_url)
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert "Company not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+async def test_cli_tokens_authenticate_against_a_running_server(tmp_path, database_url, servers):
+    created = cli_json("company", "add", "acme", "--name", "Acme", cwd=tmp_path,
+                       DATABASE_URL=database_url)
+    extra = cli_json("token", "add", "acme", "--name", "zapier", cwd=tmp_path,
+                     DATABASE_URL=database_url)
+    assert extra["token"] and extra["token"] != created["token"]
+
+    server = servers(tmp_path, DATABASE_URL=database_url)
+    for token in (created["token"], extra["token"]):
+        status, data = http("GET", server.url("/api/company"),
+                            headers={"Authorization": f"Bearer {token}"})
+        assert status == 200, data
+        assert data["company_id"] == "acme"
+        assert data["name"] == "Acme"
+    # A token made while the server runs works at once, without a restart.
+    later = cli_json("token", "add", "acme", cwd=tmp_path, DATABASE_URL=database_url)
+    status, data = http("GET", server.url("/api/company"),
+                        headers={"Authorization": f"Bearer {later['token']}"})
+    assert status == 200 and data["company_id"] == "acme"
+    status, data = http("GET", server.url("/api/company"),
+                        headers={"Authorization": "Bearer wt_made-up"})
+    assert (status, data) == (401, {"error": "Unauthorized"})
+    assert server.stop() == 0
+
+
+def test_unknown_command_fails(tmp_path):
+    proc = cli("frobnicate", cwd=tmp_path, DATABASE_URL=f"sqlite:///{tmp_path / 'wt.db'}")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration: .env and bad settings
+# ------------------------------------------------------------------------------------------------
+
+def test_dotenv_in_the_working_directory_is_read(tmp_path):
+    (tmp_path / ".env").write_text("DATABASE_URL=sqlite:///from-dotenv.db\n")
+    cli_json("migrate", cwd=tmp_path)
+    assert (tmp_path / "from-dotenv.db").exists()
+    assert not (tmp_path / "whatstracking.db").exists()
+
+
+def test_real_environment_wins_over_dotenv(tmp_path):
+    (tmp_path / ".env").write_text("DATABASE_URL=sqlite:///from-dotenv.db\nLOG_FORMAT=xml\n")
+    # .env alone: its bad LOG_FORMAT is refused, which shows it was read.
+    proc = cli("migrate", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "LOG_FORMAT" in proc.stderr
+    # The real environment overrides both values.
+    cli_json("migrate", cwd=tmp_path, DATABASE_URL="sqlite:///from-env.db", LOG_FORMAT="json")
+    assert (tmp_path / "from-env.db").exists()
+    assert not (tmp_path / "from-dotenv.db").exists()
+
+
+@pytest.mark.parametrize("env,name", [
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ({"PORT": "eighty"}, "PORT"),
+    ({"DATABASE_URL": "mysql://u@h/db"}, "DATABASE_URL"),
+    ({"DATABASE_URL": "sqlite:///:memory:"}, "DATABASE_URL"),
+    ({"TRUST_PROXY": "perhaps"}, "TRUST_PROXY"),
+])
+@pytest.mark.parametrize("command", [(), ("migrate",), ("company", "add", "acme")])
+def test_bad_setting_exits_with_one_readable_sentence(tmp_path, env, name, command):
+    proc = cli(*command, cwd=tmp_path, **env)
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert name in lines[0]
+    assert lines[0].rstrip().endswith(".")
+
+
+@pytest.mark.parametrize("command", [(), ("migrate",), ("token", "add", "acme")])
+def test_unreachable_database_exits_with_one_readable_sentence(tmp_path, command):
+    (tmp_path / "a-file").write_text("not a directory")
+    for url in (f"sqlite:///{tmp_path / 'a-file' / 'wt.db'}",
+                "postgresql://postgres:s3cret@127.0.0.1:1/nowhere"):
+        proc = cli(*command, cwd=tmp_path, DATABASE_URL=url, PORT=str(free_port()))
+        assert proc.returncode != 0
+        assert "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert "DATABASE_URL" in lines[0]
+        assert "s3cret" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# serve
+# ------------------------------------------------------------------------------------------------
+
+async def test_serve_answers_healthz_hints_on_a_fresh_db_and_stops_on_sigterm(
+        tmp_path, database_url, servers):
+    server = servers(tmp_path, DATABASE_URL=database_url)
+    status, data = http("GET", server.url("/healthz"))
+    assert status == 200 and data["ok"] is True
+    status, data = http("GET", server.url("/readyz"))
+    assert status == 200
+    assert data["database"] == ("postgres" if database_url.startswith("postgres") else "sqlite")
+    assert "No company yet" in server.log
+    assert "company add" in server.log
+    assert server.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in server.log
+
+
+async def test_serve_gives_no_hint_once_a_company_exists(tmp_path, database_url, servers):
+    cli_json("company", "add", "acme", cwd=tmp_path, DATABASE_URL=database_url)
+    server = servers(tmp_path, DATABASE_URL=database_url)
+    assert "No company yet" not in server.log
+    assert server.stop() == 0
+
+
+def test_serve_defaults_to_sqlite_in_the_working_directory(tmp_path, servers):
+    server = servers(tmp_path)
+    status, data = http("GET", server.url("/readyz"))
+    assert status == 200 and data["database"] == "sqlite"
+    assert (tmp_path / "whatstracking.db").exists()
+    assert server.stop() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Durability: what was acknowledged survives kill -9
+# ------------------------------------------------------------------------------------------------
+
+def _create_company_over_http(server: Server, company_id: str = "acme") -> dict:
+    status, data = http("POST", server.url("/api/companies"), {"company_id": company_id,
+                                                              "name": "Acme"},
+                        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert status == 201, data
+    return data
+
+
+async def test_acknowledged_tracking_survives_sigkill(tmp_path, database_url, servers):
+    server = servers(tmp_path, DATABASE_URL=database_url)
+    _create_company_over_http(server)
+    acknowledged = []
+    for n in range(12):
+        status, data = http("POST", server.url("/tracking"), {
+            "companie_id": "acme", "visitor_id": f"visitor-{n}",
+            "page_url": f"https://seusite.com/p{n}?utm_source=google&utm_campaign=c{n}"})
+        assert status == 200, data
+        acknowledged.append((data["session_id"], data["code"], f"c{n}"))
+    server.proc.kill()  # SIGKILL: no shutdown, no flush
+    assert server.stop(timeout=30) == -signal.SIGKILL
+
+    rows = await db_rows(database_url, "SELECT id, code, utm_campaign FROM visits "
+                                       "WHERE company_id = ?", "acme")
+    stored = {(r["id"], r["code"], r["utm_campaign"]) for r in rows}
+    assert set(acknowledged) <= stored
+    events = await db_rows(database_url, "SELECT visit_id FROM tracking_events "
+                                         "WHERE company_id = ?", "acme")
+    assert {session for session, _code, _c in acknowledged} <= {e["visit_id"] for e in events}
+    assert len(events) == len(acknowledged)
+
+
+async def test_acknowledged_webhook_delivery_survives_sigkill(tmp_path, database_url, servers):
+    server = servers(tmp_path, DATABASE_URL=database_url)
+    company = _create_company_over_http(server)
+    status, visit = http("POST", server.url("/tracking"), {
+        "company_id": "acme", "visitor_id": "visitor-1",
+        "page_url": "https://seusite.com/?utm_source=google&utm_campaign=natal"})
+    assert status == 200, visit
+    acknowledged = {}
+    texts = [f"Oi {whatstracking.message_code(visit['code'])}", "Oi, vi no Instagram",
+             "Bom dia"]
+    for n, text in enumerate(texts):
+        message_id = uuid.uuid4().hex.upper()
+        status, data = http("POST", server.url("/webhook/acme"),
+                            upsert(text, phone=f"551190000{n:04d}", message_id=message_id),
+                            headers={"X-Webhook-Secret": company["webhook_secret"]})
+        assert status == 200, data
+        assert data["lead_id"]
+        acknowledged[data["lead_id"]] = message_id
+    server.proc.send_signal(signal.SIGKILL)
+    assert server.stop(timeout=30) == -signal.SIGKILL
+
+    leads = await db_rows(database_url, "SELECT id, message_id, code, utm_campaign FROM leads "
+                                        "WHERE company_id = ?", "acme")
+    by_id = {r["id"]: r for r in leads}
+    for lead_id, message_id in acknowledged.items():
+        assert by_id[lead_id]["message_id"] == message_id
+    coded = [r for r in leads if r["code"] == visit["code"]]
+    assert len(coded) == 1 and coded[0]["utm_campaign"] == "natal"
+    deliveries = await db_rows(database_url, "SELECT status FROM webhook_deliveries "
+                                             "WHERE company_id = ?", "acme")
+    assert [d["status"] for d in deliveries] == ["processed"] * len(texts)
