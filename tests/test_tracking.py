@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import uuid
@@ -446,3 +447,20 @@ async def test_tracker_script_answers_304_to_a_matching_etag(client):
     other = await client.get("/scripts/whatsapp-tracker.js",
                              headers={"If-None-Match": '"something-else"'})
     assert other.status == 200
+
+
+async def test_concurrent_requests_of_one_visitor_with_a_new_code_share_one_visit(api):
+    # The tracker sends its first pageview and a click at once with the code it made itself;
+    # on Postgres both transactions run side by side and must still end in one visit.
+    code = whatstracking.new_code()
+    for round_ in range(5):
+        visitor = f"racer-{round_}"
+        code = whatstracking.new_code()
+        answers = await asyncio.gather(*[
+            api.track(visitor_id=visitor, code=code, page_url="https://loja.test/?utm_source=x")
+            for _ in range(6)])
+        assert {a["code"] for a in answers} == {code}
+        assert len({a["session_id"] for a in answers}) == 1
+        row = await api.db.fetchone("SELECT COUNT(*) AS n FROM visits WHERE visitor_id = ?",
+                                    visitor)
+        assert row["n"] == 1
