@@ -305,6 +305,8 @@ def parse_time(value: Any, field: str) -> float:
     """ISO 8601 (``Z`` or offset) or unix seconds → unix seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if isinstance(value, str) and re.fullmatch(r"\d{9,11}(\.\d+)?", value.strip()):
+        return float(value)  # unix seconds written as text (query strings)
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
@@ -904,12 +906,18 @@ class PostgresStorage(Storage):
         try:
             self.pool = await asyncpg.create_pool(
                 self.dsn, min_size=1, max_size=10, statement_cache_size=self.statement_cache_size,
-                command_timeout=30)
+                command_timeout=30, reset=self._keep_session)
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
                 asyncpg.InterfaceError) as exc:
             where = urllib.parse.urlsplit(self.dsn)  # no password in the message
             raise ConfigError(f"DATABASE_URL: cannot connect to Postgres at {where.hostname}:"
                               f"{where.port or 5432}{where.path} ({exc}).") from None
+
+    @staticmethod
+    async def _keep_session(conn: Any) -> None:
+        """The pool's reset of a released connection. asyncpg has already rolled back any open
+        transaction; WhatsTracking keeps no session state (no LISTEN, session SET, session
+        advisory lock or cursor), so the default `RESET ALL` round trip is skipped."""
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -979,12 +987,10 @@ class Company:
         settings = dict(self.settings)
         for destination, fields in DESTINATION_FIELDS.items():
             if isinstance(settings.get(destination), dict):
-                shown = {}
-                for key, value in settings[destination].items():
-                    if fields.get(key):
-                        shown[f"{key}_set"] = bool(value)
-                    else:
-                        shown[key] = value
+                stored = settings[destination]
+                shown = {k: v for k, v in stored.items() if not fields.get(k)}
+                shown.update({f"{k}_set": bool(stored.get(k)) for k, secret in fields.items()
+                              if secret})
                 settings[destination] = shown
         return {"company_id": self.id, "name": self.name, **settings,
                 "evolution_url": self.evolution_url,
@@ -1618,8 +1624,9 @@ def event_json(row: Mapping[str, Any]) -> dict:
 
 
 def delivery_json(row: Mapping[str, Any]) -> dict:
-    return {"id": row["id"], "lead_id": row["lead_id"], "event_id": row["event_row_id"],
-            "event": row.get("event_name"), "destination": row["destination"],
+    return {"id": row["id"], "lead_id": row["lead_id"], "event_row_id": row["event_row_id"],
+            "event_id": row.get("event_key"), "event": row.get("event_name"),
+            "destination": row["destination"],
             "status": row["status"], "attempts": row["attempts"],
             "last_status": row["last_status"], "last_error": row["last_error"],
             "next_attempt_at": iso(row["next_attempt_at"]) if row["status"] == "pending" else None,
@@ -1667,7 +1674,7 @@ async def apply_label_association(tx, company: Company, connection_id: str, data
     event, created = await record_event(
         tx, company, lead["id"], name, f"label-{connection_id}-{label_id}-{lead['id']}", now(),
         "label")
-    return {"lead_id": lead["id"], "event": name, "event_row_id": event["id"],
+    return {"lead_id": lead["id"], "lead_event": name, "event_row_id": event["id"],
             **({} if created else {"duplicate": True})}
 
 
@@ -2251,7 +2258,8 @@ def meta_event(company: Company, lead: Mapping[str, Any], event: Mapping[str, An
         return Outcome("skipped", error=f"no Meta event name for {event['name']} ({path} leads)")
     if now() - event["occurred_at"] > META_WINDOW:
         return Outcome("skipped", error="older than Meta's 7-day window")
-    out: dict[str, Any] = {"event_name": name, "event_time": int(event["occurred_at"]),
+    out: dict[str, Any] = {"event_name": name,
+                           "event_time": int(min(event["occurred_at"], now())),  # never ahead
                            "event_id": event["event_id"]}
     if ctwa:
         if not meta.get("waba_id"):
@@ -2289,8 +2297,10 @@ def meta_event(company: Company, lead: Mapping[str, Any], event: Mapping[str, An
     return out
 
 
-def ga4_event(company: Company, lead: Mapping[str, Any], event: Mapping[str, Any]
-              ) -> dict | Outcome:
+def ga4_event(company: Company, lead: Mapping[str, Any], event: Mapping[str, Any],
+              purchase_id: str | None = None) -> dict | Outcome:
+    """The GA4 Measurement Protocol body; a refund carries ``purchase_id``, the event_id of the
+    purchase it reverses (GA4 matches refunds to purchases by transaction_id)."""
     ga4 = company.settings.get("ga4") or {}
     attribution = loads_or(lead["attribution"], {})
     client_id = attribution.get("ga_client_id")
@@ -2306,8 +2316,10 @@ def ga4_event(company: Company, lead: Mapping[str, Any], event: Mapping[str, Any
     if event["value"] is not None or name in ("purchase", "refund"):
         params.update(value=event["value"] or 0, currency=event["currency"]
                       or company.settings["currency"])
-    if name in ("purchase", "refund"):
+    if name == "purchase":
         params["transaction_id"] = event["event_id"]
+    elif name == "refund":
+        params["transaction_id"] = purchase_id or event["event_id"]
     return {"client_id": client_id, "timestamp_micros": int(event["occurred_at"] * 1_000_000),
             "events": [{"name": name, "params": params}]}
 
@@ -2359,7 +2371,7 @@ async def post_json(session: Any, url: str, body: bytes, headers: Mapping[str, s
 
 async def send_delivery(session: Any, config: Config, company: Company, destination: str,
                         lead: Mapping[str, Any], event: Mapping[str, Any],
-                        user_agent: str | None) -> Outcome:
+                        user_agent: str | None, purchase_id: str | None = None) -> Outcome:
     timeout = config.delivery_timeout
     if destination == "meta":
         meta = company.settings.get("meta") or {}
@@ -2373,7 +2385,7 @@ async def send_delivery(session: Any, config: Config, company: Company, destinat
         return await post_json(session, url, json_dumps(body).encode(), {}, timeout)
     if destination == "ga4":
         ga4 = company.settings.get("ga4") or {}
-        payload = ga4_event(company, lead, event)
+        payload = ga4_event(company, lead, event, purchase_id)
         if isinstance(payload, Outcome):
             return payload
         url = config.ga4_mp_url + "?" + urllib.parse.urlencode(
@@ -2448,8 +2460,14 @@ async def run_delivery(app: web.Application, row: Mapping[str, Any]) -> Outcome:
     if lead["visit_id"] is not None:
         visit = await db.fetchone("SELECT user_agent FROM visits WHERE id = ?", lead["visit_id"])
         user_agent = visit["user_agent"] if visit else None
+    purchase_id = None
+    if event["name"] == "refund":  # the purchase it takes back: the lead's latest before it
+        purchase = await db.fetchone(
+            "SELECT event_id FROM lead_events WHERE lead_id = ? AND name = 'purchase' AND "
+            "id < ? ORDER BY id DESC LIMIT 1", lead["id"], event["id"])
+        purchase_id = purchase["event_id"] if purchase else None
     return await send_delivery(app[HTTP], config, company, row["destination"], lead, event,
-                               user_agent)
+                               user_agent, purchase_id)
 
 
 async def delivery_worker(app: web.Application, wake: asyncio.Event,
@@ -2848,6 +2866,8 @@ def lead_filters(query: Mapping[str, str], company: Company) -> tuple[str, list[
     sql = "company_id = ?"
     args: list[Any] = [company.id]
     start, end = parse_range(query, zoneinfo.ZoneInfo(company.settings["timezone"]))
+    if start is not None and end is not None and start >= end:
+        raise http_error(400, "from must be before to")
     if start is not None:
         sql += " AND created_at >= ?"
         args.append(start)
@@ -3512,7 +3532,7 @@ async def list_lead_events(request: web.Request) -> web.Response:
 @routes.get("/api/deliveries")
 async def list_deliveries(request: web.Request) -> web.Response:
     company = await authenticate(request)
-    sql = ("SELECT d.*, e.name AS event_name FROM deliveries d "
+    sql = ("SELECT d.*, e.name AS event_name, e.event_id AS event_key FROM deliveries d "
            "JOIN lead_events e ON e.id = d.event_row_id WHERE d.company_id = ?")
     args: list[Any] = [company.id]
     status = request.query.get("status")
@@ -3545,8 +3565,8 @@ async def retry_delivery(request: web.Request) -> web.Response:
                          "next_attempt_at = ?, updated_at = ? WHERE id = ?", now(), now(),
                          delivery_id)
         return await tx.fetchone(
-            "SELECT d.*, e.name AS event_name FROM deliveries d JOIN lead_events e "
-            "ON e.id = d.event_row_id WHERE d.id = ?", delivery_id)
+            "SELECT d.*, e.name AS event_name, e.event_id AS event_key FROM deliveries d "
+            "JOIN lead_events e ON e.id = d.event_row_id WHERE d.id = ?", delivery_id)
 
     row = await request.app[DB].transact(run)
     if row is None:

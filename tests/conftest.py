@@ -80,7 +80,7 @@ def make_config(database_url):
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_config):
+async def client(make_config, aiohttp_client):  # config first: its database outlives the app
     return await aiohttp_client(whatstracking.create_app(make_config()))
 
 

@@ -508,6 +508,18 @@ async def test_ga4_sends_generate_lead_and_purchase_with_the_ga_client_id(api, g
     assert events["generate_lead"]["params"]["lead_source"] == "facebook"
 
 
+async def test_ga4_refund_carries_the_transaction_id_of_the_purchase_it_reverses(api, ga4):
+    await configure(api, ga4=ga4_settings())
+    lead = await website_lead(api, ga_client_id="1234567890.1732400000")
+    await post_event(api, lead["id"], name="purchase", value=89.9, event_id="T-2002")
+    await post_event(api, lead["id"], name="refund", value=89.9, event_id="estorno-1")
+    refund = await delivery(api, lead["id"], "ga4", "refund", ("delivered",))
+    assert refund["event_id"] == "estorno-1"  # our dedup id, as in the events API
+    sent = next(e for e in ga4.events() if e["name"] == "refund")
+    assert sent["params"]["transaction_id"] == "T-2002"
+    assert ga4.problems == []
+
+
 async def test_ga4_lead_without_a_ga_client_id_is_skipped(api, ga4):
     await configure(api, ga4=ga4_settings())
     lead = await website_lead(api)
@@ -1083,3 +1095,10 @@ async def test_fake_ga4_and_crm_check_what_the_tests_rely_on(ga4, crm):
             assert resp.status == 200
     assert len(ga4.problems) == 4, ga4.problems  # client_id, transaction_id, currency, name
     assert crm.rejected == 1 and crm.event_ids() == ["x"]
+
+
+async def test_a_cleared_secret_shows_as_not_set(api):
+    await configure(api, meta=meta_settings())
+    company = await configure(api, meta={"access_token": None})
+    assert company["meta"]["access_token_set"] is False
+    assert "access_token" not in company["meta"]

@@ -413,6 +413,22 @@ async def test_report_range_with_iso_times_is_half_open(api):
     assert data["totals"] == R(None)
 
 
+async def test_report_range_in_unix_seconds_equals_the_iso_one(api):
+    await seed(api)
+    iso = await report(api, group_by="utm_campaign", **{"from": "2024-11-21T02:30:00Z",
+                                                       "to": "2024-11-21T02:40:01Z"})
+    unix = await report(api, group_by="utm_campaign", **{"from": "1732156200",
+                                                        "to": "1732156801"})
+    assert unix["rows"] == iso["rows"] and unix["totals"] == iso["totals"]
+
+
+async def test_leads_range_with_from_after_to_is_400(api):
+    resp = await api.client.get("/api/leads", headers=api.auth,
+                                params={"from": "2024-11-21", "to": "2024-11-20"})
+    assert resp.status == 400
+    assert "from" in (await resp.json())["error"]
+
+
 async def test_report_wide_range_and_default_range(api):
     await seed(api)
     data = await report(api, group_by="utm_source", **{"from": "2024-11-01", "to": "2024-12-31"})
