@@ -612,9 +612,30 @@ class Storage:
         """Run ``await fn(tx)`` in a transaction; return its result once committed."""
         raise NotImplementedError
 
+    async def lock_migrations(self, tx: Any) -> None:
+        """Keep other processes out while migrating (SQLite's write transaction already does)."""
+
     async def migrate(self) -> list[int]:
-        """Apply the pending migrations; return the versions applied."""
-        raise NotImplementedError
+        """Apply the pending migrations in one transaction; return the versions applied."""
+        async def run(tx) -> list[int]:
+            await self.lock_migrations(tx)
+            for statement in self.migration_statements(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations "
+                    "(version INTEGER PRIMARY KEY, applied_at {real} NOT NULL)"):
+                await tx.execute(statement)
+            done = {r["version"] for r in await tx.fetchall("SELECT version FROM schema_migrations")}
+            applied = []
+            for version, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in self.migration_statements(sql):
+                    await tx.execute(statement)
+                await tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                                 version, now())
+                applied.append(version)
+            return applied
+
+        return await self.transact(run)
 
     async def ping(self) -> None:
         await self.fetchone("SELECT 1 AS one")
@@ -822,24 +843,6 @@ class SqliteStorage(Storage):
             else:
                 future.set_result(value)
 
-    async def migrate(self) -> list[int]:
-        async def run(tx: SqliteTx) -> list[int]:
-            await tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                             "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-            done = {r["version"] for r in await tx.fetchall("SELECT version FROM schema_migrations")}
-            applied = []
-            for version, sql in MIGRATIONS:
-                if version in done:
-                    continue
-                for statement in self.migration_statements(sql):
-                    await tx.execute(statement)
-                await tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                                 version, now())
-                applied.append(version)
-            return applied
-
-        return await self.transact(run)
-
 
 @functools.lru_cache(maxsize=512)
 def to_dollar_params(sql: str) -> str:
@@ -938,24 +941,9 @@ class PostgresStorage(Storage):
             async with conn.transaction():
                 return await fn(PostgresTx(conn))
 
-    async def migrate(self) -> list[int]:
-        async def run(tx: PostgresTx) -> list[int]:
-            await tx.execute(f"SELECT pg_advisory_xact_lock({self.MIGRATION_LOCK})")
-            await tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                             "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
-            done = {r["version"] for r in await tx.fetchall("SELECT version FROM schema_migrations")}
-            applied = []
-            for version, sql in MIGRATIONS:
-                if version in done:
-                    continue
-                for statement in self.migration_statements(sql):
-                    await tx.execute(statement)
-                await tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                                 version, now())
-                applied.append(version)
-            return applied
-
-        return await self.transact(run)
+    async def lock_migrations(self, tx: Any) -> None:
+        # Several processes may start at once: one migrates, the others wait and find it done.
+        await tx.execute(f"SELECT pg_advisory_xact_lock({self.MIGRATION_LOCK})")
 
 
 # ##################################################################################################

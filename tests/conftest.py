@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -155,3 +156,42 @@ def upsert(text: str, phone: str = "5511988887777", message_id: str | None = Non
     envelope["instance"] = instance
     envelope["data"]["message"]["conversation"] = text
     return envelope
+
+
+# ---- Browser tests (Debian's Chromium driven by playwright) -------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def require_browser():
+    """playwright's (async_playwright, expect), or skip with the reason (fail when
+    REQUIRE_BROWSER=1, as in CI)."""
+    reason = None
+    try:
+        from playwright.async_api import async_playwright, expect
+    except ImportError:
+        reason = "the playwright Python package is not installed (pip install playwright)"
+    if reason is None and not os.access(CHROMIUM, os.X_OK):
+        reason = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
+    if reason is None:
+        return async_playwright, expect
+    if _require("REQUIRE_BROWSER"):
+        pytest.fail(f"REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def serve(app, port: int):
+    """Run an aiohttp app on 127.0.0.1:port; returns its runner (``await runner.cleanup()``)."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner

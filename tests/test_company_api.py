@@ -389,10 +389,12 @@ async def test_readyz_is_200_with_the_database_name(client, database_url):
 
 
 async def test_unhandled_exception_is_500_json_with_request_id(api, monkeypatch):
-    async def explode(*args, **kwargs):
-        raise RuntimeError("secret detail that must stay in the log")
+    def exploding_unit(*args, **kwargs):
+        async def run(tx):
+            raise RuntimeError("secret detail that must stay in the log")
+        return run
 
-    monkeypatch.setattr(whatstracking, "record_tracking", explode)
+    monkeypatch.setattr(whatstracking, "tracking_unit", exploding_unit)
     resp = await api.client.post("/tracking", json={"company_id": api.company_id},
                                  headers={"X-Request-Id": "trace-500"})
     assert resp.status == 500

@@ -12,16 +12,13 @@ skipped, or fail when REQUIRE_BROWSER=1. Screenshots go to tests/artifacts/ (git
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
-import socket
 import sys
 import time
 import urllib.parse
 
 import aiohttp
-import pytest
 import pytest_asyncio
 from aiohttp import web
 
@@ -33,9 +30,8 @@ for path in (str(ROOT), str(TESTS)):
 
 import whatstracking  # noqa: E402
 from fake_evolution import FakeEvolution  # noqa: E402
+from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, require_browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = TESTS / "artifacts"
 ADMIN_TOKEN = "admin-browser-token"
 COMPANY_ID = "empresa-123"
@@ -43,28 +39,6 @@ CONN = "loja-centro"
 OWNER = "5511900001111"
 CONNECTION_OPEN = json.loads((TESTS / "fixtures/connection-update-open.json").read_text("utf-8"))
 POLL_TIMEOUT_MS = 20_000  # the page polls every 3 s
-
-
-def require_browser():
-    """The async_playwright factory and expect, or skip (fail with REQUIRE_BROWSER=1)."""
-    reason = None
-    try:
-        from playwright.async_api import async_playwright, expect
-    except ImportError:
-        reason = "the playwright Python package is not installed (pip install playwright)"
-    if reason is None and not os.access(CHROMIUM, os.X_OK):
-        reason = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
-    if reason is None:
-        return async_playwright, expect
-    if os.environ.get("REQUIRE_BROWSER", "").strip() not in ("", "0", "false"):
-        pytest.fail(f"REQUIRE_BROWSER=1 but {reason}")
-    pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

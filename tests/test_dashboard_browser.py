@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import pathlib
 import re
-import socket
 import sys
 import time
 import urllib.parse
 import uuid
 
 import aiohttp
-import pytest
 import pytest_asyncio
 from aiohttp import web
 
@@ -35,9 +32,8 @@ for path in (str(ROOT), str(TESTS)):
         sys.path.insert(0, path)
 
 import whatstracking  # noqa: E402
+from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, require_browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = TESTS / "artifacts"
 FIXTURES = TESTS / "fixtures"
 ADMIN_TOKEN = "admin-dashboard-token"
@@ -50,30 +46,8 @@ BETA_SECRETS = ("Segredo Beta", "Outro Beta", "beta-secreta", "beta-source", "be
                 "Loja Beta", "Empresa Beta", BETA_PHONE)
 
 
-def require_browser():
-    """The async_playwright factory and expect, or skip (fail with REQUIRE_BROWSER=1)."""
-    reason = None
-    try:
-        from playwright.async_api import async_playwright, expect
-    except ImportError:
-        reason = "the playwright Python package is not installed (pip install playwright)"
-    if reason is None and not os.access(CHROMIUM, os.X_OK):
-        reason = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
-    if reason is None:
-        return async_playwright, expect
-    if os.environ.get("REQUIRE_BROWSER", "").strip() not in ("", "0", "false"):
-        pytest.fail(f"REQUIRE_BROWSER=1 but {reason}")
-    pytest.skip(reason)
-
-
 def fixture(name: str) -> dict:
     return json.loads((FIXTURES / f"{name}.json").read_text("utf-8"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Company:

@@ -12,9 +12,7 @@ import asyncio
 import copy
 import gzip
 import json
-import os
 import pathlib
-import socket
 import time
 import urllib.parse
 import uuid
@@ -23,11 +21,10 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, require_browser, serve
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent  # conftest puts it on sys.path
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ADMIN_TOKEN = "admin-secret"
 COMPANY_ID = "empresa-123"
 WHATSAPP_HOSTS = {"wa.me", "api.whatsapp.com", "web.whatsapp.com"}
@@ -37,35 +34,6 @@ UPSERT = json.loads((ROOT / "tests/fixtures/messages-upsert-conversation.json").
 PLAIN_LINK = "https://wa.me/5511900001111?text=Quero%20saber%20o%20pre%C3%A7o"
 ADDED_LINK = "https://web.whatsapp.com/send?phone=5511900001111&text=Vim%20pelo%20site"
 WIDGET_URL = "https://api.whatsapp.com/send?phone=5511900001111&text=Oi"
-
-
-def require_browser():
-    """The async_playwright factory, or skip (fail with REQUIRE_BROWSER=1) when unavailable."""
-    reason = None
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        reason = "the playwright Python package is not installed"
-    if reason is None and not os.access(CHROMIUM, os.X_OK):
-        reason = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
-    if reason is None:
-        return async_playwright
-    if os.environ.get("REQUIRE_BROWSER", "").strip() not in ("", "0", "false"):
-        pytest.fail(f"REQUIRE_BROWSER=1 but {reason}")
-    pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def serve(app: web.Application, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
 
 
 # ---- The WhatsTracking server and the customer's site ------------------------------------------
@@ -166,7 +134,7 @@ async def site(api):
 
 @pytest_asyncio.fixture
 async def browser():
-    async_playwright = require_browser()
+    async_playwright, _ = require_browser()
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
