@@ -2584,6 +2584,19 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "version": VERSION})
 
 
+OPENAPI_PATH = HERE / "openapi.json"
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    try:
+        spec = OPENAPI_PATH.read_bytes()
+    except OSError:
+        raise http_error(404, "Not found") from None
+    return web.Response(body=spec, content_type="application/json",
+                        headers={"Access-Control-Allow-Origin": "*"})
+
+
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     db = request.app[DB]
