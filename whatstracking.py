@@ -7,6 +7,7 @@ matched and a lead is recorded with its campaign.
 Run:
     python whatstracking.py                 # serve (SQLite at ./whatstracking.db by default)
     python whatstracking.py migrate         # create / upgrade the database schema
+    python whatstracking.py purge           # delete raw data older than RETENTION_DAYS now
     python whatstracking.py company add ID --name NAME [--evolution-url URL --evolution-key KEY]
     python whatstracking.py token add COMPANY_ID [--name NAME]
 
@@ -15,7 +16,7 @@ Environment (also read from ``.env``; the real environment wins), see ``config.e
     ADMIN_TOKEN, WEBHOOK_SHARED_TOKEN, EVOLUTION_API_URL, EVOLUTION_API_KEY, LOG_LEVEL,
     LOG_FORMAT (json|text), TRUST_PROXY, RETENTION_DAYS, META_GRAPH_URL, GA4_MP_URL,
     SQLITE_SYNCHRONOUS (FULL|NORMAL), EVOLUTION_TIMEOUT, META_API_VERSION, DELIVERY_TIMEOUT,
-    DELIVERY_RETRY_SECONDS, DELIVERY_POLL_SECONDS
+    DELIVERY_RETRY_SECONDS, DELIVERY_POLL_SECONDS, RATE_LIMIT_TRACKING, RATE_LIMIT_PUBLIC
 
 Sections, each using only what is above it: constants, config, errors and small helpers, storage
 (SQLite and Postgres behind one interface), domain (codes, attribution, Evolution messages, lead
@@ -150,6 +151,8 @@ class Config:
     delivery_timeout: float = 10.0  # seconds for one conversion delivery
     delivery_retry_seconds: float = 30.0  # first retry delay; doubles each attempt
     delivery_poll_seconds: float = 5.0  # how often the worker looks for due deliveries
+    rate_limit_tracking: int = 600  # POST /tracking per client address per minute (0: off)
+    rate_limit_public: int = 60  # /public/*, onboarding links and their QR, per address a minute
 
 
 def _parse_bool(name: str, value: str) -> bool:
@@ -231,6 +234,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             "DELIVERY_RETRY_SECONDS", get("DELIVERY_RETRY_SECONDS", "30"), 0.01, 86400),
         delivery_poll_seconds=_parse_float(
             "DELIVERY_POLL_SECONDS", get("DELIVERY_POLL_SECONDS", "5"), 0.01, 3600),
+        rate_limit_tracking=_parse_int("RATE_LIMIT_TRACKING", get("RATE_LIMIT_TRACKING", "600"),
+                                       0, 10_000_000),
+        rate_limit_public=_parse_int("RATE_LIMIT_PUBLIC", get("RATE_LIMIT_PUBLIC", "60"), 0,
+                                     10_000_000),
     )
 
 
@@ -595,6 +602,10 @@ class Storage:
         """SQL for floor(expr / seconds) as an integer (positive values)."""
         return f"CAST({expr} / {seconds} AS INTEGER)"
 
+    def blob_contains(self, column: str) -> str:
+        """SQL: the binary `column` contains the bytes given as the next parameter."""
+        return f"instr({column}, ?) > 0"
+
     async def connect(self) -> None:
         raise NotImplementedError
 
@@ -884,6 +895,9 @@ class PostgresStorage(Storage):
 
     def bucket(self, expr: str, seconds: int) -> str:
         return f"FLOOR({expr} / {seconds})::BIGINT"  # a plain cast would round, not floor
+
+    def blob_contains(self, column: str) -> str:
+        return f"position(?::bytea in {column}) > 0"
     MIGRATION_LOCK = 7_405_119_213  # pg_advisory_xact_lock key: one migrator at a time
 
     def __init__(self, url: str) -> None:
@@ -2021,6 +2035,35 @@ async def build_report(db: Storage, company: Company, group_by: str, start: floa
 
 
 # ##################################################################################################
+# Domain: retention
+# ##################################################################################################
+
+RETENTION_CHUNK = 5000  # rows deleted per transaction: short, so the writer is never held long
+RETENTION_INTERVAL = 3600  # seconds between purges
+
+
+async def purge_expired(db: Storage, retention_days: int) -> dict:
+    """Delete raw tracking events, raw webhook bodies and message-id records older than the
+    retention period, in short chunks. Safe to run from several processes at once."""
+    cutoff = now() - retention_days * 86400
+    purged = {}
+    for table, column in (("tracking_events", "created_at"),
+                          ("webhook_deliveries", "received_at"), ("messages", "created_at")):
+        total = 0
+        while True:
+            async def run(tx, table=table, column=column) -> int:
+                return await tx.execute(
+                    f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} "
+                    f"WHERE {column} < ? ORDER BY id LIMIT ?)", cutoff, RETENTION_CHUNK)
+            deleted = await db.transact(run)
+            total += deleted
+            if deleted < RETENTION_CHUNK:
+                break
+        purged[table] = total
+    return purged
+
+
+# ##################################################################################################
 # Integrations: Evolution API v2 (the REST routes of the Evolution contract, §1-§3)
 #
 # Evolution answers errors in its own shape ({"status", "error", "response": {"message": ...}},
@@ -2513,6 +2556,74 @@ REQUEST_ID = "request_id"
 routes = web.RouteTableDef()
 
 
+class Metrics:
+    """This process's counters for GET /metrics. Per process, as Prometheus expects: it adds up
+    the processes it scrapes. Totals that must agree across processes come from the database."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # seconds
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.tracking: dict[str, int] = {}
+        self.webhook_buckets = [0] * (len(self.BUCKETS) + 1)
+        self.webhook_sum = 0.0
+
+    def observe_webhook(self, seconds: float) -> None:
+        self.webhook_sum += seconds
+        for i, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                self.webhook_buckets[i] += 1
+                return
+        self.webhook_buckets[-1] += 1
+
+
+class RateLimiter:
+    """Token buckets per client address (per process; SPEC §3 allows that). `per_minute` 0 turns
+    it off. At most `max_keys` addresses are remembered; the oldest are forgotten first."""
+
+    def __init__(self, per_minute: int, max_keys: int = 50_000) -> None:
+        self.rate = per_minute / 60.0  # tokens per second
+        self.capacity = float(per_minute)
+        self.max_keys = max_keys
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def retry_after(self, key: str) -> float:
+        """0 if the request may go ahead (and take a token), else the seconds to wait."""
+        if self.rate <= 0:
+            return 0.0
+        t = time.monotonic()
+        tokens, last = self.buckets.pop(key, (self.capacity, t))
+        tokens = min(self.capacity, tokens + (t - last) * self.rate)
+        if len(self.buckets) >= self.max_keys:
+            self.buckets.pop(next(iter(self.buckets)))
+        if tokens >= 1.0:
+            self.buckets[key] = (tokens - 1.0, t)
+            return 0.0
+        self.buckets[key] = (tokens, t)
+        return (1.0 - tokens) / self.rate
+
+
+def client_ip(request: web.Request) -> str:
+    if request.app[CONFIG].trust_proxy:
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+    return request.remote or "unknown"
+
+
+def rate_limit(request: web.Request, kind: str) -> None:
+    """429 with Retry-After when this client address is over the `kind` limit."""
+    wait = request.app[LIMITS][kind].retry_after(client_ip(request))
+    if wait > 0:
+        exc = http_error(429, "Too many requests")
+        exc.headers["Retry-After"] = str(max(1, int(wait + 0.999)))
+        raise exc
+
+
+METRICS = web.AppKey("metrics", Metrics)
+LIMITS = web.AppKey("limits", dict)  # kind → RateLimiter
+
+
 async def read_json(request: web.Request, limit: int) -> Any:
     """The request body as JSON (any content type), or 400/413 with the reason."""
     raw = await read_body(request, limit)
@@ -2656,6 +2767,7 @@ async def tracking_preflight(request: web.Request) -> web.Response:
 
 @routes.post("/tracking")
 async def track(request: web.Request) -> web.Response:
+    rate_limit(request, "tracking")
     body = await read_json(request, TRACKING_BODY_MAX)
     t = parse_tracking(body)
     t.user_agent = request.headers.get("User-Agent", "")[:512] or None
@@ -2675,6 +2787,8 @@ async def track(request: web.Request) -> web.Response:
         return company, headers, await tracking_unit(company, t)(tx)
 
     company, headers, result = await db.transact(run)
+    tracked = request.app[METRICS].tracking
+    tracked[t.event] = tracked.get(t.event, 0) + 1
     result = {"ok": True, **result, "message": {"mode": company.settings["code_mode"],
                                                 "template": company.settings["code_template"]}}
     return web.json_response(result, headers=headers)
@@ -2778,7 +2892,9 @@ async def evolution_webhook(request: web.Request) -> web.Response:
         delivery_id = await db.transact(lambda tx: _store_delivery(
             tx, company.id, "evolution", raw, request.headers, None))
         raise http_error(400, "Body is not valid JSON", delivery_id=delivery_id)
+    started = time.perf_counter()
     result = await ingest_evolution(db, company, raw, envelope, request.headers, "evolution", hint)
+    request.app[METRICS].observe_webhook(time.perf_counter() - started)
     if result.get("failed"):
         raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
     if "lead_id" in result:  # a lead or label event may have deliveries waiting
@@ -3304,6 +3420,7 @@ async def generate_qrcode(request: web.Request) -> web.Response:
     if fmt not in ("png", "svg", "json"):
         raise http_error(400, "format must be png, svg or json")
     if "sig" in request.query:
+        rate_limit(request, "public")
         try:
             company = await verify_link(request.app[DB], request.query, connection_id)
         except LinkError as exc:
@@ -3381,6 +3498,7 @@ text-align:center;color:#b3261e}</style></head>
 @routes.get("/connect/{connection_id}")
 async def connect_page(request: web.Request) -> web.Response:
     """The page an agency sends its client: the QR, refreshed until the number is connected."""
+    rate_limit(request, "public")
     connection_id = request.match_info["connection_id"]
     try:
         company = await verify_link(request.app[DB], request.query, connection_id)
@@ -3404,6 +3522,7 @@ async def connect_page(request: web.Request) -> web.Response:
 
 @routes.get("/public/get-connection")
 async def public_connection(request: web.Request) -> web.Response:
+    rate_limit(request, "public")
     connection_id = request.query.get("connectionId")
     if not connection_id:
         raise http_error(400, "connectionId is required")
@@ -3652,6 +3771,112 @@ async def dashboard(request: web.Request) -> web.Response:
 
 
 # ##################################################################################################
+# HTTP handlers: operations and privacy (metrics, erasure)
+# ##################################################################################################
+
+def _prometheus_labels(**labels: Any) -> str:
+    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                     for k, v in labels.items())
+    return "{" + inner + "}"
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format. Leads and deliveries come from the database (every process's);
+    requests, tracking events and webhook timings are this process's since it started."""
+    m, db = request.app[METRICS], request.app[DB]
+    lines = ["# HELP whatstracking_http_requests_total HTTP requests by route, method and status.",
+             "# TYPE whatstracking_http_requests_total counter"]
+    for (route, method, status), n in sorted(m.requests.items()):
+        lines.append("whatstracking_http_requests_total"
+                     f"{_prometheus_labels(route=route, method=method, status=status)} {n}")
+    lines += ["# HELP whatstracking_tracking_events_total Tracking events stored, by event.",
+              "# TYPE whatstracking_tracking_events_total counter"]
+    for event, n in sorted(m.tracking.items()):
+        lines.append(f"whatstracking_tracking_events_total{_prometheus_labels(event=event)} {n}")
+    lines += ["# HELP whatstracking_leads Leads in the database, by match method.",
+              "# TYPE whatstracking_leads gauge"]
+    counts = {r["match_method"]: r["n"] for r in await db.fetchall(
+        "SELECT match_method, COUNT(*) AS n FROM leads GROUP BY match_method")}
+    for method in MATCH_METHODS:
+        lines.append(f"whatstracking_leads{_prometheus_labels(match_method=method)} "
+                     f"{counts.get(method, 0)}")
+    lines += ["# HELP whatstracking_deliveries Conversion deliveries, by destination and status.",
+              "# TYPE whatstracking_deliveries gauge"]
+    for row in await db.fetchall("SELECT destination, status, COUNT(*) AS n FROM deliveries "
+                                 "GROUP BY destination, status ORDER BY destination, status"):
+        lines.append("whatstracking_deliveries"
+                     f"{_prometheus_labels(destination=row['destination'], status=row['status'])}"
+                     f" {row['n']}")
+    lines += ["# HELP whatstracking_webhook_processing_seconds Time to store and process one "
+              "Evolution delivery.", "# TYPE whatstracking_webhook_processing_seconds histogram"]
+    cumulative = 0
+    for bound, n in zip([*map(str, Metrics.BUCKETS), "+Inf"], m.webhook_buckets):
+        cumulative += n
+        lines.append("whatstracking_webhook_processing_seconds_bucket"
+                     f"{_prometheus_labels(le=bound)} {cumulative}")
+    lines.append(f"whatstracking_webhook_processing_seconds_sum {m.webhook_sum:.6f}")
+    lines.append(f"whatstracking_webhook_processing_seconds_count {cumulative}")
+    return web.Response(text="\n".join(lines) + "\n",
+                        content_type="text/plain", charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def erase_contact(db: Storage, company_id: str, phone: str) -> dict:
+    """Erase one person (LGPD/GDPR): their leads with events and deliveries, message records,
+    the contact, and the raw webhook bodies that mention the number. Visits stay (they hold no
+    personal data) but their codes are spent, so nobody else can be matched to them."""
+    async def run(tx) -> dict:
+        contacts = [r["id"] for r in await tx.fetchall(
+            "SELECT id FROM contacts WHERE company_id = ? AND phone = ?", company_id, phone)]
+        lead_rows = await tx.fetchall(
+            "SELECT id, visit_id FROM leads WHERE company_id = ? AND phone = ?", company_id, phone)
+        for contact_id in contacts:
+            lead_rows += await tx.fetchall(
+                "SELECT id, visit_id FROM leads WHERE company_id = ? AND contact_id = ? AND "
+                "(phone IS NULL OR phone <> ?)", company_id, contact_id, phone)
+        erased = dict.fromkeys(("leads", "lead_events", "deliveries", "messages", "contacts",
+                                "webhook_deliveries"), 0)
+        ts = now()
+        for lead in lead_rows:
+            erased["deliveries"] += await tx.execute("DELETE FROM deliveries WHERE lead_id = ?",
+                                                     lead["id"])
+            erased["lead_events"] += await tx.execute("DELETE FROM lead_events WHERE lead_id = ?",
+                                                      lead["id"])
+            erased["messages"] += await tx.execute(
+                "DELETE FROM messages WHERE company_id = ? AND lead_id = ?", company_id, lead["id"])
+            if lead["visit_id"] is not None:
+                await tx.execute("UPDATE visits SET expires_at = ? WHERE id = ?", ts,
+                                 lead["visit_id"])
+            erased["leads"] += await tx.execute("DELETE FROM leads WHERE id = ?", lead["id"])
+        for contact_id in contacts:
+            erased["messages"] += await tx.execute(
+                "DELETE FROM messages WHERE company_id = ? AND contact_id = ?", company_id,
+                contact_id)
+            erased["contacts"] += await tx.execute("DELETE FROM contacts WHERE id = ?",
+                                                   contact_id)
+        erased["webhook_deliveries"] += await tx.execute(
+            f"DELETE FROM webhook_deliveries WHERE company_id = ? AND {db.blob_contains('body')}",
+            company_id, phone.encode())
+        return erased
+
+    return await db.transact(run)
+
+
+@routes.delete("/api/contacts/{phone}")
+async def delete_contact(request: web.Request) -> web.Response:
+    company = await authenticate(request)
+    phone = digits(request.match_info["phone"])
+    if not 8 <= len(phone) <= 15:
+        raise http_error(400, "phone must be a number with country code (8 to 15 digits)")
+    erased = await erase_contact(request.app[DB], company.id, phone)
+    log.info("contact erased", extra={"fields": {
+        "event": "contact_erased", "company_id": company.id, **erased,
+        "request_id": request[REQUEST_ID]}})
+    return web.json_response({"ok": True, "phone": phone, "erased": erased})
+
+
+# ##################################################################################################
 # Middlewares
 # ##################################################################################################
 
@@ -3692,6 +3917,11 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         response = web.json_response({"error": "Internal server error",
                                       "request_id": request_id}, status=500)
     response.headers["X-Request-Id"] = request_id
+    resource = request.match_info.route.resource
+    key = (resource.canonical if resource is not None else "unmatched", request.method,
+           response.status)
+    counts = request.app[METRICS].requests
+    counts[key] = counts.get(key, 0) + 1
     return response
 
 
@@ -3732,6 +3962,31 @@ async def delivery_worker_ctx(app: web.Application):
         log.warning("delivery worker did not stop in time; its claimed rows retry later")
 
 
+async def retention_ctx(app: web.Application):
+    """Purge what RETENTION_DAYS lets go, soon after start and then every hour."""
+    days = app[CONFIG].retention_days
+
+    async def loop() -> None:
+        delay = 60.0  # seconds: let the start-up traffic settle first
+        while True:
+            await asyncio.sleep(delay)
+            delay = RETENTION_INTERVAL
+            try:
+                purged = await purge_expired(app[DB], days)
+            except Exception:  # noqa: BLE001 - try again next time
+                log.exception("retention purge failed")
+                continue
+            log.info("retention purge", extra={"fields": {"event": "retention_purge",
+                                                          "days": days, **purged}})
+
+    task = asyncio.create_task(loop(), name="retention") if days > 0 else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def create_app(config: Config | None = None) -> web.Application:
     """The WhatsTracking application; nothing connects until it starts."""
     config = config or load_config({})
@@ -3743,6 +3998,10 @@ def create_app(config: Config | None = None) -> web.Application:
     app.cleanup_ctx.append(http_client_ctx)
     app[DELIVERY_WAKE] = asyncio.Event()
     app.cleanup_ctx.append(delivery_worker_ctx)
+    app.cleanup_ctx.append(retention_ctx)
+    app[METRICS] = Metrics()
+    app[LIMITS] = {"tracking": RateLimiter(config.rate_limit_tracking),
+                   "public": RateLimiter(config.rate_limit_public)}
     app.add_routes(routes)
     return app
 
@@ -3775,6 +4034,12 @@ async def cli_migrate(config: Config, args: argparse.Namespace) -> Any:
     return {"applied": applied, "latest": MIGRATIONS[-1][0]}
 
 
+async def cli_purge(config: Config, args: argparse.Namespace) -> Any:
+    if config.retention_days <= 0:
+        raise ConfigError("RETENTION_DAYS is 0 (keep everything): set it to purge.")
+    return await _with_storage(config, lambda db: purge_expired(db, config.retention_days))
+
+
 async def cli_company_add(config: Config, args: argparse.Namespace) -> Any:
     if not COMPANY_ID_RE.match(args.id):
         raise ConfigError("ID must be 1-64 letters, digits, '-', '_' or '.'.")
@@ -3799,6 +4064,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the server (the default)")
     sub.add_parser("migrate", help="create or upgrade the database schema")
+    sub.add_parser("purge", help="delete raw data older than RETENTION_DAYS now")
     company = sub.add_parser("company", help="manage companies").add_subparsers(dest="action",
                                                                                 required=True)
     add = company.add_parser("add", help="create a company and its first API token")
@@ -3859,7 +4125,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "serve":
             serve(config)
             return 0
-        handler = {"migrate": cli_migrate, "company": cli_company_add,
+        handler = {"migrate": cli_migrate, "purge": cli_purge, "company": cli_company_add,
                    "token": cli_token_add}[command]
         _print_json(asyncio.run(handler(config, args)))
         return 0
