@@ -606,7 +606,8 @@ class Bench:
         for r in self.rows:
             ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
             errors = r["errors"]
-            lines.append(f"| {r['target']:<22} | {r['scenario']:<22} | {r['rps']:7.0f} | "
+            rps = f"{r['rps']:7.0f}" if r["rps"] >= 100 else f"{r['rps']:7.2f}"
+            lines.append(f"| {r['target']:<22} | {r['scenario']:<22} | {rps} | "
                          f"{r['p50']:6.1f} | {r['p99']:6.1f} | {ratio:>5} | {errors:>6} | "
                          f"{r['rows'] or '-':<4} |")
         return "\n".join(lines)
