@@ -94,7 +94,7 @@ class Server:
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int, workdir: Path,
                  shown_env: dict[str, str] | None = None) -> None:
         self.name, self.cmd, self.port = name, cmd, port
-        record(cmd, shown_env)
+        record(cmd, env)  # the exact environment added (shown_env: unused, kept for callers)
         self.logfile = open(workdir / f"{name.replace(' ', '-')}.log", "ab")
         self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=workdir,
                                      stdout=self.logfile, stderr=subprocess.STDOUT)
