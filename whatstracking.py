@@ -2687,6 +2687,22 @@ async def authenticate(request: web.Request, company_id: str | None = None) -> C
     return company
 
 
+async def object_body(request: web.Request) -> dict:
+    """The request body as a JSON object (a copy the handler may pop from), or 400."""
+    body = await read_json(request, TRACKING_BODY_MAX)
+    if not isinstance(body, dict):
+        raise http_error(400, "Body must be a JSON object")
+    return dict(body)
+
+
+async def acting_company(request: web.Request, body: Mapping[str, Any]) -> Company:
+    """The company a call with a JSON body acts for (an admin names it with `company_id`)."""
+    company_id = body.get("company_id")
+    if company_id is not None and not isinstance(company_id, str):
+        raise http_error(400, "company_id must be a string")
+    return await authenticate(request, company_id)
+
+
 def require_admin(request: web.Request) -> None:
     config = request.app[CONFIG]
     if not config.admin_token or not same_secret(bearer(request), config.admin_token):
@@ -2916,10 +2932,7 @@ async def evolution_webhook(request: web.Request) -> web.Response:
 @routes.post("/api/companies")
 async def create_company_route(request: web.Request) -> web.Response:
     require_admin(request)
-    body = await read_json(request, TRACKING_BODY_MAX)
-    if not isinstance(body, dict):
-        raise http_error(400, "Body must be a JSON object")
-    body = dict(body)
+    body = await object_body(request)
     company_id = body.pop("company_id", None) or body.pop("id", None)
     if not isinstance(company_id, str) or not COMPANY_ID_RE.match(company_id):
         raise http_error(400, "company_id must be 1-64 letters, digits, '-', '_' or '.'")
@@ -2945,11 +2958,9 @@ async def show_company(request: web.Request) -> web.Response:
 
 @routes.patch("/api/company")
 async def update_company(request: web.Request) -> web.Response:
-    body = await read_json(request, TRACKING_BODY_MAX)
-    if not isinstance(body, dict):
-        raise http_error(400, "Body must be a JSON object")
-    body = dict(body)
-    company = await authenticate(request, body.pop("company_id", None))
+    body = await object_body(request)
+    company = await acting_company(request, body)
+    body.pop("company_id", None)
     name = body.pop("name", company.name)
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise http_error(400, "name must be text of at most 200 characters")
@@ -3151,20 +3162,13 @@ async def update_connection(db: Storage, company_id: str, connection_id: str, **
 
 async def connection_request(request: web.Request) -> tuple[Company, str]:
     """The company and connectionId of a management call (JSON body or query)."""
-    body: Any = {}
-    if request.can_read_body:
-        body = await read_json(request, TRACKING_BODY_MAX)
-        if not isinstance(body, dict):
-            raise http_error(400, "Body must be a JSON object")
+    body = await object_body(request) if request.can_read_body else {}
     connection_id = body.get("connectionId") or request.query.get("connectionId")
     if not isinstance(connection_id, str) or not connection_id:
         raise http_error(400, "connectionId is required")
     if not CONNECTION_ID_RE.match(connection_id):
         raise http_error(400, "connectionId must be 1-64 letters, digits, '-', '_' or '.'")
-    company_id = body.get("company_id")
-    if company_id is not None and not isinstance(company_id, str):
-        raise http_error(400, "company_id must be a string")
-    return await authenticate(request, company_id), connection_id
+    return await acting_company(request, body), connection_id
 
 
 def public_base(request: web.Request) -> str:
@@ -3195,11 +3199,8 @@ async def list_connections(request: web.Request) -> web.Response:
 
 @routes.post("/api/create-instance")
 async def create_instance(request: web.Request) -> web.Response:
-    body = await read_json(request, TRACKING_BODY_MAX)
-    if not isinstance(body, dict):
-        raise http_error(400, "Body must be a JSON object")
-    company_id = body.get("company_id")
-    company = await authenticate(request, company_id if isinstance(company_id, str) else None)
+    body = await object_body(request)
+    company = await acting_company(request, body)
     connection_id = body.get("connectionId")
     if not isinstance(connection_id, str) or not CONNECTION_ID_RE.match(connection_id):
         raise http_error(400, "connectionId must be 1-64 letters, digits, '-', '_' or '.'")
@@ -3368,11 +3369,8 @@ async def verify_link(db: Storage, query: Mapping[str, str], connection_id: str)
 
 @routes.post("/api/connection-link")
 async def create_connection_link(request: web.Request) -> web.Response:
-    body = await read_json(request, TRACKING_BODY_MAX)
-    if not isinstance(body, dict):
-        raise http_error(400, "Body must be a JSON object")
-    company_id = body.get("company_id")
-    company = await authenticate(request, company_id if isinstance(company_id, str) else None)
+    body = await object_body(request)
+    company = await acting_company(request, body)
     connection_id = body.get("connectionId")
     if not isinstance(connection_id, str) or not connection_id:
         raise http_error(400, "connectionId is required")
@@ -3610,11 +3608,8 @@ async def company_lead(request: web.Request, company: Company) -> dict:
 
 @routes.post("/api/leads/{lead_id}/events")
 async def add_lead_event(request: web.Request) -> web.Response:
-    body = await read_json(request, TRACKING_BODY_MAX)
-    if not isinstance(body, dict):
-        raise http_error(400, "Body must be a JSON object")
-    company_id = body.get("company_id")
-    company = await authenticate(request, company_id if isinstance(company_id, str) else None)
+    body = await object_body(request)
+    company = await acting_company(request, body)
     lead = await company_lead(request, company)
     name = body.get("name")
     if name not in EVENT_NAMES[1:]:

@@ -187,6 +187,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture
+async def browser():
+    """A headless Chromium for the test (skipped, or failed with REQUIRE_BROWSER=1, without it)."""
+    async_playwright, _ = require_browser()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        await browser.close()
+
+
 async def serve(app, port: int):
     """Run an aiohttp app on 127.0.0.1:port; returns its runner (``await runner.cleanup()``)."""
     from aiohttp import web

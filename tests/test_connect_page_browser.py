@@ -30,7 +30,7 @@ for path in (str(ROOT), str(TESTS)):
 
 import whatstracking  # noqa: E402
 from fake_evolution import FakeEvolution  # noqa: E402
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, require_browser
+from conftest import free_port, require_browser
 
 ARTIFACTS = TESTS / "artifacts"
 ADMIN_TOKEN = "admin-browser-token"
@@ -87,15 +87,6 @@ async def server(tmp_path):
     finally:
         await runner.cleanup()
         await evolution.close()
-
-
-@pytest_asyncio.fixture
-async def browser():
-    async_playwright, _ = require_browser()
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
 
 
 @pytest_asyncio.fixture

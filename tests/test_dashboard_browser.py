@@ -32,7 +32,7 @@ for path in (str(ROOT), str(TESTS)):
         sys.path.insert(0, path)
 
 import whatstracking  # noqa: E402
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, require_browser
+from conftest import free_port, require_browser
 
 ARTIFACTS = TESTS / "artifacts"
 FIXTURES = TESTS / "fixtures"
@@ -201,15 +201,6 @@ async def server(tmp_path):
             yield Server(base, app, http)
     finally:
         await runner.cleanup()
-
-
-@pytest_asyncio.fixture
-async def browser():
-    async_playwright, _ = require_browser()
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
 
 
 class Recorder:

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, require_browser, serve
+from conftest import free_port, serve
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent  # conftest puts it on sys.path
 
@@ -131,15 +131,6 @@ async def site(api):
 
 
 # ---- The browser --------------------------------------------------------------------------------
-
-@pytest_asyncio.fixture
-async def browser():
-    async_playwright, _ = require_browser()
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
-
 
 class Visitor:
     """One person (a fresh browser context): records the WhatsApp URLs the browser opened and the
