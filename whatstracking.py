@@ -3824,6 +3824,9 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
+ERASE_WINDOW = 2000  # raw webhook bodies searched per transaction when erasing a person
+
+
 async def erase_contact(db: Storage, company_id: str, phone: str) -> dict:
     """Erase one person (LGPD/GDPR): their leads with events and deliveries, message records,
     the contact, and the raw webhook bodies that mention the number. Visits stay (they hold no
@@ -3857,12 +3860,23 @@ async def erase_contact(db: Storage, company_id: str, phone: str) -> dict:
                 contact_id)
             erased["contacts"] += await tx.execute("DELETE FROM contacts WHERE id = ?",
                                                    contact_id)
-        erased["webhook_deliveries"] += await tx.execute(
-            f"DELETE FROM webhook_deliveries WHERE company_id = ? AND {db.blob_contains('body')}",
-            company_id, phone.encode())
         return erased
 
-    return await db.transact(run)
+    erased = await db.transact(run)
+    # Raw bodies: scanned in windows of ids, one short transaction each, so a large table never
+    # holds the writer (on SQLite, the event loop) for long.
+    bounds = await db.fetchone("SELECT MIN(id) AS low, MAX(id) AS high FROM webhook_deliveries "
+                               "WHERE company_id = ?", company_id)
+    low, high = bounds["low"], bounds["high"]
+    while low is not None and low <= high:
+        async def scan(tx, start=low) -> int:
+            return await tx.execute(
+                "DELETE FROM webhook_deliveries WHERE company_id = ? AND id >= ? AND id < ? "
+                f"AND {db.blob_contains('body')}", company_id, start, start + ERASE_WINDOW,
+                phone.encode())
+        erased["webhook_deliveries"] += await db.transact(scan)
+        low += ERASE_WINDOW
+    return erased
 
 
 @routes.delete("/api/contacts/{phone}")

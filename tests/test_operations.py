@@ -201,3 +201,13 @@ async def test_erasing_needs_a_token_and_a_phone_number(api):
     resp = await api.client.delete("/api/contacts/123", headers=api.auth)
     assert resp.status == 400
     assert "phone" in (await resp.json())["error"]
+
+
+async def test_erasing_searches_raw_bodies_in_windows(api, monkeypatch):
+    monkeypatch.setattr(whatstracking, "ERASE_WINDOW", 2)
+    for n in range(5):
+        await api.webhook(upsert("oi", phone=f"551195555000{n}"))
+    await api.webhook(upsert("de novo", phone="5511955550003"))
+    resp = await api.client.delete("/api/contacts/5511955550003", headers=api.auth)
+    assert (await resp.json())["erased"]["webhook_deliveries"] == 2
+    assert await count(api, "webhook_deliveries") == 4
