@@ -2558,7 +2558,8 @@ CONFIG = web.AppKey("config", Config)
 TRACKER = web.AppKey("tracker", dict)
 HTTP = web.AppKey("http", object)  # the aiohttp.ClientSession for outbound calls
 DELIVERY_WAKE = web.AppKey("delivery_wake", asyncio.Event)  # set: deliveries are waiting
-REQUEST_ID = "request_id"
+# Typed request storage where aiohttp has it (3.13+); a plain key on older releases.
+REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 
 routes = web.RouteTableDef()
 

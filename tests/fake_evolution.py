@@ -32,6 +32,8 @@ from typing import Any
 
 from aiohttp import web
 
+JSON_BODY = web.RequestKey("json", object) if hasattr(web, "RequestKey") else "json"
+
 RESPONSES = Path(__file__).resolve().parent / "fixtures" / "responses"
 GLOBAL_KEY = "evo-global-key-BQYHJGJHJ"
 INTEGRATIONS = ("WHATSAPP-BAILEYS", "WHATSAPP-BUSINESS", "EVOLUTION")
@@ -158,7 +160,7 @@ class FakeEvolution:
         self.requests.append(Recorded(request.method, request.path, dict(request.query),
                                       {k.lower(): v for k, v in request.headers.items()},
                                       body, raw))
-        request["json"] = body
+        request[JSON_BODY] = body
         try:
             return await handler(request)
         except web.HTTPNotFound:  # Express's answer to an unknown route or method
@@ -218,7 +220,7 @@ class FakeEvolution:
     # ---- routes ------------------------------------------------------------------------------
 
     async def create(self, request: web.Request) -> web.Response:
-        body = request["json"]
+        body = request[JSON_BODY]
         if not isinstance(body, dict):
             return self.answer(400, error_body(400, "Bad Request", [["instance is not of a type(s) "
                                                                       "object"]]))
