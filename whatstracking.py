@@ -164,24 +164,24 @@ def _parse_bool(name: str, value: str) -> bool:
     raise ConfigError(f"{name} must be true or false, not {value!r}.")
 
 
-def _parse_int(name: str, value: str, low: int, high: int) -> int:
+def _parse_number(name: str, value: str, low: float, high: float, kind: type = int) -> Any:
+    """`value` as an int (or float) within [low, high], or ConfigError in one sentence."""
     try:
-        number = int(value)
+        number = kind(value)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number, not {value!r}.") from None
-    if not low <= number <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, not {number}.")
-    return number
-
-
-def _parse_float(name: str, value: str, low: float, high: float) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, not {value!r}.") from None
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, not {value!r}.") from None
     if not low <= number <= high:
         raise ConfigError(f"{name} must be between {low:g} and {high:g}, not {number:g}.")
     return number
+
+
+def _parse_int(name: str, value: str, low: int, high: int) -> int:
+    return _parse_number(name, value, low, high, int)
+
+
+def _parse_float(name: str, value: str, low: float, high: float) -> float:
+    return _parse_number(name, value, low, high, float)
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> Config:

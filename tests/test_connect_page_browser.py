@@ -14,23 +14,19 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import sys
 import time
 import urllib.parse
 
 import aiohttp
 import pytest_asyncio
 from aiohttp import web
+from conftest import free_port, require_browser, serve
+from fake_evolution import FakeEvolution
+
+import whatstracking
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
-for path in (str(ROOT), str(TESTS)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-import whatstracking  # noqa: E402
-from fake_evolution import FakeEvolution  # noqa: E402
-from conftest import free_port, require_browser
 
 ARTIFACTS = TESTS / "artifacts"
 ADMIN_TOKEN = "admin-browser-token"
@@ -73,9 +69,7 @@ async def server(tmp_path):
         "PUBLIC_URL": base, "LOG_LEVEL": "WARNING", "EVOLUTION_API_URL": evolution.url,
         "EVOLUTION_API_KEY": evolution.global_key, "EVOLUTION_TIMEOUT": "5"})
     app = whatstracking.create_app(config)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner = await serve(app, port)
     try:
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{base}/api/companies",

@@ -16,7 +16,6 @@ import asyncio
 import json
 import pathlib
 import re
-import sys
 import time
 import urllib.parse
 import uuid
@@ -24,15 +23,12 @@ import uuid
 import aiohttp
 import pytest_asyncio
 from aiohttp import web
+from conftest import free_port, require_browser, serve
+
+import whatstracking
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
-for path in (str(ROOT), str(TESTS)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-import whatstracking  # noqa: E402
-from conftest import free_port, require_browser
 
 ARTIFACTS = TESTS / "artifacts"
 FIXTURES = TESTS / "fixtures"
@@ -193,9 +189,7 @@ async def server(tmp_path):
         "DATABASE_URL": f"sqlite:///{tmp_path / 'wt.db'}", "ADMIN_TOKEN": ADMIN_TOKEN,
         "PUBLIC_URL": base, "LOG_LEVEL": "WARNING"})
     app = whatstracking.create_app(config)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner = await serve(app, port)
     try:
         async with aiohttp.ClientSession() as http:
             yield Server(base, app, http)
