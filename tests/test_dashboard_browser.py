@@ -90,6 +90,7 @@ class Company:
         await self.sql("UPDATE visits SET created_at = ?, clicked_at = CASE WHEN clicked_at IS "
                        "NULL THEN NULL ELSE ? END WHERE id = ?", created, created + 60,
                        answer["session_id"])
+        await whatstracking.rebuild_rollup(self.server.app[whatstracking.DB])
         return answer
 
     async def lead(self, name: str, days_ago: float, text: str = "Olá!", match: str = "code",

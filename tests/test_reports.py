@@ -84,6 +84,7 @@ async def visit(api: Api, utm: str | None, at: str, click: str | None = None,
         assert again["session_id"] == answer["session_id"]
     await set_sql(api, "UPDATE visits SET created_at = ? WHERE id = ?", ts(at),
                   answer["session_id"])
+    await whatstracking.rebuild_rollup(api.db)  # the report's counters follow the moved visit
     return answer
 
 

@@ -1,0 +1,249 @@
+"""Batched units of work (Storage.submit) and what rides on them: tracking requests written
+together, and the report's visit counters (visit_rollup) kept equal to a recount of the visits.
+Runs on SQLite and on a real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+import whatstracking
+from conftest import upsert
+from whatstracking import Storage
+
+SITE = "https://loja.test/produto"
+
+
+@pytest.fixture
+async def db(database_url):
+    storage = Storage.from_url(database_url)
+    await storage.connect()
+    await storage.migrate()
+    yield storage
+    await storage.close()
+
+
+async def make_table(db) -> None:
+    await db.transact(lambda tx: tx.execute(
+        "CREATE TABLE batch_items (label TEXT PRIMARY KEY)"))
+
+
+async def labels(db) -> list[str]:
+    return sorted(r["label"] for r in await db.fetchall("SELECT label FROM batch_items"))
+
+
+class Refused(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Storage.submit
+# ------------------------------------------------------------------------------------------------
+
+async def test_concurrent_items_run_together_and_each_gets_its_result(db):
+    await make_table(db)
+    calls: list[list[str]] = []
+
+    async def run(tx, items):
+        calls.append(list(items))
+        await tx.executemany("INSERT INTO batch_items (label) VALUES (?)",
+                             [(item,) for item in items])
+        return [Refused(item) if item == "no" else item.upper() for item in items]
+
+    labels_in = [f"item-{n}" for n in range(20)] + ["no"]
+    results = await asyncio.gather(*(db.submit(run, label) for label in labels_in),
+                                   return_exceptions=True)
+    assert results[:20] == [label.upper() for label in labels_in[:20]]
+    assert isinstance(results[20], Refused)
+    assert len(calls) < len(labels_in)  # batched: fewer runs than items
+    # A refusal returned (not raised) does not undo the batch: the run chose what to write.
+    assert len(await labels(db)) == 21
+
+
+async def test_a_failing_batch_is_retried_item_by_item(db):
+    await make_table(db)
+    sizes: list[int] = []
+
+    async def run(tx, items):
+        sizes.append(len(items))
+        for item in items:
+            await tx.execute("INSERT INTO batch_items (label) VALUES (?)", item)
+            if item == "poison":
+                raise Refused("poison")
+        return list(items)
+
+    names = ["a", "b", "poison", "c", "d"]
+    results = await asyncio.gather(*(db.submit(run, n) for n in names), return_exceptions=True)
+    assert [r for r in results if not isinstance(r, Exception)] == ["a", "b", "c", "d"]
+    assert isinstance(results[2], Refused)
+    assert await labels(db) == ["a", "b", "c", "d"]  # nothing of the poisoned attempts is kept
+    assert max(sizes) > 1 and sizes[-1] == 1
+
+
+async def test_a_unique_key_taken_is_retried_once(db):
+    await make_table(db)
+    await db.transact(lambda tx: tx.execute("INSERT INTO batch_items (label) VALUES ('taken')"))
+    attempts: list[str] = []
+
+    async def run(tx, items):
+        result = []
+        for item in items:
+            attempts.append(item)
+            # The first try of each item collides; the retry reads that and picks another label.
+            label = "taken" if attempts.count(item) == 1 else item
+            await tx.execute("INSERT INTO batch_items (label) VALUES (?)", label)
+            result.append(label)
+        return result
+
+    assert await db.submit(run, "fresh") == "fresh"
+    assert await labels(db) == ["fresh", "taken"]
+
+
+async def test_items_accepted_before_close_are_committed(database_url):
+    storage = Storage.from_url(database_url)
+    await storage.connect()
+    await storage.migrate()
+    await make_table(storage)
+
+    async def run(tx, items):
+        for item in items:
+            await tx.execute("INSERT INTO batch_items (label) VALUES (?)", item)
+        return list(items)
+
+    tasks = [asyncio.create_task(storage.submit(run, f"late-{n}")) for n in range(10)]
+    await asyncio.sleep(0)  # accepted, not yet committed
+    await storage.close()
+    assert sorted(await asyncio.gather(*tasks)) == sorted(f"late-{n}" for n in range(10))
+    again = Storage.from_url(database_url)
+    await again.connect()
+    try:
+        assert len(await labels(again)) == 10
+    finally:
+        await again.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tracking requests in one batch
+# ------------------------------------------------------------------------------------------------
+
+async def rollup_rows(db) -> list[tuple]:
+    return sorted((r["bucket"], r["utm_source"], r["utm_medium"], r["utm_campaign"],
+                   r["click_phone"], r["visits"], r["clicks"], r["matched"])
+                  for r in await db.fetchall("SELECT * FROM visit_rollup")
+                  if r["visits"] or r["clicks"] or r["matched"])
+
+
+async def test_one_visitors_concurrent_requests_share_one_visit(api):
+    visitor = uuid.uuid4().hex
+    answers = await asyncio.gather(*(
+        api.track(visitor_id=visitor, page_url=f"{SITE}?utm_source=google&utm_campaign=x")
+        for _ in range(12)))
+    assert len({a["session_id"] for a in answers}) == 1
+    assert len({a["code"] for a in answers}) == 1
+    row = await api.db.fetchone("SELECT pageviews FROM visits WHERE id = ?",
+                                answers[0]["session_id"])
+    assert row["pageviews"] == 12
+    events = await api.db.fetchone("SELECT COUNT(*) AS n FROM tracking_events")
+    assert events["n"] == 12
+
+
+async def test_refusals_in_a_batch_store_nothing_and_spare_the_others(client, api):
+    await client.patch("/api/company", json={"allowed_origins": ["https://loja.test"]},
+                       headers=api.auth)
+
+    async def post(company: str, origin: str) -> int:
+        resp = await client.post("/tracking", json={
+            "company_id": company, "visitor_id": uuid.uuid4().hex, "page_url": SITE},
+            headers={"Origin": origin})
+        return resp.status
+
+    statuses = await asyncio.gather(*(
+        post(*args) for args in [(api.company_id, "https://loja.test")] * 5
+        + [("nobody", "https://loja.test")] * 3 + [(api.company_id, "https://evil.test")] * 3))
+    assert statuses == [200] * 5 + [404] * 3 + [403] * 3
+    assert (await api.db.fetchone("SELECT COUNT(*) AS n FROM visits"))["n"] == 5
+    assert (await api.db.fetchone("SELECT COUNT(*) AS n FROM tracking_events"))["n"] == 5
+
+
+async def test_a_new_code_already_taken_is_replaced(api, monkeypatch):
+    first = await api.track(visitor_id="v-first", page_url=SITE)
+    made = iter([first["code"]] + [whatstracking.new_code() for _ in range(10)])
+    monkeypatch.setattr(whatstracking, "new_code", lambda: next(made))
+    second = await api.track(visitor_id="v-second", page_url=SITE)
+    assert second["code"] != first["code"]
+    rows = await api.db.fetchall("SELECT visitor_id, code FROM visits ORDER BY id")
+    assert [(r["visitor_id"], r["code"]) for r in rows] == [
+        ("v-first", first["code"]), ("v-second", second["code"])]
+
+
+async def test_the_report_counters_equal_a_recount_of_the_visits(api):
+    """Pageviews, clicks, a campaign change, a match by code and a new campaign after the lead:
+    the counters kept by each write equal the counters recounted from the visits."""
+    visitors = [uuid.uuid4().hex for _ in range(4)]
+    codes = {}
+    for n, visitor in enumerate(visitors):
+        answer = await api.track(visitor_id=visitor,
+                                 page_url=f"{SITE}?utm_source=google&utm_campaign=c{n % 2}")
+        codes[visitor] = answer["code"]
+    await asyncio.gather(*(
+        api.track(visitor_id=v, code=codes[v], event="whatsapp_click",
+                  whatsapp_phone="5511999990000", page_url=SITE) for v in visitors[:3]))
+    # A campaign change before any lead moves the visit to the new campaign's counters.
+    await api.track(visitor_id=visitors[3], code=codes[visitors[3]],
+                    page_url=f"{SITE}?utm_source=meta&utm_campaign=spring")
+    text = "Olá! " + whatstracking.message_code(codes[visitors[0]])
+    assert (await api.webhook(upsert(text, phone="5511911112222")))["match"] == "code"
+    # After its lead, a new ad click opens a new visit with a new code.
+    again = await api.track(visitor_id=visitors[0], code=codes[visitors[0]],
+                            page_url=f"{SITE}?utm_source=tiktok&utm_campaign=z")
+    assert again["code"] != codes[visitors[0]]
+    kept = await rollup_rows(api.db)
+    assert sum(r[5] for r in kept) == 5 and sum(r[6] for r in kept) == 3
+    assert sum(r[7] for r in kept) == 1
+    await whatstracking.rebuild_rollup(api.db)
+    assert await rollup_rows(api.db) == kept
+
+
+async def test_the_report_counts_visits_exactly_between_any_two_times(api):
+    base = 1_767_225_600  # 2026-01-01T00:00:00Z, on a 15-minute boundary
+    offsets = [-1, 0, 100, 899, 900, 1000, 2700, 2701]  # seconds from base
+    for offset in offsets:
+        answer = await api.track(visitor_id=uuid.uuid4().hex,
+                                 page_url=f"{SITE}?utm_source=google")
+        await api.db.transact(lambda tx, a=answer, o=offset: tx.execute(
+            "UPDATE visits SET created_at = ? WHERE id = ?", base + o, a["session_id"]))
+    await whatstracking.rebuild_rollup(api.db)
+
+    def iso(offset: float) -> str:
+        return whatstracking.iso(base + offset)
+
+    for start, end in [(0, 2700), (50, 950), (100, 101), (-5, 3000), (899, 900), (1, 2701)]:
+        resp = await api.client.get("/api/report", headers=api.auth, params={
+            "from": iso(start), "to": iso(end), "group_by": "utm_source"})
+        data = await resp.json()
+        assert resp.status == 200, data
+        expected = sum(1 for o in offsets if start <= o < end)
+        assert data["totals"]["visits"] == expected, (start, end, data["totals"])
+
+
+async def test_migration_5_counts_the_visits_already_stored(database_url, monkeypatch):
+    storage = Storage.from_url(database_url)
+    await storage.connect()
+    try:
+        monkeypatch.setattr(whatstracking, "MIGRATIONS", whatstracking.MIGRATIONS[:4])
+        await storage.migrate()
+        for n, (clicks, lead) in enumerate([(0, None), (2, None), (1, 7), (1, 8)]):
+            await storage.transact(lambda tx, n=n, clicks=clicks, lead=lead: tx.execute(
+                "INSERT INTO visits (company_id, visitor_id, code, expires_at, utm_source, "
+                "last_touch, first_touch, clicks, lead_id, created_at, updated_at) VALUES "
+                "('c', ?, ?, 2e9, ?, '{}', '{}', ?, ?, 1767225600, 1767225600)",
+                f"v{n}", f"CODE{n}", "google" if n else None, clicks, lead))
+        monkeypatch.undo()
+        assert await storage.migrate() == [5]
+        rows = await rollup_rows(storage)
+        assert rows == [(1963584, "", "", "", "", 1, 0, 0),
+                        (1963584, "google", "", "", "", 3, 3, 2)]
+    finally:
+        await storage.close()
