@@ -3114,7 +3114,8 @@ async def track(request: web.Request) -> web.Response:
 # ##################################################################################################
 
 async def _store_delivery(tx, company_id: str | None, source: str, raw: bytes,
-                          headers: Mapping[str, str], envelope: Any) -> int:
+                          headers: Mapping[str, str], envelope: Any, status: str = "received",
+                          result: dict | None = None, error: str | None = None) -> int:
     instance = event = None
     if isinstance(envelope, dict):
         instance = envelope.get("instance") if isinstance(envelope.get("instance"), str) else None
@@ -3122,15 +3123,18 @@ async def _store_delivery(tx, company_id: str | None, source: str, raw: bytes,
     kept = {k: v for k, v in headers.items()
             if k.lower() in ("content-type", "user-agent", "x-request-id", "x-instance-id",
                              "x-instance-name", "x-event-type", "x-timestamp")}
+    ts = now()
     row = await tx.fetchone(
         "INSERT INTO webhook_deliveries (company_id, source, instance, event, headers, body, "
-        "truncated, status, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        "truncated, status, result, error, received_at, processed_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         company_id, source, instance and instance[:128], event and event[:64], json_dumps(kept),
-        raw[:WEBHOOK_BODY_MAX], 0, "received", now())
+        raw[:WEBHOOK_BODY_MAX], 0, status, None if result is None else json_dumps(result),
+        error, ts, None if status == "received" else ts)
     return row["id"]
 
 
-async def _header_authenticated(db: Storage, company: Company, request: web.Request,
+async def _header_authenticated(tx, company: Company, request: web.Request,
                                 envelope: Any) -> bool:
     """The company's webhook secret, or the secret of the connection the envelope names (a
     connection's secret speaks for that instance only, and only while it is not deleted)."""
@@ -3142,73 +3146,74 @@ async def _header_authenticated(db: Storage, company: Company, request: web.Requ
     instance = envelope.get("instance") if isinstance(envelope, dict) else None
     if not isinstance(instance, str):
         return False
-    row = await db.fetchone("SELECT webhook_secret FROM connections WHERE company_id = ? "
+    row = await tx.fetchone("SELECT webhook_secret FROM connections WHERE company_id = ? "
                             "AND id = ? AND deleted_at IS NULL", company.id, instance)
     return bool(row) and same_secret(given, row["webhook_secret"])
 
 
-async def _apikey_authenticated(db: Storage, company: Company, envelope: Any) -> bool:
+async def _apikey_authenticated(tx, company: Company, envelope: Any) -> bool:
     if not isinstance(envelope, dict):
         return False
     instance, apikey = envelope.get("instance"), envelope.get("apikey")
     if not isinstance(instance, str) or not isinstance(apikey, str):
         return False
-    row = await db.fetchone("SELECT instance_token FROM connections WHERE company_id = ? AND id = ? "
+    row = await tx.fetchone("SELECT instance_token FROM connections WHERE company_id = ? AND id = ? "
                             "AND deleted_at IS NULL", company.id, instance)
     return bool(row) and same_secret(apikey, row["instance_token"])
 
 
-async def ingest_evolution(db: Storage, company: Company, raw: bytes, envelope: Any,
-                           headers: Mapping[str, str], source: str, event_hint: str = "") -> dict:
-    """Store a delivery's raw body, then process it; both commit together, but a processing
-    failure only marks the stored delivery as failed (it can be replayed after a fix)."""
-    async def run(tx) -> dict:
-        delivery_id = await _store_delivery(tx, company.id, source, raw, headers, envelope)
-        try:
-            async with tx.savepoint():
-                result = await process_envelope(tx, company, envelope, event_hint)
-        except Exception as exc:  # noqa: BLE001 - recorded on the delivery, re-raised as 500
-            log.exception("webhook processing failed (delivery %s)", delivery_id)
-            await tx.execute("UPDATE webhook_deliveries SET status = ?, error = ?, "
-                             "processed_at = ? WHERE id = ?", "failed", repr(exc)[:2000], now(),
-                             delivery_id)
-            return {"delivery_id": delivery_id, "failed": True}
-        await tx.execute("UPDATE webhook_deliveries SET status = ?, result = ?, processed_at = ? "
-                         "WHERE id = ?", "processed", json_dumps(result), now(), delivery_id)
-        return {"delivery_id": delivery_id, **result}
-
-    return await db.transact(run)
+async def ingest_envelope(tx, company: Company, raw: bytes, envelope: Any,
+                          headers: Mapping[str, str], source: str, event_hint: str = "") -> dict:
+    """Process a delivery and store its raw body with the outcome; both commit together, but a
+    processing failure is only recorded on the stored delivery (it can be replayed after a
+    fix)."""
+    try:
+        async with tx.savepoint():
+            result = await process_envelope(tx, company, envelope, event_hint)
+    except Exception as exc:  # noqa: BLE001 - recorded on the delivery, re-raised as 500
+        delivery_id = await _store_delivery(tx, company.id, source, raw, headers, envelope,
+                                            "failed", error=repr(exc)[:2000])
+        log.exception("webhook processing failed (delivery %s)", delivery_id)
+        return {"delivery_id": delivery_id, "failed": True}
+    delivery_id = await _store_delivery(tx, company.id, source, raw, headers, envelope,
+                                        "processed", result)
+    return {"delivery_id": delivery_id, **result}
 
 
 @routes.post("/webhook/{company_id}")
 @routes.post("/webhook/{company_id}/{suffix}")
 async def evolution_webhook(request: web.Request) -> web.Response:
-    db = request.app[DB]
-    company = await get_company(db, request.match_info["company_id"])
-    if company is None:
-        raise http_error(404, "Company not found")
     raw = await read_body(request, WEBHOOK_BODY_MAX)
     try:
-        envelope = json.loads(raw)
+        envelope, bad_json = json.loads(raw), False
     except (UnicodeDecodeError, ValueError):
-        envelope = None
-        bad_json = True
-    else:
-        bad_json = False
-    authenticated = (await _header_authenticated(db, company, request, envelope)
-                     or await _apikey_authenticated(db, company, envelope))
-    if not authenticated:
-        if company.settings["webhook_auth_required"]:
-            raise http_error(401, "Unauthorized")
-        log.warning("unauthenticated webhook accepted: company %s turned authentication off",
-                    company.id)
+        envelope, bad_json = None, True
     hint = request.match_info.get("suffix", "")
-    if bad_json:
-        delivery_id = await db.transact(lambda tx: _store_delivery(
-            tx, company.id, "evolution", raw, request.headers, None))
-        raise http_error(400, "Body is not valid JSON", delivery_id=delivery_id)
+
+    async def run(tx) -> dict:
+        # One unit of work from the company's row to the stored delivery: on SQLite no trip to
+        # a reader thread, on Postgres one pooled connection. Refusals raise: nothing is stored.
+        row = await tx.fetchone("SELECT * FROM companies WHERE id = ?",
+                                request.match_info["company_id"])
+        if row is None:
+            raise http_error(404, "Company not found")
+        company = Company.from_row(row)
+        if not (await _header_authenticated(tx, company, request, envelope)
+                or await _apikey_authenticated(tx, company, envelope)):
+            if company.settings["webhook_auth_required"]:
+                raise http_error(401, "Unauthorized")
+            log.warning("unauthenticated webhook accepted: company %s turned authentication "
+                        "off", company.id)
+        if bad_json:  # kept for a look, then refused
+            return {"delivery_id": await _store_delivery(
+                tx, company.id, "evolution", raw, request.headers, None), "bad_json": True}
+        return await ingest_envelope(tx, company, raw, envelope, request.headers, "evolution",
+                                     hint)
+
     started = time.perf_counter()
-    result = await ingest_evolution(db, company, raw, envelope, request.headers, "evolution", hint)
+    result = await request.app[DB].transact(run)
+    if result.get("bad_json"):
+        raise http_error(400, "Body is not valid JSON", delivery_id=result["delivery_id"])
     request.app[METRICS].observe_webhook(time.perf_counter() - started)
     if result.get("failed"):
         raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
@@ -3861,7 +3866,8 @@ async def webhook_ingest(request: web.Request) -> web.Response:
                  and isinstance(payload.get("event"), str) and "instance" in payload
                  and "data" in payload)
     if evolution:
-        result = await ingest_evolution(db, company, raw, payload, request.headers, source)
+        result = await db.transact(lambda tx: ingest_envelope(
+            tx, company, raw, payload, request.headers, source))
         if result.get("failed"):
             raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
         if "lead_id" in result:

@@ -389,12 +389,10 @@ async def test_readyz_is_200_with_the_database_name(client, database_url):
 
 
 async def test_unhandled_exception_is_500_json_with_request_id(api, monkeypatch):
-    def exploding_unit(*args, **kwargs):
-        async def run(tx):
-            raise RuntimeError("secret detail that must stay in the log")
-        return run
+    async def exploding_batch(tx, items):
+        raise RuntimeError("secret detail that must stay in the log")
 
-    monkeypatch.setattr(whatstracking, "tracking_unit", exploding_unit)
+    monkeypatch.setattr(whatstracking, "track_batch", exploding_batch)
     resp = await api.client.post("/tracking", json={"company_id": api.company_id},
                                  headers={"X-Request-Id": "trace-500"})
     assert resp.status == 500
