@@ -388,11 +388,19 @@ def loads_or(value: str | None, default: Any) -> Any:
 # ##################################################################################################
 
 # Counts visit_rollup from the visits (migration 5, and rebuild_rollup after changes by hand).
-ROLLUP_FILL = """INSERT INTO visit_rollup SELECT company_id, {bucket}, COALESCE(utm_source, ''),
-    COALESCE(utm_medium, ''), COALESCE(utm_campaign, ''), COALESCE(click_phone, ''), COUNT(*),
+ROLLUP_FILL = """INSERT INTO visit_rollup SELECT company_id, dimension, value, bucket, COUNT(*),
     SUM(CASE WHEN clicks > 0 THEN 1 ELSE 0 END),
-    SUM(CASE WHEN clicks > 0 AND lead_id IS NOT NULL THEN 1 ELSE 0 END)
-    FROM visits GROUP BY 1, 2, 3, 4, 5, 6"""
+    SUM(CASE WHEN clicks > 0 AND lead_id IS NOT NULL THEN 1 ELSE 0 END) FROM (
+    SELECT company_id, '' AS dimension, '' AS value, {bucket} AS bucket, clicks, lead_id
+        FROM visits
+    UNION ALL SELECT company_id, 'utm_source', COALESCE(utm_source, ''), {bucket}, clicks, lead_id
+        FROM visits
+    UNION ALL SELECT company_id, 'utm_medium', COALESCE(utm_medium, ''), {bucket}, clicks, lead_id
+        FROM visits
+    UNION ALL SELECT company_id, 'utm_campaign', COALESCE(utm_campaign, ''), {bucket}, clicks,
+        lead_id FROM visits
+    UNION ALL SELECT company_id, 'click_phone', COALESCE(click_phone, ''), {bucket}, clicks,
+        lead_id FROM visits) AS v GROUP BY 1, 2, 3, 4"""
 
 MIGRATIONS: list[tuple[int, str]] = [
     (1, """
@@ -594,32 +602,36 @@ CREATE INDEX visits_report ON visits (company_id, created_at, utm_source, utm_me
     utm_campaign, clicks, lead_id, click_phone);
 DROP INDEX visits_company_time;
 """),
-    # The report's visit counters per 15 minutes, kept up to date by every write that changes a
-    # visit (see the website tracking section); '' stands for no value (keys cannot be NULL).
+    # The report's visit counters per 15 minutes and value of one dimension (a UTM tag, the
+    # number clicked, or '' for all visits), kept up to date by every write that changes a visit
+    # (see the website tracking section); '' stands for no value (keys cannot be NULL).
     (5, """
 CREATE TABLE visit_rollup (
     company_id TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    value TEXT NOT NULL,
     bucket {bigint} NOT NULL,
-    utm_source TEXT NOT NULL,
-    utm_medium TEXT NOT NULL,
-    utm_campaign TEXT NOT NULL,
-    click_phone TEXT NOT NULL,
     visits {bigint} NOT NULL,
     clicks {bigint} NOT NULL,
     matched {bigint} NOT NULL,
-    PRIMARY KEY (company_id, bucket, utm_source, utm_medium, utm_campaign, click_phone)
-);
+    PRIMARY KEY (company_id, dimension, bucket, value)
+){without_rowid};
 """ + ROLLUP_FILL + """;
 DROP INDEX visits_report;
 CREATE INDEX visits_company_time ON visits (company_id, created_at);
+CREATE INDEX leads_report ON leads (company_id, created_at, match_method, utm_source, utm_medium,
+    utm_campaign, ad_id, connection_id);
+DROP INDEX leads_company_time;
+CREATE INDEX lead_events_report ON lead_events (company_id, occurred_at, name, value, lead_id);
+DROP INDEX lead_events_company_time;
 """),
 ]
 
 DIALECT_TYPES = {
     "sqlite": {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "bigint": "INTEGER", "real": "REAL",
-               "blob": "BLOB"},
+               "blob": "BLOB", "without_rowid": " WITHOUT ROWID"},  # the key is the table
     "postgres": {"id": "BIGSERIAL PRIMARY KEY", "bigint": "BIGINT", "real": "DOUBLE PRECISION",
-                 "blob": "BYTEA"},
+                 "blob": "BYTEA", "without_rowid": ""},
 }
 
 
@@ -729,7 +741,8 @@ class Storage:
     def migration_statements(self, sql: str) -> list[str]:
         types = {**DIALECT_TYPES[self.dialect],
                  "bucket": self.bucket("created_at", ROLLUP_BUCKET)}
-        sql = re.sub(r"\{(id|bigint|real|blob|bucket)\}", lambda m: types[m.group(1)], sql)
+        sql = re.sub(r"\{(id|bigint|real|blob|bucket|without_rowid)\}",
+                     lambda m: types[m.group(1)], sql)
         return [s.strip() for s in sql.split(";") if s.strip()]
 
 
@@ -1541,14 +1554,15 @@ def origin_allowed(company: Company, origin: str | None) -> bool:
     return (not origin or not allowed or "*" in allowed or origin.rstrip("/") in allowed)
 
 
-# The report's visit counters (table visit_rollup): each visit counts once in the row of its
-# 15-minute bucket, campaign and clicked number; as clicked (clicks > 0) and as matched (clicked
-# and brought a lead). Every write that changes one of those updates the counters in the same
-# transaction, by the difference between the visit's contribution before and after.
+# The report's visit counters (table visit_rollup): each visit counts once per dimension, in
+# the row of its 15-minute bucket and its value of that dimension; as clicked (clicks > 0) and as
+# matched (clicked and brought a lead). One row per dimension and value, not per combination, so
+# the rows stay few however many campaigns run. Every write that changes a visit updates the
+# counters in the same transaction, by the difference between its contribution before and after.
+ROLLUP_DIMENSIONS = ("", "utm_source", "utm_medium", "utm_campaign", "click_phone")
 ROLLUP_UPSERT = (
-    "INSERT INTO visit_rollup (company_id, bucket, utm_source, utm_medium, utm_campaign, "
-    "click_phone, visits, clicks, matched) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (company_id, bucket, utm_source, utm_medium, utm_campaign, click_phone) "
+    "INSERT INTO visit_rollup (company_id, dimension, value, bucket, visits, clicks, matched) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (company_id, dimension, bucket, value) "
     "DO UPDATE SET visits = visit_rollup.visits + excluded.visits, "
     "clicks = visit_rollup.clicks + excluded.clicks, "
     "matched = visit_rollup.matched + excluded.matched")
@@ -1556,13 +1570,14 @@ ROLLUP_UPSERT = (
 
 def rollup_count(deltas: dict, visit: Mapping[str, Any], sign: int) -> None:
     """Add (sign 1) or take away (sign -1) `visit`'s contribution in `deltas`."""
-    key = (visit["company_id"], int(visit["created_at"] // ROLLUP_BUCKET),
-           visit["utm_source"] or "", visit["utm_medium"] or "", visit["utm_campaign"] or "",
-           visit["click_phone"] or "")
+    bucket = int(visit["created_at"] // ROLLUP_BUCKET)
     clicked = sign if visit["clicks"] > 0 else 0
-    visits, clicks, matched = deltas.get(key, (0, 0, 0))
-    deltas[key] = (visits + sign, clicks + clicked,
-                   matched + (clicked if visit["lead_id"] is not None else 0))
+    matched = clicked if visit["lead_id"] is not None else 0
+    for dimension in ROLLUP_DIMENSIONS:
+        key = (visit["company_id"], dimension, (visit[dimension] or "") if dimension else "",
+               bucket)
+        visits, clicks, matches = deltas.get(key, (0, 0, 0))
+        deltas[key] = (visits + sign, clicks + clicked, matches + matched)
 
 
 async def write_rollup(tx, deltas: dict) -> None:
@@ -2243,20 +2258,20 @@ REPORT_GROUPS = ("utm_source", "utm_medium", "utm_campaign", "ad_id", "connectio
 MATCH_METHODS = ("code", "ctwa", "window", "none")
 
 
-def _report_keys(db: Storage, group_by: str) -> tuple[str, str, str, str]:
-    """SQL for the group key on visit_rollup (r), visits (v), leads (l) and lead events (joined
-    to their lead l)."""
+def _report_keys(db: Storage, group_by: str) -> tuple[str, str, str, str, str]:
+    """The visit_rollup dimension, and SQL for the group key on visit_rollup (r), visits (v),
+    leads (l) and lead events (joined to their lead l)."""
     if group_by == "day":
-        return ("r.bucket", db.bucket("v.created_at", ROLLUP_BUCKET),
+        return ("", "r.bucket", db.bucket("v.created_at", ROLLUP_BUCKET),
                 db.bucket("l.created_at", ROLLUP_BUCKET), db.bucket("e.occurred_at", ROLLUP_BUCKET))
     if group_by == "connection":
         visit_key = ("(SELECT MIN(c.id) FROM connections c WHERE c.company_id = {0}.company_id "
-                     "AND c.phone = {0}.click_phone)")
-        return (visit_key.format("r"), visit_key.format("v"), "l.connection_id",
-                "l.connection_id")
+                     "AND c.phone = {0}.{1})")
+        return ("click_phone", visit_key.format("r", "value"),
+                visit_key.format("v", "click_phone"), "l.connection_id", "l.connection_id")
     if group_by == "ad_id":
-        return "NULL", "NULL", "l.ad_id", "l.ad_id"
-    return f"NULLIF(r.{group_by}, '')", f"v.{group_by}", f"l.{group_by}", f"l.{group_by}"
+        return "", "NULL", "NULL", "l.ad_id", "l.ad_id"
+    return group_by, "NULLIF(r.value, '')", f"v.{group_by}", f"l.{group_by}", f"l.{group_by}"
 
 
 def _empty_row(key: Any) -> dict:
@@ -2276,15 +2291,15 @@ def _finish_row(row: dict) -> dict:
 async def build_report(db: Storage, company: Company, group_by: str, start: float, end: float
                        ) -> dict:
     zone = zoneinfo.ZoneInfo(company.settings["timezone"])
-    rollup_key, visit_key, lead_key, event_key = _report_keys(db, group_by)
+    dimension, rollup_key, visit_key, lead_key, event_key = _report_keys(db, group_by)
     first, last = -int(-start // ROLLUP_BUCKET), int(end // ROLLUP_BUCKET)  # whole buckets
     visits = []
     if first < last:
         visits += await db.fetchall(
             f"SELECT {rollup_key} AS k, CAST(SUM(r.visits) AS BIGINT) AS visits, "
             "CAST(SUM(r.clicks) AS BIGINT) AS clicks, CAST(SUM(r.matched) AS BIGINT) AS matched "
-            "FROM visit_rollup r WHERE r.company_id = ? AND r.bucket >= ? AND r.bucket < ? "
-            "GROUP BY 1", company.id, first, last)
+            "FROM visit_rollup r WHERE r.company_id = ? AND r.dimension = ? AND r.bucket >= ? "
+            "AND r.bucket < ? GROUP BY 1", company.id, dimension, first, last)
         edges = [(start, first * ROLLUP_BUCKET), (last * ROLLUP_BUCKET, end)]
     else:
         edges = [(start, end)]
@@ -4354,6 +4369,10 @@ async def cli_purge(config: Config, args: argparse.Namespace) -> Any:
     return await _with_storage(config, lambda db: purge_expired(db, config.retention_days))
 
 
+async def cli_rollup(config: Config, args: argparse.Namespace) -> Any:
+    return {"rollup_rows": await _with_storage(config, rebuild_rollup)}
+
+
 async def cli_company_add(config: Config, args: argparse.Namespace) -> Any:
     if not COMPANY_ID_RE.match(args.id):
         raise ConfigError("ID must be 1-64 letters, digits, '-', '_' or '.'.")
@@ -4379,6 +4398,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the server (the default)")
     sub.add_parser("migrate", help="create or upgrade the database schema")
     sub.add_parser("purge", help="delete raw data older than RETENTION_DAYS now")
+    sub.add_parser("rollup", help="recount the report's visit counters (after editing visits "
+                   "by hand)")
     company = sub.add_parser("company", help="manage companies").add_subparsers(dest="action",
                                                                                 required=True)
     add = company.add_parser("add", help="create a company and its first API token")
@@ -4439,8 +4460,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "serve":
             serve(config)
             return 0
-        handler = {"migrate": cli_migrate, "purge": cli_purge, "company": cli_company_add,
-                   "token": cli_token_add}[command]
+        handler = {"migrate": cli_migrate, "purge": cli_purge, "rollup": cli_rollup,
+                   "company": cli_company_add, "token": cli_token_add}[command]
         _print_json(asyncio.run(handler(config, args)))
         return 0
     except ConfigError as exc:

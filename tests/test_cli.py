@@ -179,6 +179,24 @@ async def test_company_add_prints_secrets_and_a_duplicate_fails(tmp_path, databa
     assert rows == [{"name": "Acme Ltda"}]
 
 
+async def test_rollup_recounts_the_report_counters_after_visits_edited_by_hand(
+        tmp_path, database_url):
+    cli_json("migrate", cwd=tmp_path, DATABASE_URL=database_url)
+    storage = whatstracking.Storage.from_url(database_url)
+    await storage.connect()
+    try:
+        await storage.transact(lambda tx: tx.execute(
+            "INSERT INTO visits (company_id, visitor_id, code, expires_at, utm_source, "
+            "last_touch, first_touch, clicks, created_at, updated_at) VALUES "
+            "('acme', 'v1', 'CODE1', 2e9, 'google', '{}', '{}', 1, 1767225600, 1767225600)"))
+    finally:
+        await storage.close()
+    assert cli_json("rollup", cwd=tmp_path, DATABASE_URL=database_url) == {"rollup_rows": 5}
+    rows = await db_rows(database_url, "SELECT value, visits, clicks FROM visit_rollup "
+                         "WHERE dimension = 'utm_source'")
+    assert rows == [{"value": "google", "visits": 1, "clicks": 1}]
+
+
 @pytest.mark.parametrize("args,words", [
     (("company", "add", "bad id!"), "ID"),
     (("company", "add", "acme", "--evolution-url", "not-a-url"), "evolution_url"),
