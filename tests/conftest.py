@@ -72,6 +72,16 @@ async def database_url(request, tmp_path):
 
 
 @pytest.fixture
+async def db(database_url):
+    """A migrated Storage on the test database, without the app."""
+    storage = whatstracking.Storage.from_url(database_url)
+    await storage.connect()
+    await storage.migrate()
+    yield storage
+    await storage.close()
+
+
+@pytest.fixture
 def make_config(database_url):
     def make(**env: str) -> whatstracking.Config:
         return whatstracking.load_config({"DATABASE_URL": database_url, "ADMIN_TOKEN": ADMIN_TOKEN,

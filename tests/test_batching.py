@@ -16,15 +16,6 @@ from whatstracking import Storage
 SITE = "https://loja.test/produto"
 
 
-@pytest.fixture
-async def db(database_url):
-    storage = Storage.from_url(database_url)
-    await storage.connect()
-    await storage.migrate()
-    yield storage
-    await storage.close()
-
-
 async def make_table(db) -> None:
     await db.transact(lambda tx: tx.execute(
         "CREATE TABLE batch_items (label TEXT PRIMARY KEY)"))

@@ -12,15 +12,6 @@ from conftest import postgres_schema_url
 from whatstracking import ConfigError, PostgresStorage, SqliteStorage, Storage
 
 
-@pytest.fixture
-async def db(database_url):
-    storage = Storage.from_url(database_url)
-    await storage.connect()
-    await storage.migrate()
-    yield storage
-    await storage.close()
-
-
 async def make_table(db) -> None:
     async def run(tx):
         await tx.execute("CREATE TABLE unit_items (id INTEGER PRIMARY KEY, label TEXT NOT NULL)")
