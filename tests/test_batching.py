@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import pytest
 
 import whatstracking
 from conftest import upsert
