@@ -746,7 +746,53 @@ class Storage:
         return [s.strip() for s in sql.split(";") if s.strip()]
 
 
-class SqliteTx:
+class DeferredWrites:
+    """What a transaction object keeps for the end of its transaction (both dialects).
+
+    - `defer(sql, *args)`: a write whose outcome the unit does not read and whose order against
+      the transaction's other deferred statements does not matter (an outbox row, a back
+      reference). At `flush` the rows of one statement text go as one `executemany`.
+    - `add(sql, key, values)`: an additive upsert (counters); values are summed per key first,
+      so many units counting into one hot row write it once, just before COMMIT, in key order
+      (concurrent Postgres transactions then lock such rows briefly and in one order).
+    - `memo`: a cache of reads for the rest of the transaction (a row it already read).
+
+    A savepoint flushes on entry and, when rolled back, drops what was deferred inside it along
+    with the memo. The storages flush before every COMMIT.
+    """
+
+    def _start(self) -> None:
+        self._deferred: list[tuple[str, tuple]] = []
+        self._sums: dict[str, dict[tuple, tuple]] = {}
+        self.memo: dict[Any, Any] = {}
+
+    def defer(self, sql: str, *args: Any) -> None:
+        self._deferred.append((sql, args))
+
+    def add(self, sql: str, key: tuple, values: tuple) -> None:
+        sums = self._sums.setdefault(sql, {})
+        old = sums.get(key)
+        sums[key] = values if old is None else tuple(a + b for a, b in zip(old, values))
+
+    async def flush(self) -> None:
+        deferred, sums = self._deferred, self._sums
+        self._deferred, self._sums = [], {}
+        grouped: dict[str, list[tuple]] = {}
+        for sql, args in deferred:
+            grouped.setdefault(sql, []).append(args)
+        for sql, rows in grouped.items():
+            await self.executemany(sql, rows)
+        for sql, by_key in sums.items():
+            rows = [key + values for key, values in sorted(by_key.items()) if any(values)]
+            if rows:
+                await self.executemany(sql, rows)
+
+    def _discard(self) -> None:
+        self._deferred, self._sums = [], {}
+        self.memo.clear()
+
+
+class SqliteTx(DeferredWrites):
     """The transaction object handed to units of work on SQLite.
 
     Its statements run right here on the event loop's thread, on the writer connection (a plain
@@ -759,6 +805,7 @@ class SqliteTx:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self._depth = 0
+        self._start()
 
     async def fetchone(self, sql: str, *args: Any) -> dict | None:
         cur = self.conn.execute(sql, args)
@@ -805,12 +852,14 @@ class SqliteTx:
 
     @contextlib.asynccontextmanager
     async def savepoint(self):
+        await self.flush()
         self._depth += 1
         name = f"sp{self._depth}"
         self.conn.execute(f"SAVEPOINT {name}")
         try:
             yield self
         except BaseException:
+            self._discard()
             self.conn.execute(f"ROLLBACK TO {name}")
             self.conn.execute(f"RELEASE {name}")
             raise
@@ -936,7 +985,9 @@ class SqliteStorage(Storage):
     async def _attempt(self, run: Callable[[Any, list], Awaitable[list]], items: list) -> list:
         tx = SqliteTx(self._writer)
         async with tx.savepoint():
-            return await run(tx, items)
+            results = await run(tx, items)
+            await tx.flush()
+            return results
 
     async def _run_batch(self, batch: list) -> None:
         results = []  # (future, result or exception instance)
@@ -951,7 +1002,9 @@ class SqliteStorage(Storage):
                 tx = SqliteTx(self._writer)
                 try:
                     async with tx.savepoint():
-                        results.append((future, await fn(tx)))
+                        value = await fn(tx)
+                        await tx.flush()
+                    results.append((future, value))
                 except Exception as exc:  # noqa: BLE001 - handed to the unit's caller
                     results.append((future, exc))
             for run, entries in grouped.items():
@@ -988,9 +1041,10 @@ def to_dollar_params(sql: str) -> str:
     return "".join(out)
 
 
-class PostgresTx:
+class PostgresTx(DeferredWrites):
     def __init__(self, conn: Any) -> None:
         self.conn = conn
+        self._start()
 
     async def fetchone(self, sql: str, *args: Any) -> dict | None:
         row = await self.conn.fetchrow(to_dollar_params(sql), *args)
@@ -1027,8 +1081,13 @@ class PostgresTx:
 
     @contextlib.asynccontextmanager
     async def savepoint(self):
-        async with self.conn.transaction():
-            yield self
+        await self.flush()
+        try:
+            async with self.conn.transaction():
+                yield self
+        except BaseException:
+            self._discard()
+            raise
 
 
 class PostgresStorage(Storage):
@@ -1102,7 +1161,10 @@ class PostgresStorage(Storage):
             raise StorageError("the database is closed")
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                return await fn(PostgresTx(conn))
+                tx = PostgresTx(conn)
+                value = await fn(tx)
+                await tx.flush()
+                return value
 
     async def submit(self, run: Callable[[Any, list], Awaitable[list]], item: Any) -> Any:
         """Items wait while POSTGRES_BATCHES_IN_FLIGHT transactions of their kind run; the next
@@ -1121,7 +1183,10 @@ class PostgresStorage(Storage):
     async def _attempt(self, run: Callable[[Any, list], Awaitable[list]], items: list) -> list:
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                return await run(PostgresTx(conn), items)
+                tx = PostgresTx(conn)
+                results = await run(tx, items)
+                await tx.flush()
+                return results
 
     async def _flush(self, run: Callable[[Any, list], Awaitable[list]]) -> None:
         import asyncpg
@@ -1580,11 +1645,11 @@ def rollup_count(deltas: dict, visit: Mapping[str, Any], sign: int) -> None:
         deltas[key] = (visits + sign, clicks + clicked, matches + matched)
 
 
-async def write_rollup(tx, deltas: dict) -> None:
-    # Sorted: concurrent Postgres transactions then lock the counter rows in one order.
-    rows = [key + value for key, value in sorted(deltas.items()) if any(value)]
-    if rows:
-        await tx.executemany(ROLLUP_UPSERT, rows)
+def write_rollup(tx, deltas: dict) -> None:
+    """Count `deltas` into the report counters at the end of the transaction (summed with the
+    transaction's other units: a hot counter row is written once, just before COMMIT)."""
+    for key, value in deltas.items():
+        tx.add(ROLLUP_UPSERT, key, value)
 
 
 async def rebuild_rollup(db: Storage) -> int:
@@ -1730,7 +1795,7 @@ async def track_batch(tx, items: list[TrackingInput]) -> list:
             (visit["company_id"], visit["id"], t.event, t.touch.get("page_url"),
              t.touch.get("referrer"), t.touch.get("utm_source"), t.touch.get("utm_medium"),
              t.touch.get("utm_campaign"), t.whatsapp_phone, ts) for t, visit in events])
-    await write_rollup(tx, rollup)
+    write_rollup(tx, rollup)
     return [r if isinstance(r, Exception) else
             (r[0], {"session_id": r[1]["id"], "visitor_id": r[2], "code": r[1]["code"]})
             for r in results]
@@ -1912,8 +1977,8 @@ async def record_event(tx, company: Company, lead_id: int, name: str, event_id: 
         existing = await tx.fetchone("SELECT * FROM lead_events WHERE company_id = ? AND "
                                      "event_id = ?", company.id, event_id)
         return existing, False
-    for destination in configured_destinations(company):
-        await tx.execute(
+    for destination in configured_destinations(company):  # the outbox, written before COMMIT
+        tx.defer(
             "INSERT INTO deliveries (company_id, event_row_id, lead_id, destination, status, "
             "attempts, next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             company.id, row["id"], lead_id, destination, "pending", 0, ts, ts, ts)
@@ -1987,13 +2052,22 @@ async def apply_label_association(tx, company: Company, connection_id: str, data
 # ##################################################################################################
 
 async def ensure_connection(tx, company_id: str, connection_id: str) -> dict:
-    """The connection row for an Evolution instance, created the first time it is heard from."""
-    ts = now()
-    await tx.execute("INSERT INTO connections (company_id, id, created_at, updated_at) "
-                     "VALUES (?, ?, ?, ?) ON CONFLICT (company_id, id) DO NOTHING",
-                     company_id, connection_id, ts, ts)
-    return await tx.fetchone("SELECT * FROM connections WHERE company_id = ? AND id = ?",
-                             company_id, connection_id)
+    """The connection row for an Evolution instance, created the first time it is heard from
+    (kept in the transaction's memo: a batch of messages to one number reads it once)."""
+    key = ("connection", company_id, connection_id)
+    row = tx.memo.get(key)
+    if row is None:
+        row = await tx.fetchone("SELECT * FROM connections WHERE company_id = ? AND id = ?",
+                                company_id, connection_id)
+    if row is None:
+        ts = now()
+        await tx.execute("INSERT INTO connections (company_id, id, created_at, updated_at) "
+                         "VALUES (?, ?, ?, ?) ON CONFLICT (company_id, id) DO NOTHING",
+                         company_id, connection_id, ts, ts)
+        row = await tx.fetchone("SELECT * FROM connections WHERE company_id = ? AND id = ?",
+                                company_id, connection_id)
+    tx.memo[key] = row
+    return row
 
 
 async def resolve_contact(tx, company_id: str, msg: InboundMessage) -> tuple[dict, bool]:
@@ -2001,12 +2075,14 @@ async def resolve_contact(tx, company_id: str, msg: InboundMessage) -> tuple[dic
     Returns (contact, is_new)."""
     ts = now()
     by_phone = by_lid = None
-    if msg.phone:
-        by_phone = await tx.fetchone("SELECT * FROM contacts WHERE company_id = ? AND phone = ?",
-                                     company_id, msg.phone)
-    if msg.lid:
-        by_lid = await tx.fetchone("SELECT * FROM contacts WHERE company_id = ? AND lid = ?",
-                                   company_id, msg.lid)
+    if msg.phone or msg.lid:  # one read for both forms of the sender
+        for row in await tx.fetchall(
+                "SELECT * FROM contacts WHERE company_id = ? AND (phone = ? OR lid = ?)",
+                company_id, msg.phone, msg.lid):
+            if msg.phone and row["phone"] == msg.phone:
+                by_phone = row
+            if msg.lid and row["lid"] == msg.lid:
+                by_lid = row
     if by_phone and by_lid and by_phone["id"] != by_lid["id"]:
         # The same person was first known only by LID: fold that contact into the phone one.
         await tx.execute("UPDATE leads SET contact_id = ?, phone = ? WHERE contact_id = ?",
@@ -2042,17 +2118,17 @@ async def _visit_for_code(tx, company_id: str, codes: list[str], contact_id: int
     reason = None
     for code in codes:
         visit = await tx.fetchone(
-            "SELECT * FROM visits WHERE company_id = ? AND code = ? AND expires_at > ?",
-            company_id, code, now())
+            "SELECT v.*, l.id AS code_lead_id, l.contact_id AS code_contact_id FROM visits v "
+            "LEFT JOIN leads l ON l.company_id = v.company_id AND l.code = v.code "
+            "WHERE v.company_id = ? AND v.code = ? AND v.expires_at > ?", company_id, code, now())
         if visit is None:
             continue
-        lead = await tx.fetchone("SELECT contact_id FROM leads WHERE company_id = ? AND code = ?",
-                                 company_id, code)
-        if lead is None:
+        lead_contact = visit.pop("code_contact_id")
+        if visit.pop("code_lead_id") is None:
             return visit, None
         # A code matched once is not matched again: to the same person it is the same lead; to
         # another person (a forwarded message) it attributes nothing.
-        reason = "code already matched" if lead["contact_id"] == contact_id else reason
+        reason = "code already matched" if lead_contact == contact_id else reason
     return None, reason
 
 
@@ -2101,7 +2177,7 @@ async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
             rollup: dict = {}
             rollup_count(rollup, {**matched, "lead_id": None}, -1)
             rollup_count(rollup, matched, 1)
-            await write_rollup(tx, rollup)
+            write_rollup(tx, rollup)
     await record_event(tx, company, lead_id, "lead", f"lead-{lead_id}", msg.timestamp or ts,
                        "whatsapp")
     return lead_id
@@ -2152,13 +2228,11 @@ async def match_message(tx, company: Company, connection: dict, msg: InboundMess
         reason = reason or "existing contact"
     if lead_id is not None:
         result["lead_id"] = lead_id
-        await tx.execute("UPDATE messages SET contact_id = ?, lead_id = ? WHERE id = ?",
-                         contact["id"], lead_id, inserted["id"])
     else:
         result.pop("match", None)
         result["ignored"] = reason or "no lead"
-        await tx.execute("UPDATE messages SET contact_id = ? WHERE id = ?", contact["id"],
-                         inserted["id"])
+    tx.defer("UPDATE messages SET contact_id = ?, lead_id = ? WHERE id = ?",
+             contact["id"], lead_id, inserted["id"])
     return result
 
 
@@ -2166,6 +2240,7 @@ async def apply_connection_update(tx, company_id: str, connection_id: str, data:
     if not isinstance(data, dict):
         return {"ignored": "no data"}
     await ensure_connection(tx, company_id, connection_id)
+    tx.memo.pop(("connection", company_id, connection_id))  # changed below
     state = data.get("state") if isinstance(data.get("state"), str) else None
     wuid = data.get("wuid")
     phone = digits(jid_user(wuid)) if isinstance(wuid, str) and wuid.endswith(JID_PHONE) else None
@@ -2186,6 +2261,7 @@ async def apply_connection_update(tx, company_id: str, connection_id: str, data:
 async def apply_qrcode_update(tx, company_id: str, connection_id: str, data: Any) -> dict:
     qr = data.get("qrcode") if isinstance(data, dict) else None
     await ensure_connection(tx, company_id, connection_id)
+    tx.memo.pop(("connection", company_id, connection_id))  # changed below
     if not isinstance(qr, dict) or not isinstance(qr.get("code"), str):
         # "QR code limit reached": Evolution gave up waiting for a scan.
         await tx.execute("UPDATE connections SET qr_code = NULL, qr_pairing_code = NULL, "
@@ -3130,7 +3206,10 @@ async def track(request: web.Request) -> web.Response:
 
 async def _store_delivery(tx, company_id: str | None, source: str, raw: bytes,
                           headers: Mapping[str, str], envelope: Any, status: str = "received",
-                          result: dict | None = None, error: str | None = None) -> int:
+                          result: dict | None = None, error: str | None = None,
+                          delivery_id: int | None = None) -> int:
+    """Store a delivery's raw body; with a reserved `delivery_id`, at the end of the transaction
+    (one statement for a batch)."""
     instance = event = None
     if isinstance(envelope, dict):
         instance = envelope.get("instance") if isinstance(envelope.get("instance"), str) else None
@@ -3139,21 +3218,25 @@ async def _store_delivery(tx, company_id: str | None, source: str, raw: bytes,
             if k.lower() in ("content-type", "user-agent", "x-request-id", "x-instance-id",
                              "x-instance-name", "x-event-type", "x-timestamp")}
     ts = now()
-    row = await tx.fetchone(
-        "INSERT INTO webhook_deliveries (company_id, source, instance, event, headers, body, "
-        "truncated, status, result, error, received_at, processed_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        company_id, source, instance and instance[:128], event and event[:64], json_dumps(kept),
-        raw[:WEBHOOK_BODY_MAX], 0, status, None if result is None else json_dumps(result),
-        error, ts, None if status == "received" else ts)
+    values = (company_id, source, instance and instance[:128], event and event[:64],
+              json_dumps(kept), raw[:WEBHOOK_BODY_MAX], 0, status,
+              None if result is None else json_dumps(result), error, ts,
+              None if status == "received" else ts)
+    columns = ("company_id, source, instance, event, headers, body, truncated, status, result, "
+               "error, received_at, processed_at")
+    if delivery_id is not None:
+        tx.defer(f"INSERT INTO webhook_deliveries (id, {columns}) "
+                 f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", delivery_id, *values)
+        return delivery_id
+    row = await tx.fetchone(f"INSERT INTO webhook_deliveries ({columns}) "
+                            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id", *values)
     return row["id"]
 
 
-async def _header_authenticated(tx, company: Company, request: web.Request,
+async def _header_authenticated(tx, company: Company, given: str | None,
                                 envelope: Any) -> bool:
     """The company's webhook secret, or the secret of the connection the envelope names (a
     connection's secret speaks for that instance only, and only while it is not deleted)."""
-    given = request.headers.get("X-Webhook-Secret") or bearer(request)
     if not given:
         return False
     if same_secret(given, company.webhook_secret):
@@ -3178,21 +3261,75 @@ async def _apikey_authenticated(tx, company: Company, envelope: Any) -> bool:
 
 
 async def ingest_envelope(tx, company: Company, raw: bytes, envelope: Any,
-                          headers: Mapping[str, str], source: str, event_hint: str = "") -> dict:
+                          headers: Mapping[str, str], source: str, event_hint: str = "",
+                          delivery_id: int | None = None, isolated: bool = True) -> dict:
     """Process a delivery and store its raw body with the outcome; both commit together, but a
     processing failure is only recorded on the stored delivery (it can be replayed after a
-    fix)."""
+    fix). Not `isolated` (one of a batch), a failure raises instead: the batch is rolled back
+    and its deliveries are ingested one by one."""
     try:
-        async with tx.savepoint():
+        if isolated:
+            async with tx.savepoint():
+                result = await process_envelope(tx, company, envelope, event_hint)
+        else:
             result = await process_envelope(tx, company, envelope, event_hint)
     except Exception as exc:  # noqa: BLE001 - recorded on the delivery, re-raised as 500
+        if not isolated:
+            raise
         delivery_id = await _store_delivery(tx, company.id, source, raw, headers, envelope,
-                                            "failed", error=repr(exc)[:2000])
+                                            "failed", error=repr(exc)[:2000],
+                                            delivery_id=delivery_id)
         log.exception("webhook processing failed (delivery %s)", delivery_id)
         return {"delivery_id": delivery_id, "failed": True}
     delivery_id = await _store_delivery(tx, company.id, source, raw, headers, envelope,
-                                        "processed", result)
+                                        "processed", result, delivery_id=delivery_id)
     return {"delivery_id": delivery_id, **result}
+
+
+@dataclasses.dataclass(slots=True)
+class WebhookInput:
+    """One `POST /webhook` delivery, read and parsed, waiting for its batch."""
+    company_id: str
+    raw: bytes
+    envelope: Any
+    bad_json: bool
+    headers: Mapping[str, str]
+    secret: str | None  # what the request authenticated with (header or bearer)
+    hint: str  # the event named by the URL's suffix
+
+
+async def webhook_batch(tx, items: list[WebhookInput]) -> list:
+    """Ingest Evolution deliveries (Storage.submit's `run`): one result per item, or the HTTP
+    error refusing it (a refusal stores nothing). Items are applied in order in one transaction:
+    each company is read once, ids are reserved up front, and the writes nobody reads back go as
+    one statement each at the end. A lone item runs in a savepoint, so a failure to process it
+    is recorded on its stored delivery."""
+    where, args = tx.any_of("id", list({t.company_id for t in items}))
+    companies = {row["id"]: Company.from_row(row) for row in
+                 await tx.fetchall(f"SELECT * FROM companies WHERE {where}", *args)}
+    ids = await tx.reserve_ids("webhook_deliveries", len(items))
+    results: list = []
+    for t, delivery_id in zip(items, ids):
+        company = companies.get(t.company_id)
+        if company is None:
+            results.append(http_error(404, "Company not found"))
+            continue
+        if not (await _header_authenticated(tx, company, t.secret, t.envelope)
+                or await _apikey_authenticated(tx, company, t.envelope)):
+            if company.settings["webhook_auth_required"]:
+                results.append(http_error(401, "Unauthorized"))
+                continue
+            log.warning("unauthenticated webhook accepted: company %s turned authentication "
+                        "off", company.id)
+        if t.bad_json:  # kept for a look, then refused
+            results.append({"delivery_id": await _store_delivery(
+                tx, company.id, "evolution", t.raw, t.headers, None, delivery_id=delivery_id),
+                "bad_json": True})
+            continue
+        results.append(await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
+                                             "evolution", t.hint, delivery_id,
+                                             isolated=len(items) == 1))
+    return results
 
 
 @routes.post("/webhook/{company_id}")
@@ -3203,30 +3340,11 @@ async def evolution_webhook(request: web.Request) -> web.Response:
         envelope, bad_json = json.loads(raw), False
     except (UnicodeDecodeError, ValueError):
         envelope, bad_json = None, True
-    hint = request.match_info.get("suffix", "")
-
-    async def run(tx) -> dict:
-        # One unit of work from the company's row to the stored delivery: on SQLite no trip to
-        # a reader thread, on Postgres one pooled connection. Refusals raise: nothing is stored.
-        row = await tx.fetchone("SELECT * FROM companies WHERE id = ?",
-                                request.match_info["company_id"])
-        if row is None:
-            raise http_error(404, "Company not found")
-        company = Company.from_row(row)
-        if not (await _header_authenticated(tx, company, request, envelope)
-                or await _apikey_authenticated(tx, company, envelope)):
-            if company.settings["webhook_auth_required"]:
-                raise http_error(401, "Unauthorized")
-            log.warning("unauthenticated webhook accepted: company %s turned authentication "
-                        "off", company.id)
-        if bad_json:  # kept for a look, then refused
-            return {"delivery_id": await _store_delivery(
-                tx, company.id, "evolution", raw, request.headers, None), "bad_json": True}
-        return await ingest_envelope(tx, company, raw, envelope, request.headers, "evolution",
-                                     hint)
-
+    item = WebhookInput(request.match_info["company_id"], raw, envelope, bad_json,
+                        request.headers, request.headers.get("X-Webhook-Secret") or bearer(request),
+                        request.match_info.get("suffix", ""))
     started = time.perf_counter()
-    result = await request.app[DB].transact(run)
+    result = await request.app[DB].submit(webhook_batch, item)
     if result.get("bad_json"):
         raise http_error(400, "Body is not valid JSON", delivery_id=result["delivery_id"])
     request.app[METRICS].observe_webhook(time.perf_counter() - started)

@@ -5,11 +5,13 @@ Runs on SQLite and on a real Postgres."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
+import pytest
 
 import whatstracking
-from conftest import upsert
+from conftest import fixture, upsert
 from whatstracking import Storage
 
 SITE = "https://loja.test/produto"
@@ -242,3 +244,188 @@ async def test_migration_5_counts_the_visits_already_stored(database_url, monkey
                         ("utm_source", "google", bucket, 3, 3, 2)]
     finally:
         await storage.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Writes deferred to the end of a transaction (DeferredWrites)
+# ------------------------------------------------------------------------------------------------
+
+COUNTER_UPSERT = ("INSERT INTO counters (k, n, m) VALUES (?, ?, ?) ON CONFLICT (k) DO UPDATE "
+                  "SET n = counters.n + excluded.n, m = counters.m + excluded.m")
+
+
+async def test_deferred_writes_land_with_the_commit_and_counters_are_summed_first(db):
+    await db.transact(lambda tx: tx.execute(
+        "CREATE TABLE counters (k TEXT PRIMARY KEY, n INTEGER, m INTEGER)"))
+    await make_table(db)
+    statements: list[tuple[str, int]] = []
+
+    async def unit(tx):
+        executemany = tx.executemany
+
+        async def spy(sql, rows):
+            statements.append((sql.split()[2], len(rows)))
+            await executemany(sql, rows)
+
+        tx.executemany = spy
+        for n in range(5):
+            tx.defer("INSERT INTO batch_items (label) VALUES (?)", f"d{n}")
+            tx.add(COUNTER_UPSERT, ("hot",), (1, n))
+        tx.add(COUNTER_UPSERT, ("cold",), (2, 0))
+        tx.add(COUNTER_UPSERT, ("zero",), (0, 0))  # nothing to count: not written
+        assert await tx.fetchone("SELECT COUNT(*) AS n FROM batch_items") == {"n": 0}
+        return "done"
+
+    assert await db.transact(unit) == "done"
+    assert await labels(db) == [f"d{n}" for n in range(5)]
+    rows = await db.fetchall("SELECT k, n, m FROM counters ORDER BY k")
+    assert [(r["k"], r["n"], r["m"]) for r in rows] == [("cold", 2, 0), ("hot", 5, 10)]
+    # one statement for the five rows, one for the counters (in key order)
+    assert statements == [("batch_items", 5), ("counters", 2)]
+
+
+async def test_a_rolled_back_savepoint_drops_what_was_deferred_inside_it(db):
+    await make_table(db)
+
+    async def unit(tx):
+        tx.defer("INSERT INTO batch_items (label) VALUES (?)", "before")
+        tx.memo["seen"] = True
+        try:
+            async with tx.savepoint():
+                tx.defer("INSERT INTO batch_items (label) VALUES (?)", "inside")
+                raise Refused("undo")
+        except Refused:
+            pass
+        assert tx.memo == {}  # a read remembered may have seen the rolled-back writes
+        async with tx.savepoint():
+            tx.defer("INSERT INTO batch_items (label) VALUES (?)", "kept")
+
+    await db.transact(unit)
+    assert await labels(db) == ["before", "kept"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Webhook deliveries in batches
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def batch_sizes(monkeypatch) -> list[int]:
+    """The size of every webhook batch run."""
+    sizes: list[int] = []
+    batch = whatstracking.webhook_batch
+
+    async def counted(tx, items):
+        sizes.append(len(items))
+        return await batch(tx, items)
+
+    monkeypatch.setattr(whatstracking, "webhook_batch", counted)
+    return sizes
+
+
+async def test_concurrent_deliveries_are_ingested_together_each_as_alone(api, batch_sizes):
+    visitors = [uuid.uuid4().hex for _ in range(12)]
+    tracked = [await api.track(visitor_id=v, page_url=f"{SITE}?utm_source=google&utm_campaign=c{n}",
+                               event="whatsapp_click", whatsapp_phone="5511900001111")
+               for n, v in enumerate(visitors)]
+    envelopes = [upsert(f"Olá! Quero o tênis {whatstracking.message_code(t['code'])} 😀",
+                        phone=f"55119800{n:05d}") for n, t in enumerate(tracked)]
+    envelopes += [upsert(f"Oi, sem código {n}", phone=f"55119811{n:05d}") for n in range(6)]
+    answers = await asyncio.gather(*(api.webhook(e) for e in envelopes))
+    assert max(batch_sizes) > 1
+    assert [a.get("match") for a in answers] == ["code"] * 12 + ["none"] * 6
+    assert len({a["delivery_id"] for a in answers}) == 18
+    stored = {r["id"]: r for r in await api.db.fetchall("SELECT * FROM webhook_deliveries")}
+    for envelope, answer in zip(envelopes, answers):
+        row = stored[answer["delivery_id"]]
+        assert row["status"] == "processed"
+        assert json.loads(bytes(row["body"]))["data"]["key"]["id"] == \
+            envelope["data"]["key"]["id"]
+        assert json.loads(row["result"])["lead_id"] == answer["lead_id"]
+    leads = {lead["id"]: lead for lead in await api.leads(limit=100)}
+    for n, (t, answer) in enumerate(zip(tracked, answers)):
+        lead = leads[answer["lead_id"]]
+        assert lead["session_id"] == t["session_id"]
+        assert lead["attribution"]["utm_campaign"] == f"c{n}"
+        assert lead["first_message"].startswith("Olá! Quero o tênis")
+        assert lead["first_message"].endswith("😀")
+    messages = await api.db.fetchall("SELECT lead_id, contact_id FROM messages")
+    assert sorted(m["lead_id"] for m in messages) == sorted(a["lead_id"] for a in answers)
+    assert all(m["contact_id"] for m in messages)
+    # the matched clicks counted once per lead, as a recount finds them
+    kept = await rollup_rows(api.db)
+    assert ("", "", kept[0][2], 12, 12, 12) in kept
+    await whatstracking.rebuild_rollup(api.db)
+    assert await rollup_rows(api.db) == kept
+
+
+async def test_refused_deliveries_in_a_batch_store_nothing_and_spare_the_others(
+        client, api, batch_sizes):
+    async def post(company: str, secret: str, n: int) -> int:
+        resp = await client.post(f"/webhook/{company}", json=upsert(f"Oi {n}", phone=f"5521{n:09d}"),
+                                 headers={"X-Webhook-Secret": secret})
+        return resp.status
+
+    cases = ([(api.company_id, api.webhook_secret)] * 5 + [(api.company_id, "wrong")] * 3
+             + [("nobody", api.webhook_secret)] * 3)
+    statuses = await asyncio.gather(*(post(c, s, n) for n, (c, s) in enumerate(cases)))
+    assert statuses == [200] * 5 + [401] * 3 + [404] * 3
+    assert max(batch_sizes) > 1
+    assert len(await api.db.fetchall("SELECT id FROM webhook_deliveries")) == 5
+    assert len(await api.leads()) == 5
+
+
+async def test_a_delivery_failing_in_a_batch_is_recorded_and_the_others_land(
+        api, batch_sizes, monkeypatch):
+    process = whatstracking.process_envelope
+
+    async def fragile(tx, company, envelope, hint=""):
+        if envelope["data"]["message"]["conversation"] == "quebra":
+            raise RuntimeError("processing bug")
+        return await process(tx, company, envelope, hint)
+
+    monkeypatch.setattr(whatstracking, "process_envelope", fragile)
+    texts = [f"Oi {n}" for n in range(6)] + ["quebra"] + [f"Olá {n}" for n in range(6)]
+
+    async def post(n: int, text: str):
+        resp = await api.client.post(f"/webhook/{api.company_id}",
+                                     json=upsert(text, phone=f"5531{n:09d}"),
+                                     headers={"X-Webhook-Secret": api.webhook_secret})
+        return resp.status, await resp.json()
+
+    answers = await asyncio.gather(*(post(n, t) for n, t in enumerate(texts)))
+    assert max(batch_sizes) > 1
+    assert [s for s, _ in answers] == [200] * 6 + [500] + [200] * 6
+    failed = answers[6][1]
+    assert failed["error"] == "Internal server error"
+    rows = {r["id"]: r for r in await api.db.fetchall("SELECT * FROM webhook_deliveries")}
+    assert len(rows) == 13
+    assert rows[failed["delivery_id"]]["status"] == "failed"
+    assert "processing bug" in rows[failed["delivery_id"]]["error"]
+    assert sorted(r["status"] for r in rows.values()) == ["failed"] + ["processed"] * 12
+    assert len(await api.leads()) == 12
+
+
+async def test_a_connection_changed_earlier_in_a_batch_is_read_fresh(api):
+    """A batch remembers the connections it read; a connection.update in it is seen by the
+    messages after it (the window match needs the connection's phone)."""
+    await api.client.patch("/api/company", json={"window_match": True, "window_minutes": 30},
+                           headers=api.auth)
+    clicked = await api.track(visitor_id="v-window", page_url=f"{SITE}?utm_source=google",
+                              event="whatsapp_click", whatsapp_phone="5511900001111")
+    company = api.company_id
+
+    def item(envelope: dict) -> whatstracking.WebhookInput:
+        raw = json.dumps(envelope).encode()
+        return whatstracking.WebhookInput(company, raw, envelope, False, {}, api.webhook_secret,
+                                          "")
+
+    first = upsert("Oi", phone="5511970000001")
+    update = fixture("connection-update-open")
+    update["instance"] = first["instance"]
+    second = upsert("Oi, vi no site", phone="5511970000002")
+    answers = await asyncio.gather(*(api.db.submit(whatstracking.webhook_batch, item(e))
+                                     for e in (first, update, second)))
+    assert answers[0]["match"] == "none"  # the connection's number was not known yet
+    assert answers[2]["match"] == "window"
+    lead = await api.db.fetchone("SELECT visit_id FROM leads WHERE id = ?", answers[2]["lead_id"])
+    assert lead["visit_id"] == clicked["session_id"]
