@@ -968,7 +968,7 @@ class SqliteStorage(Storage):
         return await future
 
     async def _commit_loop(self) -> None:
-        stopping = False
+        stopping = begun = False
         while not stopping:
             item = await self._queue.get()
             if item is None:
@@ -980,7 +980,21 @@ class SqliteStorage(Storage):
                     stopping = True
                     break
                 batch.append(item)
-            await self._run_batch(batch)
+            begun = await self._run_batch(batch, begun)
+        if begun:  # the next group's transaction was opened, and nothing came
+            await self._in_writer_thread(self._writer.execute, "COMMIT")
+
+    def _commit(self, begin_next: bool) -> bool:
+        """COMMIT; with more work queued, BEGIN the next group's transaction in the same trip to
+        the writer thread. Whether it did."""
+        self._writer.execute("COMMIT")
+        if not begin_next:
+            return False
+        try:
+            self._writer.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:  # e.g. another process writes: the next group waits in its BEGIN
+            return False
+        return True
 
     async def _attempt(self, run: Callable[[Any, list], Awaitable[list]], items: list) -> list:
         tx = SqliteTx(self._writer)
@@ -989,11 +1003,13 @@ class SqliteStorage(Storage):
             await tx.flush()
             return results
 
-    async def _run_batch(self, batch: list) -> None:
+    async def _run_batch(self, batch: list, begun: bool) -> bool:
+        """Run a group in one transaction (`begun` already); whether the next one is begun."""
         results = []  # (future, result or exception instance)
         grouped: dict[Any, list] = {}  # batched kind → [(item, future)]
         try:
-            await self._in_writer_thread(self._writer.execute, "BEGIN IMMEDIATE")
+            if not begun:
+                await self._in_writer_thread(self._writer.execute, "BEGIN IMMEDIATE")
             for entry in batch:
                 if len(entry) == 3:
                     grouped.setdefault(entry[0], []).append(entry[1:])
@@ -1014,14 +1030,14 @@ class SqliteStorage(Storage):
                         functools.partial(self._attempt, run), [item for item, _ in chunk],
                         (sqlite3.IntegrityError,))
                     results.extend(zip((future for _, future in chunk), values))
-            await self._in_writer_thread(self._writer.execute, "COMMIT")
+            begun = await self._in_writer_thread(self._commit, not self._queue.empty())
         except Exception as exc:  # the batch as a whole failed: nothing of it is committed
             with contextlib.suppress(Exception):
                 await self._in_writer_thread(self._writer.execute, "ROLLBACK")
             for entry in batch:
                 if not entry[-1].done():
                     entry[-1].set_exception(exc)
-            return
+            return False
         for future, value in results:
             if future.done():  # the caller went away (cancelled); the work is committed anyway
                 continue
@@ -1029,6 +1045,7 @@ class SqliteStorage(Storage):
                 future.set_exception(value)
             else:
                 future.set_result(value)
+        return begun
 
 
 @functools.lru_cache(maxsize=512)
@@ -1450,9 +1467,16 @@ def code_check(body: str) -> str:
     return CROCKFORD[sum((2 * i + 1) * _CODE_VALUE[c] for i, c in enumerate(body)) % 32]
 
 
+_RANDOM_POOL = bytearray()  # bytes from os.urandom, read 4 KiB at a time (not one call per code)
+_BYTE_TO_CROCKFORD = bytes(ord(CROCKFORD[b & 31]) for b in range(256))  # 256 % 32 == 0: uniform
+os.register_at_fork(after_in_child=_RANDOM_POOL.clear)  # a child never reuses its parent's bytes
+
+
 def new_code() -> str:
-    bits = secrets.randbits(5 * CODE_BODY_LEN)  # one call to the system's random source
-    body = "".join(CROCKFORD[(bits >> (5 * i)) & 31] for i in range(CODE_BODY_LEN))
+    if len(_RANDOM_POOL) < CODE_BODY_LEN:
+        _RANDOM_POOL[:] = os.urandom(4096)
+    body = _RANDOM_POOL[-CODE_BODY_LEN:].translate(_BYTE_TO_CROCKFORD).decode()
+    del _RANDOM_POOL[-CODE_BODY_LEN:]  # each byte is used once
     return body + code_check(body)
 
 
