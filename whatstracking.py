@@ -670,12 +670,15 @@ class Storage:
         """Run ``await fn(tx)`` in a transaction; return its result once committed."""
         raise NotImplementedError
 
-    async def submit(self, run: Callable[[Any, list], Awaitable[list]], item: Any) -> Any:
+    async def submit(self, run: Callable[[Any, list], Awaitable[list]], item: Any,
+                     spread: bool = False) -> Any:
         """Batched units of work: ``await run(tx, items)`` handles many concurrent items of one
         kind in one go (set-wise statements, one round trip for all) and returns one result per
         item, an exception instance standing for that item's refusal. Returns this item's result
         once committed, or raises its exception. Should the batch as a whole fail, each item is
-        run on its own (a failing item then fails alone)."""
+        run on its own (a failing item then fails alone). `spread`: the run's statements grow
+        with each item, so where transactions run side by side (Postgres), the waiting items are
+        shared out among them instead of all going in the next one."""
         raise NotImplementedError
 
     @staticmethod
@@ -960,7 +963,8 @@ class SqliteStorage(Storage):
         self._queue.put_nowait((fn, future))
         return await future
 
-    async def submit(self, run: Callable[[Any, list], Awaitable[list]], item: Any) -> Any:
+    async def submit(self, run: Callable[[Any, list], Awaitable[list]], item: Any,
+                     spread: bool = False) -> Any:
         if self._loop_task is None or self._loop_task.done():
             raise StorageError("the database is closed")
         future = asyncio.get_running_loop().create_future()
@@ -1138,6 +1142,7 @@ class PostgresStorage(Storage):
         self.pool = None
         self._pending: dict[Any, list] = {}  # batched kind → [(item, future)] waiting
         self._in_flight: dict[Any, int] = {}  # batched kind → transactions running
+        self._spread: dict[Any, bool] = {}  # batched kind → share the waiting items out
         self._flushes: set[asyncio.Task] = set()
 
     async def connect(self) -> None:
@@ -1183,13 +1188,16 @@ class PostgresStorage(Storage):
                 await tx.flush()
                 return value
 
-    async def submit(self, run: Callable[[Any, list], Awaitable[list]], item: Any) -> Any:
+    async def submit(self, run: Callable[[Any, list], Awaitable[list]], item: Any,
+                     spread: bool = False) -> Any:
         """Items wait while POSTGRES_BATCHES_IN_FLIGHT transactions of their kind run; the next
-        free one takes all that wait (up to BATCH_MAX). Under no load an item goes at once."""
+        free one takes all that wait (up to BATCH_MAX), or with `spread` its share of them. Under
+        no load an item goes at once."""
         if self.pool is None:
             raise StorageError("the database is closed")
         future = asyncio.get_running_loop().create_future()
         self._pending.setdefault(run, []).append((item, future))
+        self._spread[run] = spread
         if self._in_flight.get(run, 0) < POSTGRES_BATCHES_IN_FLIGHT:
             self._in_flight[run] = self._in_flight.get(run, 0) + 1
             task = asyncio.create_task(self._flush(run))
@@ -1213,8 +1221,12 @@ class PostgresStorage(Storage):
         pending = self._pending[run]
         try:
             while pending:
-                chunk = pending[:BATCH_MAX]
-                del pending[:BATCH_MAX]
+                # Spread: a fair share of what waits, so that no item waits behind one long batch
+                # while another transaction has few.
+                size = (min(BATCH_MAX, -(-len(pending) // POSTGRES_BATCHES_IN_FLIGHT))
+                        if self._spread[run] else BATCH_MAX)
+                chunk = pending[:size]
+                del pending[:size]
                 try:
                     values = await self._run_isolated(functools.partial(self._attempt, run),
                                                       [item for item, _ in chunk], retryable)
@@ -3368,7 +3380,7 @@ async def evolution_webhook(request: web.Request) -> web.Response:
                         request.headers, request.headers.get("X-Webhook-Secret") or bearer(request),
                         request.match_info.get("suffix", ""))
     started = time.perf_counter()
-    result = await request.app[DB].submit(webhook_batch, item)
+    result = await request.app[DB].submit(webhook_batch, item, spread=True)
     if result.get("bad_json"):
         raise http_error(400, "Body is not valid JSON", delivery_id=result["delivery_id"])
     request.app[METRICS].observe_webhook(time.perf_counter() - started)
