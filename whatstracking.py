@@ -1143,6 +1143,7 @@ class PostgresStorage(Storage):
         self._pending: dict[Any, list] = {}  # batched kind → [(item, future)] waiting
         self._in_flight: dict[Any, int] = {}  # batched kind → transactions running
         self._spread: dict[Any, bool] = {}  # batched kind → share the waiting items out
+        self._idle: dict[Any, int] = {}  # batched kind → its flushes between two batches
         self._flushes: set[asyncio.Task] = set()
 
     async def connect(self) -> None:
@@ -1200,6 +1201,7 @@ class PostgresStorage(Storage):
         self._spread[run] = spread
         if self._in_flight.get(run, 0) < POSTGRES_BATCHES_IN_FLIGHT:
             self._in_flight[run] = self._in_flight.get(run, 0) + 1
+            self._idle[run] = self._idle.get(run, 0) + 1
             task = asyncio.create_task(self._flush(run))
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
@@ -1219,14 +1221,17 @@ class PostgresStorage(Storage):
         retryable = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError,
                      asyncpg.SerializationError)
         pending = self._pending[run]
+        idle = True  # this flush is counted in self._idle while it is between batches
         try:
             while pending:
-                # Spread: a fair share of what waits, so that no item waits behind one long batch
-                # while another transaction has few.
-                size = (min(BATCH_MAX, -(-len(pending) // POSTGRES_BATCHES_IN_FLIGHT))
+                # Spread: an equal share of what waits among the flushes about to take some, so
+                # no item waits behind one long batch while another transaction has few.
+                size = (min(BATCH_MAX, -(-len(pending) // self._idle[run]))
                         if self._spread[run] else BATCH_MAX)
                 chunk = pending[:size]
                 del pending[:size]
+                self._idle[run] -= 1
+                idle = False
                 try:
                     values = await self._run_isolated(functools.partial(self._attempt, run),
                                                       [item for item, _ in chunk], retryable)
@@ -1239,8 +1244,12 @@ class PostgresStorage(Storage):
                         future.set_exception(value)
                     else:
                         future.set_result(value)
+                self._idle[run] += 1
+                idle = True
         finally:
             self._in_flight[run] -= 1
+            if idle:
+                self._idle[run] -= 1
 
     async def lock_migrations(self, tx: Any) -> None:
         # Several processes may start at once: one migrates, the others wait and find it done.

@@ -74,6 +74,23 @@ async def test_a_failing_batch_is_retried_item_by_item(db):
     assert max(sizes) > 1 and sizes[-1] == 1
 
 
+@pytest.mark.parametrize("spread", [False, True])
+async def test_spread_items_are_shared_out_among_concurrent_postgres_batches(db, spread):
+    if db.dialect != "postgres":
+        pytest.skip("SQLite runs one transaction at a time: nothing to share out")
+    sizes: list[int] = []
+
+    async def run(tx, items):
+        sizes.append(len(items))
+        await tx.execute("SELECT pg_sleep(0.01)")
+        return list(items)
+
+    items = [f"item-{n}" for n in range(20)]
+    assert await asyncio.gather(*(db.submit(run, i, spread=spread) for i in items)) == items
+    expected = [5, 5, 5, 5] if spread else [20]
+    assert sorted(sizes, reverse=True) == expected
+
+
 async def test_a_unique_key_taken_is_retried_once(db):
     await make_table(db)
     await db.transact(lambda tx: tx.execute("INSERT INTO batch_items (label) VALUES ('taken')"))
