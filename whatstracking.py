@@ -972,7 +972,7 @@ class SqliteStorage(Storage):
         return await future
 
     async def _commit_loop(self) -> None:
-        stopping = begun = False
+        stopping = False
         while not stopping:
             item = await self._queue.get()
             if item is None:
@@ -984,21 +984,7 @@ class SqliteStorage(Storage):
                     stopping = True
                     break
                 batch.append(item)
-            begun = await self._run_batch(batch, begun)
-        if begun:  # the next group's transaction was opened, and nothing came
-            await self._in_writer_thread(self._writer.execute, "COMMIT")
-
-    def _commit(self, begin_next: bool) -> bool:
-        """COMMIT; with more work queued, BEGIN the next group's transaction in the same trip to
-        the writer thread. Whether it did."""
-        self._writer.execute("COMMIT")
-        if not begin_next:
-            return False
-        try:
-            self._writer.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error:  # e.g. another process writes: the next group waits in its BEGIN
-            return False
-        return True
+            await self._run_batch(batch)
 
     async def _attempt(self, run: Callable[[Any, list], Awaitable[list]], items: list) -> list:
         tx = SqliteTx(self._writer)
@@ -1007,13 +993,11 @@ class SqliteStorage(Storage):
             await tx.flush()
             return results
 
-    async def _run_batch(self, batch: list, begun: bool) -> bool:
-        """Run a group in one transaction (`begun` already); whether the next one is begun."""
+    async def _run_batch(self, batch: list) -> None:
         results = []  # (future, result or exception instance)
         grouped: dict[Any, list] = {}  # batched kind → [(item, future)]
         try:
-            if not begun:
-                await self._in_writer_thread(self._writer.execute, "BEGIN IMMEDIATE")
+            await self._in_writer_thread(self._writer.execute, "BEGIN IMMEDIATE")
             for entry in batch:
                 if len(entry) == 3:
                     grouped.setdefault(entry[0], []).append(entry[1:])
@@ -1034,14 +1018,14 @@ class SqliteStorage(Storage):
                         functools.partial(self._attempt, run), [item for item, _ in chunk],
                         (sqlite3.IntegrityError,))
                     results.extend(zip((future for _, future in chunk), values))
-            begun = await self._in_writer_thread(self._commit, not self._queue.empty())
+            await self._in_writer_thread(self._writer.execute, "COMMIT")
         except Exception as exc:  # the batch as a whole failed: nothing of it is committed
             with contextlib.suppress(Exception):
                 await self._in_writer_thread(self._writer.execute, "ROLLBACK")
             for entry in batch:
                 if not entry[-1].done():
                     entry[-1].set_exception(exc)
-            return False
+            return
         for future, value in results:
             if future.done():  # the caller went away (cancelled); the work is committed anyway
                 continue
@@ -1049,7 +1033,6 @@ class SqliteStorage(Storage):
                 future.set_exception(value)
             else:
                 future.set_result(value)
-        return begun
 
 
 @functools.lru_cache(maxsize=512)
