@@ -77,6 +77,11 @@ URL_FIELD_MAX = 4096  # characters, page_url / referrer / landing_page
 FIRST_MESSAGE_MAX = 1000  # characters kept of a lead's first message
 TRACKER_MAX_AGE = 3600  # seconds, Cache-Control of the served script
 SQLITE_BATCH_MAX = 512  # units of work committed together at most
+SQLITE_BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's write lock
+# seconds: how soon a thread waiting for the GIL gets it from the busy event loop (Python's
+# default is 5 ms). The SQLite writer thread's COMMIT must hand its result back to the loop, and
+# every request of a group waits for that hand-over.
+GIL_SWITCH_INTERVAL = 0.0001
 BATCH_MAX = 256  # items of one batched kind (e.g. tracking requests) run together at most
 POSTGRES_BATCHES_IN_FLIGHT = 4  # concurrent transactions of one batched kind on Postgres
 ROLLUP_BUCKET = 900  # seconds: the report's time grain (every timezone offset divides it)
@@ -906,7 +911,7 @@ class SqliteStorage(Storage):
         try:
             conn.row_factory = sqlite3.Row
             for pragma in ("journal_mode=WAL", f"synchronous={self.synchronous}",
-                           "busy_timeout=10000", "foreign_keys=ON"):
+                           f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}", "foreign_keys=ON"):
                 conn.execute(f"PRAGMA {pragma}")
         except BaseException:
             conn.close()
@@ -931,7 +936,7 @@ class SqliteStorage(Storage):
                               f"({exc}).") from None
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         self._reader.row_factory = aiosqlite.Row
-        await self._reader.execute("PRAGMA busy_timeout=10000")
+        await self._reader.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         await self._reader.execute("PRAGMA query_only=ON")
         self._queue = asyncio.Queue()
         self._loop_task = asyncio.create_task(self._commit_loop(), name="sqlite-group-commit")
@@ -971,6 +976,21 @@ class SqliteStorage(Storage):
         self._queue.put_nowait((run, item, future))  # committed with the next group
         return await future
 
+    async def _begin(self) -> None:
+        """BEGIN IMMEDIATE right here when the write lock is free (it is, unless another process
+        writes): a trip to the writer thread costs more than the statement. Else wait for the
+        lock in the writer thread, as long as busy_timeout allows."""
+        conn = self._writer
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError:  # "database is locked": another process holds it
+            pass
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        await self._in_writer_thread(conn.execute, "BEGIN IMMEDIATE")
+
     async def _commit_loop(self) -> None:
         stopping = False
         while not stopping:
@@ -997,7 +1017,7 @@ class SqliteStorage(Storage):
         results = []  # (future, result or exception instance)
         grouped: dict[Any, list] = {}  # batched kind → [(item, future)]
         try:
-            await self._in_writer_thread(self._writer.execute, "BEGIN IMMEDIATE")
+            await self._begin()
             for entry in batch:
                 if len(entry) == 3:
                     grouped.setdefault(entry[0], []).append(entry[1:])
@@ -4583,6 +4603,7 @@ def serve(config: Config) -> None:
 
     app = create_app(config)
     app.on_startup.append(announce)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     # No access log: it would sit on the hot path of every tracked page view.
     loop = new_event_loop()
     log.debug("event loop: %s", type(loop).__module__.split(".")[0])

@@ -349,3 +349,28 @@ def test_load_config_rejects_bad_values_with_a_readable_sentence(env, name):
     assert message.endswith(".")
     assert "\n" not in message
     assert len(message) < 200
+
+
+async def test_a_write_waits_for_another_process_holding_the_sqlite_write_lock(db):
+    """BEGIN is tried on the loop without waiting; with the lock taken (by a CLI command, say)
+    the group waits for it in the writer thread, and the server's loop keeps serving."""
+    if not isinstance(db, SqliteStorage):
+        pytest.skip("SQLite only: Postgres has no database-wide write lock")
+    import sqlite3
+
+    await make_table(db)
+    other = sqlite3.connect(db.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        write = asyncio.create_task(db.transact(lambda tx: tx.execute(
+            "INSERT INTO unit_items (id, label) VALUES (1, 'after the lock')")))
+        ticks = 0
+        for _ in range(20):  # the loop is free meanwhile
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not write.done() and ticks == 20
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert await asyncio.wait_for(write, 5) == 1
+    assert await labels(db) == ["after the lock"]
