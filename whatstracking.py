@@ -283,8 +283,8 @@ def setup_logging(config: Config) -> None:
 # Errors and small helpers
 # ##################################################################################################
 
-def json_dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+# One encoder for all: json.dumps with any non-default argument builds a new encoder per call.
+json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def http_error(status: int, message: str, **extra: Any) -> web.HTTPException:
@@ -373,8 +373,11 @@ def same_secret(given: str | None, expected: str | None) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+_NON_DIGITS = re.compile(r"\D+")
+
+
 def digits(value: str | None) -> str:
-    return re.sub(r"\D", "", value or "")
+    return _NON_DIGITS.sub("", value or "")
 
 
 def loads_or(value: str | None, default: Any) -> Any:
