@@ -1738,20 +1738,18 @@ async def _known_visits(tx, items: list[TrackingInput], companies: Mapping[str, 
         codes = list({t.code for t in items if t.company_id == company_id and t.code})
         visitors = list({t.visitor_id for t in items
                          if t.company_id == company_id and t.visitor_id})
-        where, args = [], [company_id]
+        # One lookup per column: a single `code IN (...) OR visitor_id IN (...)` is planned by
+        # SQLite as a scan of all the company's visits.
         for column, values in (("code", codes), ("visitor_id", visitors)):
-            if values:
-                sql, values = tx.any_of(column, values)
-                where.append(sql)
-                args += values
-        if not where:
-            continue
-        for row in await tx.fetchall(f"SELECT * FROM visits WHERE company_id = ? AND "
-                                     f"({' OR '.join(where)})", *args):
-            by_code[(company_id, row["code"])] = row
-            key = (company_id, row["visitor_id"])
-            if key not in latest or latest[key]["id"] < row["id"]:
-                latest[key] = row
+            if not values:
+                continue
+            where, args = tx.any_of(column, values)
+            for row in await tx.fetchall(f"SELECT * FROM visits WHERE company_id = ? AND {where}",
+                                         company_id, *args):
+                by_code[(company_id, row["code"])] = row
+                key = (company_id, row["visitor_id"])
+                if key not in latest or latest[key]["id"] < row["id"]:
+                    latest[key] = row
     return by_code, latest
 
 

@@ -446,3 +446,23 @@ async def test_a_connection_changed_earlier_in_a_batch_is_read_fresh(api):
     assert answers[2]["match"] == "window"
     lead = await api.db.fetchone("SELECT visit_id FROM leads WHERE id = ?", answers[2]["lead_id"])
     assert lead["visit_id"] == clicked["session_id"]
+
+
+async def test_the_visit_lookups_of_a_tracking_batch_use_their_indexes(api):
+    """A returning visitor sends its code and its visitor id: each is looked up by its own index,
+    never by a walk over all the company's visits (which grows with every visitor)."""
+    if api.db.dialect != "sqlite":
+        pytest.skip("SQLite's plans are fixed by the query; Postgres plans from its statistics")
+    first = await api.track(visitor_id="v-back", page_url=SITE)
+    statements: list[str] = []
+    writer = api.db._writer
+    writer.set_trace_callback(statements.append)
+    try:
+        await api.track(visitor_id="v-back", page_url=SITE, code=first["code"])
+    finally:
+        writer.set_trace_callback(None)
+    lookups = [s for s in statements if s.startswith("SELECT * FROM visits")]
+    assert len(lookups) == 2
+    for sql in lookups:
+        plan = " | ".join(row[3] for row in writer.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "visits_visitor" in plan or "sqlite_autoindex_visits" in plan, plan
