@@ -2124,10 +2124,13 @@ async def resolve_contact(tx, company_id: str, msg: InboundMessage) -> tuple[dic
     Returns (contact, is_new)."""
     ts = now()
     by_phone = by_lid = None
-    if msg.phone or msg.lid:  # one read for both forms of the sender
+    if msg.phone or msg.lid:
+        # One statement for both forms of the sender, which also records this message's name and
+        # time on the contact (the common case: a known contact, nothing more to learn).
         for row in await tx.fetchall(
-                "SELECT * FROM contacts WHERE company_id = ? AND (phone = ? OR lid = ?)",
-                company_id, msg.phone, msg.lid):
+                "UPDATE contacts SET name = COALESCE(?, name), updated_at = ? "
+                "WHERE company_id = ? AND (phone = ? OR lid = ?) RETURNING *",
+                msg.name, ts, company_id, msg.phone, msg.lid):
             if msg.phone and row["phone"] == msg.phone:
                 by_phone = row
             if msg.lid and row["lid"] == msg.lid:
@@ -2155,8 +2158,9 @@ async def resolve_contact(tx, company_id: str, msg: InboundMessage) -> tuple[dic
     if lid != contact["lid"]:
         await tx.execute("UPDATE leads SET lid = ? WHERE contact_id = ? AND lid IS NULL",
                          lid, contact["id"])
-    await tx.execute("UPDATE contacts SET phone = ?, lid = ?, name = COALESCE(?, name), "
-                     "updated_at = ? WHERE id = ?", phone, lid, msg.name, ts, contact["id"])
+    if (phone, lid) != (contact["phone"], contact["lid"]):  # a form of the sender learned
+        await tx.execute("UPDATE contacts SET phone = ?, lid = ? WHERE id = ?", phone, lid,
+                         contact["id"])
     contact = dict(contact, phone=phone, lid=lid)
     return contact, False
 

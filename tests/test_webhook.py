@@ -536,6 +536,26 @@ async def test_a_key_without_any_usable_jid_is_ignored(api):
     assert await api.leads() == []
 
 
+async def test_a_known_contacts_later_messages_keep_its_name_current(api):
+    phone = new_phone()
+    first = upsert("Oi", phone=phone)
+    first["data"]["pushName"] = "Ana"
+    contact_id = (await api.webhook(first))["contact_id"]
+    row = await api.db.fetchone("SELECT * FROM contacts WHERE id = ?", contact_id)
+    renamed = upsert("Sou eu de novo", phone=phone)
+    renamed["data"]["pushName"] = "Ana Souza 🌸"
+    assert (await api.webhook(renamed))["contact_id"] == contact_id
+    unnamed = upsert("E mais uma", phone=phone)
+    unnamed["data"].pop("pushName", None)
+    answer = await api.webhook(unnamed)
+    assert answer["contact_id"] == contact_id and answer["ignored"] == "existing contact"
+    after = await api.db.fetchone("SELECT * FROM contacts WHERE id = ?", contact_id)
+    assert after["name"] == "Ana Souza 🌸"  # a message without a name keeps the last one
+    assert after["updated_at"] >= row["updated_at"]
+    assert (after["phone"], after["lid"]) == (row["phone"], row["lid"])
+    assert len(await api.db.fetchall("SELECT id FROM contacts")) == 1
+
+
 # ==================================================================================================
 # Duplicate deliveries
 # ==================================================================================================
