@@ -2165,15 +2165,35 @@ async def resolve_contact(tx, company_id: str, msg: InboundMessage) -> tuple[dic
     return contact, False
 
 
+CODE_VISIT_SELECT = (
+    "SELECT v.*, l.id AS code_lead_id, l.contact_id AS code_contact_id FROM visits v "
+    "LEFT JOIN leads l ON l.company_id = v.company_id AND l.code = v.code "
+    "WHERE v.company_id = ? AND v.expires_at > ? AND ")
+
+
+async def prefetch_code_visits(tx, company_id: str, codes: list[str]) -> None:
+    """Read the live visits of `codes` (and whether a lead took each code) in one statement,
+    into the transaction's memo, where `_visit_for_code` finds them."""
+    codes = [c for c in dict.fromkeys(codes) if ("code visit", company_id, c) not in tx.memo]
+    if not codes:
+        return
+    where, args = tx.any_of("v.code", codes)
+    found = {row["code"]: row for row in
+             await tx.fetchall(CODE_VISIT_SELECT + where, company_id, now(), *args)}
+    for code in codes:
+        tx.memo[("code visit", company_id, code)] = found.get(code)
+
+
 async def _visit_for_code(tx, company_id: str, codes: list[str], contact_id: int
                           ) -> tuple[dict | None, str | None]:
     """The live visit of the first code that can attribute this contact, or why none can."""
     reason = None
     for code in codes:
-        visit = await tx.fetchone(
-            "SELECT v.*, l.id AS code_lead_id, l.contact_id AS code_contact_id FROM visits v "
-            "LEFT JOIN leads l ON l.company_id = v.company_id AND l.code = v.code "
-            "WHERE v.company_id = ? AND v.code = ? AND v.expires_at > ?", company_id, code, now())
+        key = ("code visit", company_id, code)
+        if key in tx.memo:
+            visit = tx.memo[key] and dict(tx.memo[key])
+        else:
+            visit = await tx.fetchone(CODE_VISIT_SELECT + "v.code = ?", company_id, now(), code)
         if visit is None:
             continue
         lead_contact = visit.pop("code_contact_id")
@@ -2253,6 +2273,7 @@ async def match_message(tx, company: Company, connection: dict, msg: InboundMess
         lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "code", 1.0,
                                     visit, touch, None)
         result["match"] = "code"
+        tx.memo.pop(("code visit", company.id, visit["code"]), None)  # taken now: read anew
         if lead_id is None:
             reason = "code already matched"
     elif msg.ad_context is not None:
@@ -3361,6 +3382,17 @@ async def webhook_batch(tx, items: list[WebhookInput]) -> list:
     companies = {row["id"]: Company.from_row(row) for row in
                  await tx.fetchall(f"SELECT * FROM companies WHERE {where}", *args)}
     ids = await tx.reserve_ids("webhook_deliveries", len(items))
+    if len(items) > 1:  # the visits of the codes in the batch's messages, in one read
+        codes: dict[str, list[str]] = {}
+        for t in items:
+            envelope = t.envelope if isinstance(t.envelope, dict) else {}
+            msg = parse_upsert(envelope.get("data")) if t.company_id in companies and \
+                (normalize_event(envelope.get("event")) or normalize_event(t.hint)) == \
+                "messages.upsert" else None
+            if isinstance(msg, InboundMessage):
+                codes.setdefault(t.company_id, []).extend(find_codes(msg.text))
+        for company_id, found in codes.items():
+            await prefetch_code_visits(tx, company_id, found)
     results: list = []
     for t, delivery_id in zip(items, ids):
         company = companies.get(t.company_id)

@@ -466,3 +466,25 @@ async def test_the_visit_lookups_of_a_tracking_batch_use_their_indexes(api):
     for sql in lookups:
         plan = " | ".join(row[3] for row in writer.execute("EXPLAIN QUERY PLAN " + sql))
         assert "visits_visitor" in plan or "sqlite_autoindex_visits" in plan, plan
+
+
+async def test_one_code_twice_in_a_batch_makes_one_lead(api):
+    """The batch reads its codes' visits once; a code taken by the first message is read anew
+    for the next ones (a forward from someone else, the same person again)."""
+    tracked = await api.track(visitor_id="v-twice", page_url=f"{SITE}?utm_source=google")
+    text = f"Quero {whatstracking.message_code(tracked['code'])}"
+
+    def item(envelope: dict) -> whatstracking.WebhookInput:
+        return whatstracking.WebhookInput(api.company_id, json.dumps(envelope).encode(), envelope,
+                                          False, {}, api.webhook_secret, "")
+
+    envelopes = [upsert(text, phone="5511960000001"), upsert(text, phone="5511960000002"),
+                 upsert(text, phone="5511960000001")]
+    answers = await asyncio.gather(*(api.db.submit(whatstracking.webhook_batch, item(e))
+                                     for e in envelopes))
+    assert answers[0]["match"] == "code"
+    assert answers[1]["match"] == "none"  # a forward: a new contact, not from this visit
+    assert "lead_id" not in answers[2] and answers[2]["ignored"] == "code already matched"
+    leads = await api.db.fetchall("SELECT visit_id, code FROM leads WHERE code IS NOT NULL")
+    assert [(r["visit_id"], r["code"]) for r in leads] == [(tracked["session_id"],
+                                                            tracked["code"])]
