@@ -1306,6 +1306,13 @@ async def get_company(db: Storage, company_id: str) -> Company | None:
     return Company.from_row(row) if row else None
 
 
+async def companies_by_id(tx, company_ids: set[str]) -> dict[str, Company]:
+    """The companies of a batch's items, read in one statement; unknown ids are left out."""
+    where, args = tx.any_of("id", list(company_ids))
+    return {row["id"]: Company.from_row(row)
+            for row in await tx.fetchall(f"SELECT * FROM companies WHERE {where}", *args)}
+
+
 def _validate_destination(name: str, value: Any, current: Any) -> dict | None:
     """A destination's settings merged over the current ones (secrets stay unless replaced;
     a null field removes it; null as a whole removes the destination)."""
@@ -1684,23 +1691,16 @@ ROLLUP_UPSERT = (
     "matched = visit_rollup.matched + excluded.matched")
 
 
-def rollup_count(deltas: dict, visit: Mapping[str, Any], sign: int) -> None:
-    """Add (sign 1) or take away (sign -1) `visit`'s contribution in `deltas`."""
+def rollup_count(tx, visit: Mapping[str, Any], sign: int) -> None:
+    """Add (sign 1) or take away (sign -1) `visit`'s contribution to the report counters. The
+    transaction sums them per counter row and writes each row once, just before COMMIT."""
     bucket = int(visit["created_at"] // ROLLUP_BUCKET)
     clicked = sign if visit["clicks"] > 0 else 0
     matched = clicked if visit["lead_id"] is not None else 0
     for dimension in ROLLUP_DIMENSIONS:
         key = (visit["company_id"], dimension, (visit[dimension] or "") if dimension else "",
                bucket)
-        visits, clicks, matches = deltas.get(key, (0, 0, 0))
-        deltas[key] = (visits + sign, clicks + clicked, matches + matched)
-
-
-def write_rollup(tx, deltas: dict) -> None:
-    """Count `deltas` into the report counters at the end of the transaction (summed with the
-    transaction's other units: a hot counter row is written once, just before COMMIT)."""
-    for key, value in deltas.items():
-        tx.add(ROLLUP_UPSERT, key, value)
+        tx.add(ROLLUP_UPSERT, key, (sign, clicked, matched))
 
 
 async def rebuild_rollup(db: Storage) -> int:
@@ -1758,10 +1758,7 @@ async def track_batch(tx, items: list[TrackingInput]) -> list:
     code}) per item, or the HTTP error refusing it. Items are applied in order, so a visitor's
     two requests in one batch see each other, with a few set-wise statements for them all."""
     ts = now()
-    company_ids = list({t.company_id for t in items})
-    where, args = tx.any_of("id", company_ids)
-    companies = {row["id"]: Company.from_row(row) for row in
-                 await tx.fetchall(f"SELECT * FROM companies WHERE {where}", *args)}
+    companies = await companies_by_id(tx, {t.company_id for t in items})
     # One visitor's requests in concurrent batches (Postgres) go one batch after the other, each
     # reading the visit the previous one wrote.
     await tx.lock_keys([f"visitor {t.company_id} {t.visitor_id}" for t in items
@@ -1771,7 +1768,6 @@ async def track_batch(tx, items: list[TrackingInput]) -> list:
     new_visits: list[dict] = []
     changed: dict[int, dict] = {}  # stored visits this batch updates, by id
     events: list[tuple] = []
-    rollup: dict = {}
     for t in items:
         company = companies.get(t.company_id)
         if company is None:
@@ -1814,7 +1810,7 @@ async def track_batch(tx, items: list[TrackingInput]) -> list:
             new_visits.append(visit)
             by_code[(company.id, code)] = latest[(company.id, visitor_id)] = visit
         else:
-            rollup_count(rollup, visit, -1)
+            rollup_count(tx, visit, -1)
             if visit["id"] is not None:
                 changed[visit["id"]] = visit
         visit.update(
@@ -1828,7 +1824,7 @@ async def track_batch(tx, items: list[TrackingInput]) -> list:
             visit["click_phone"] = t.whatsapp_phone or visit["click_phone"]
         else:
             visit["pageviews"] += 1
-        rollup_count(rollup, visit, 1)
+        rollup_count(tx, visit, 1)
         events.append((t, visit))
         results.append((company, visit, visitor_id))
     if new_visits:
@@ -1844,7 +1840,6 @@ async def track_batch(tx, items: list[TrackingInput]) -> list:
             (visit["company_id"], visit["id"], t.event, t.touch.get("page_url"),
              t.touch.get("referrer"), t.touch.get("utm_source"), t.touch.get("utm_medium"),
              t.touch.get("utm_campaign"), t.whatsapp_phone, ts) for t, visit in events])
-    write_rollup(tx, rollup)
     return [r if isinstance(r, Exception) else
             (r[0], {"session_id": r[1]["id"], "visitor_id": r[2], "code": r[1]["code"]})
             for r in results]
@@ -2104,19 +2099,17 @@ async def ensure_connection(tx, company_id: str, connection_id: str) -> dict:
     """The connection row for an Evolution instance, created the first time it is heard from
     (kept in the transaction's memo: a batch of messages to one number reads it once)."""
     key = ("connection", company_id, connection_id)
-    row = tx.memo.get(key)
-    if row is None:
-        row = await tx.fetchone("SELECT * FROM connections WHERE company_id = ? AND id = ?",
-                                company_id, connection_id)
-    if row is None:
-        ts = now()
-        await tx.execute("INSERT INTO connections (company_id, id, created_at, updated_at) "
-                         "VALUES (?, ?, ?, ?) ON CONFLICT (company_id, id) DO NOTHING",
-                         company_id, connection_id, ts, ts)
-        row = await tx.fetchone("SELECT * FROM connections WHERE company_id = ? AND id = ?",
-                                company_id, connection_id)
-    tx.memo[key] = row
-    return row
+    if key not in tx.memo:
+        select = "SELECT * FROM connections WHERE company_id = ? AND id = ?"
+        row = await tx.fetchone(select, company_id, connection_id)
+        if row is None:
+            ts = now()
+            await tx.execute("INSERT INTO connections (company_id, id, created_at, updated_at) "
+                             "VALUES (?, ?, ?, ?) ON CONFLICT (company_id, id) DO NOTHING",
+                             company_id, connection_id, ts, ts)
+            row = await tx.fetchone(select, company_id, connection_id)
+        tx.memo[key] = row
+    return tx.memo[key]
 
 
 async def resolve_contact(tx, company_id: str, msg: InboundMessage) -> tuple[dict, bool]:
@@ -2247,10 +2240,8 @@ async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
         matched = await tx.fetchone("UPDATE visits SET lead_id = ? WHERE id = ? AND lead_id IS "
                                     "NULL RETURNING *", lead_id, visit["id"])
         if matched is not None and matched["clicks"] > 0:  # the report's matched clicks
-            rollup: dict = {}
-            rollup_count(rollup, {**matched, "lead_id": None}, -1)
-            rollup_count(rollup, matched, 1)
-            write_rollup(tx, rollup)
+            rollup_count(tx, {**matched, "lead_id": None}, -1)
+            rollup_count(tx, matched, 1)
     await record_event(tx, company, lead_id, "lead", f"lead-{lead_id}", msg.timestamp or ts,
                        "whatsapp")
     return lead_id
@@ -3123,6 +3114,15 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return raw
 
 
+def shipped_file(path: Path) -> bytes:
+    """A file shipped beside whatstracking.py (read per request: an upgrade needs no restart),
+    or 404 when the install left it out."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        raise http_error(404, "Not found") from None
+
+
 def bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     if header[:7].lower() == "bearer ":
@@ -3191,11 +3191,7 @@ OPENAPI_PATH = HERE / "openapi.json"
 
 @routes.get("/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    try:
-        spec = OPENAPI_PATH.read_bytes()
-    except OSError:
-        raise http_error(404, "Not found") from None
-    return web.Response(body=spec, content_type="application/json",
+    return web.Response(body=shipped_file(OPENAPI_PATH), content_type="application/json",
                         headers={"Access-Control-Allow-Origin": "*"})
 
 
@@ -3342,10 +3338,7 @@ async def ingest_envelope(tx, company: Company, raw: bytes, envelope: Any,
     fix). Not `isolated` (one of a batch), a failure raises instead: the batch is rolled back
     and its deliveries are ingested one by one."""
     try:
-        if isolated:
-            async with tx.savepoint():
-                result = await process_envelope(tx, company, envelope, event_hint)
-        else:
+        async with tx.savepoint() if isolated else contextlib.nullcontext():
             result = await process_envelope(tx, company, envelope, event_hint)
     except Exception as exc:  # noqa: BLE001 - recorded on the delivery, re-raised as 500
         if not isolated:
@@ -3378,9 +3371,7 @@ async def webhook_batch(tx, items: list[WebhookInput]) -> list:
     each company is read once, ids are reserved up front, and the writes nobody reads back go as
     one statement each at the end. A lone item runs in a savepoint, so a failure to process it
     is recorded on its stored delivery."""
-    where, args = tx.any_of("id", list({t.company_id for t in items}))
-    companies = {row["id"]: Company.from_row(row) for row in
-                 await tx.fetchall(f"SELECT * FROM companies WHERE {where}", *args)}
+    companies = await companies_by_id(tx, {t.company_id for t in items})
     ids = await tx.reserve_ids("webhook_deliveries", len(items))
     if len(items) > 1:  # the visits of the codes in the batch's messages, in one read
         codes: dict[str, list[str]] = {}
@@ -4277,11 +4268,7 @@ async def report(request: web.Request) -> web.Response:
 
 @routes.get("/dashboard")
 async def dashboard(request: web.Request) -> web.Response:
-    try:
-        page = DASHBOARD_PATH.read_bytes()
-    except OSError:
-        raise http_error(404, "Not found") from None
-    return web.Response(body=page, content_type="text/html", charset="utf-8", headers={
+    return web.Response(body=shipped_file(DASHBOARD_PATH), content_type="text/html", charset="utf-8", headers={
         "Cache-Control": "no-cache", "X-Frame-Options": "DENY",
         "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
                                    "style-src 'self' 'unsafe-inline'; "
