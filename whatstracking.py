@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -768,17 +769,51 @@ class DeferredWrites:
       (concurrent Postgres transactions then lock such rows briefly and in one order).
     - `memo`: a cache of reads for the rest of the transaction (a row it already read).
 
+    - `defer_row(sql, row, columns)`: an INSERT of the dict `row`, whose values are read at
+      `flush` (until then the unit keeps changing the dict; `row["_pending"]` says it is not in
+      the table yet). Such rows take their ids from `new_id`.
+    - `new_id(table)`: an id for a new row of `table`, from ids reserved in advance
+      (`stock_ids` reserves for several tables in one statement); the table's own sequence moves
+      past them at once, so the rows other statements insert meanwhile never take them.
+
     A savepoint flushes on entry and, when rolled back, drops what was deferred inside it along
     with the memo. The storages flush before every COMMIT.
     """
 
     def _start(self) -> None:
-        self._deferred: list[tuple[str, tuple]] = []
+        self._deferred: list[tuple[str, Any]] = []
         self._sums: dict[str, dict[tuple, tuple]] = {}
+        self._ids: dict[str, list[int]] = {}
         self.memo: dict[Any, Any] = {}
 
     def defer(self, sql: str, *args: Any) -> None:
         self._deferred.append((sql, args))
+
+    def defer_row(self, sql: str, row: dict, columns: tuple[str, ...]) -> None:
+        def values() -> tuple:
+            row["_pending"] = False
+            return tuple(row[c] for c in columns)
+
+        row["_pending"] = True
+        self._deferred.append((sql, values))
+
+    async def reserve_ids(self, table: str, n: int) -> list[int]:
+        """`n` ids for new rows of `table`, given out now so rows can refer to each other before
+        they are inserted."""
+        return (await self._reserve({table: n}))[table]
+
+    async def stock_ids(self, wanted: Mapping[str, int]) -> None:
+        """Reserve ids for `new_id` ahead: {table: how many}, in one statement."""
+        wanted = {table: n for table, n in wanted.items() if n > 0}
+        if wanted:
+            for table, ids in (await self._reserve(wanted)).items():
+                self._ids.setdefault(table, []).extend(ids)
+
+    async def new_id(self, table: str) -> int:
+        stock = self._ids.get(table)
+        if not stock:
+            stock = self._ids[table] = await self.reserve_ids(table, 1)
+        return stock.pop()
 
     def add(self, sql: str, key: tuple, values: tuple) -> None:
         sums = self._sums.setdefault(sql, {})
@@ -790,7 +825,7 @@ class DeferredWrites:
         self._deferred, self._sums = [], {}
         grouped: dict[str, list[tuple]] = {}
         for sql, args in deferred:
-            grouped.setdefault(sql, []).append(args)
+            grouped.setdefault(sql, []).append(args() if callable(args) else args)
         for sql, rows in grouped.items():
             await self.executemany(sql, rows)
         for sql, by_key in sums.items():
@@ -850,16 +885,34 @@ class SqliteTx(DeferredWrites):
         """SQL and arguments for `column` equal to any of `values` (a non-empty list)."""
         return f"{column} IN ({', '.join('?' * len(values))})", list(values)
 
+    @staticmethod
+    def rows_of(types: tuple[str, ...], rows: list[tuple]) -> tuple[str, list]:
+        """SQL and arguments for `rows` as a row source (`INSERT INTO t (...) <here>`); `types`
+        are the columns' Postgres types."""
+        marks = f"({', '.join('?' * len(types))})"
+        return f"VALUES {', '.join([marks] * len(rows))}", [v for row in rows for v in row]
+
     async def lock_keys(self, keys: list[str]) -> None:
         """Hold `keys` until the transaction ends, against concurrent transactions that lock
         them too. SQLite has one writer at a time: nothing to do."""
 
-    async def reserve_ids(self, table: str, n: int) -> list[int]:
-        """`n` ids for new rows of `table`, given out now so rows can refer to each other before
-        they are inserted. Within the write transaction nobody else takes ids meanwhile."""
-        row = await self.fetchone("SELECT seq FROM sqlite_sequence WHERE name = ?", table)
-        first = (row["seq"] if row else 0) + 1
-        return list(range(first, first + n))
+    async def stock_ids(self, wanted: Mapping[str, int]) -> None:
+        """Nothing: here an id costs no round trip, and ids stocked but not used would leave
+        gaps in the numbering."""
+
+    async def _reserve(self, wanted: Mapping[str, int]) -> dict[str, list[int]]:
+        # AUTOINCREMENT's counter moves past the ids given out, as a sequence would: a row
+        # inserted without an id meanwhile takes the next one after them.
+        out = {}
+        for table, n in wanted.items():
+            row = await self.fetchone("UPDATE sqlite_sequence SET seq = seq + ? WHERE name = ? "
+                                      "RETURNING seq", n, table)
+            if row is None:  # no row inserted in the table yet
+                await self.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",
+                                   table, n)
+                row = {"seq": n}
+            out[table] = list(range(row["seq"] - n + 1, row["seq"] + 1))
+        return out
 
     @contextlib.asynccontextmanager
     async def savepoint(self):
@@ -1092,6 +1145,12 @@ class PostgresTx(DeferredWrites):
     def any_of(column: str, values: list) -> tuple[str, list]:
         return f"{column} = ANY(?)", [list(values)]  # one statement text whatever the count
 
+    @staticmethod
+    def rows_of(types: tuple[str, ...], rows: list[tuple]) -> tuple[str, list]:
+        # One array per column: one statement text whatever the count.
+        return (f"SELECT * FROM unnest({', '.join(f'?::{t}[]' for t in types)})",
+                [list(column) for column in zip(*rows)])
+
     async def lock_keys(self, keys: list[str]) -> None:
         # Transaction-scoped advisory locks on 64-bit hashes, taken in one order (no deadlock
         # between two batches; a hash collision only makes one wait for the other).
@@ -1101,10 +1160,15 @@ class PostgresTx(DeferredWrites):
             await self.conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) "
                                     "AS k", hashed)
 
-    async def reserve_ids(self, table: str, n: int) -> list[int]:
-        rows = await self.conn.fetch("SELECT nextval(pg_get_serial_sequence($1, 'id')) AS id "
-                                     "FROM generate_series(1, $2)", table, n)
-        return [r["id"] for r in rows]
+    async def _reserve(self, wanted: Mapping[str, int]) -> dict[str, list[int]]:
+        rows = await self.conn.fetch(
+            "SELECT w.t, nextval(pg_get_serial_sequence(w.t, 'id')) AS id "
+            "FROM unnest($1::text[], $2::int[]) AS w(t, n), generate_series(1, w.n)",
+            list(wanted), list(wanted.values()))
+        out: dict[str, list[int]] = {table: [] for table in wanted}
+        for row in rows:
+            out[row["t"]].append(row["id"])
+        return out
 
     @contextlib.asynccontextmanager
     async def savepoint(self):
@@ -2006,17 +2070,27 @@ def configured_destinations(company: Company) -> list[str]:
     return out
 
 
+LEAD_EVENT_COLUMNS = ("company_id", "lead_id", "name", "value", "currency", "occurred_at",
+                      "event_id", "source", "created_at")
+
+
 async def record_event(tx, company: Company, lead_id: int, name: str, event_id: str,
                        occurred_at: float, source: str, value: float | None = None,
-                       currency: str | None = None) -> tuple[dict, bool]:
+                       currency: str | None = None, new: bool = False) -> tuple[dict, bool]:
     """Insert a lead event and its outbox rows; (event row, created). An existing event_id is
-    returned as it is, with no second delivery."""
+    returned as it is, with no second delivery. `new`: the event_id cannot exist yet (a new
+    lead's), so the row is written at the end of the transaction."""
     ts = now()
-    row = await tx.fetchone(
-        "INSERT INTO lead_events (company_id, lead_id, name, value, currency, occurred_at, "
-        "event_id, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (company_id, event_id) DO NOTHING RETURNING *",
-        company.id, lead_id, name, value, currency, occurred_at, event_id, source, ts)
+    values = (company.id, lead_id, name, value, currency, occurred_at, event_id, source, ts)
+    if new:
+        row = {"id": await tx.new_id("lead_events"), **dict(zip(LEAD_EVENT_COLUMNS, values))}
+        tx.defer(f"INSERT INTO lead_events (id, {', '.join(LEAD_EVENT_COLUMNS)}) "
+                 f"VALUES (?, {', '.join('?' * len(values))})", row["id"], *values)
+    else:
+        row = await tx.fetchone(
+            f"INSERT INTO lead_events ({', '.join(LEAD_EVENT_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(values))}) "
+            "ON CONFLICT (company_id, event_id) DO NOTHING RETURNING *", *values)
     if row is None:
         existing = await tx.fetchone("SELECT * FROM lead_events WHERE company_id = ? AND "
                                      "event_id = ?", company.id, event_id)
@@ -2078,6 +2152,7 @@ async def apply_label_association(tx, company: Company, connection_id: str, data
         return {"ignored": "label not mapped to an event"}
     column, value = ("lid", jid_user(chat)) if chat.endswith(JID_LID) else \
         ("phone", digits(jid_user(chat)))
+    await tx.flush()  # a contact and lead made earlier in this transaction may not be written yet
     lead = await tx.fetchone(
         f"SELECT l.id FROM leads l JOIN contacts c ON c.id = l.contact_id "
         f"WHERE c.company_id = ? AND c.{column} = ? ORDER BY l.id DESC LIMIT 1",
@@ -2112,50 +2187,105 @@ async def ensure_connection(tx, company_id: str, connection_id: str) -> dict:
     return tx.memo[key]
 
 
+CONTACT_COLUMNS = ("id", "company_id", "phone", "lid", "name", "created_at", "updated_at")
+CONTACT_INSERT = (f"INSERT INTO contacts ({', '.join(CONTACT_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' * len(CONTACT_COLUMNS))})")
+
+
+async def prefetch_contacts(tx, company_id: str, msgs: list[InboundMessage]) -> None:
+    """Read the contacts of the senders of `msgs` (by phone and by LID, in one statement) into
+    the transaction's memo, where `resolve_contact` finds them; a sender form not found is
+    remembered as unknown."""
+    wanted = {}
+    for form in ("phone", "lid"):
+        values = {getattr(m, form) for m in msgs if getattr(m, form)}
+        wanted[form] = [v for v in values if ("contact", company_id, form, v) not in tx.memo]
+    if not wanted["phone"] and not wanted["lid"]:
+        return
+    # One SELECT per column, joined: an OR of the two is planned by SQLite as a scan.
+    parts, args = [], []
+    for form, values in wanted.items():
+        if values:
+            where, more = tx.any_of(form, values)
+            parts.append(f"SELECT * FROM contacts WHERE company_id = ? AND {where}")
+            args += [company_id, *more]
+    for form, values in wanted.items():
+        for value in values:
+            tx.memo[("contact", company_id, form, value)] = None
+    for row in await tx.fetchall(" UNION ".join(parts), *args):
+        for form in ("phone", "lid"):
+            if row[form]:
+                tx.memo[("contact", company_id, form, row[form])] = row
+
+
 async def resolve_contact(tx, company_id: str, msg: InboundMessage) -> tuple[dict, bool]:
     """Find or create the sender's contact, merging a LID-only contact once the phone is known.
-    Returns (contact, is_new)."""
+    Returns (contact, is_new). A new contact is written at the end of the transaction; until
+    then it lives in the memo, where the sender's next message in the transaction finds it."""
     ts = now()
-    by_phone = by_lid = None
-    if msg.phone or msg.lid:
-        # One statement for both forms of the sender, which also records this message's name and
-        # time on the contact (the common case: a known contact, nothing more to learn).
-        for row in await tx.fetchall(
-                "UPDATE contacts SET name = COALESCE(?, name), updated_at = ? "
-                "WHERE company_id = ? AND (phone = ? OR lid = ?) RETURNING *",
-                msg.name, ts, company_id, msg.phone, msg.lid):
-            if msg.phone and row["phone"] == msg.phone:
-                by_phone = row
-            if msg.lid and row["lid"] == msg.lid:
-                by_lid = row
-    if by_phone and by_lid and by_phone["id"] != by_lid["id"]:
-        # The same person was first known only by LID: fold that contact into the phone one.
+    await prefetch_contacts(tx, company_id, [msg])  # (nothing to read when prefetched)
+    memo = tx.memo
+    by_phone = msg.phone and memo[("contact", company_id, "phone", msg.phone)]
+    by_lid = msg.lid and memo[("contact", company_id, "lid", msg.lid)]
+    if by_phone is None and by_lid is None:
+        contact = {"id": await tx.new_id("contacts"), "company_id": company_id,
+                   "phone": msg.phone, "lid": msg.lid, "name": msg.name, "created_at": ts,
+                   "updated_at": ts}
+        tx.defer_row(CONTACT_INSERT, contact, CONTACT_COLUMNS)  # a taken phone or LID fails
+        for form in ("phone", "lid"):  # the batch, which is then run item by item
+            if contact[form]:
+                memo[("contact", company_id, form, contact[form])] = contact
+        return dict(contact), True
+    for row in {id(r): r for r in (by_phone, by_lid) if r}.values():
+        # This message's name and time, on the contact (and on one about to be folded into it).
+        row["name"], row["updated_at"] = msg.name or row["name"], ts
+        if not row.get("_pending"):
+            tx.defer("UPDATE contacts SET name = COALESCE(?, name), updated_at = ? WHERE id = ?",
+                     msg.name, ts, row["id"])
+    contact = by_phone or by_lid
+    phone = contact["phone"] or msg.phone
+    lid = contact["lid"] or msg.lid
+    folded = by_lid is not None and by_lid is not contact
+    if not folded and (phone, lid) == (contact["phone"], contact["lid"]):
+        return dict(contact), False
+    # A form of the sender learned (rare): write what waits first, then change the rows.
+    await tx.flush()
+    if folded:  # the same person was first known only by LID: fold that contact into this one
         await tx.execute("UPDATE leads SET contact_id = ?, phone = ? WHERE contact_id = ?",
                          by_phone["id"], msg.phone, by_lid["id"])
         await tx.execute("DELETE FROM contacts WHERE id = ?", by_lid["id"])
-        by_lid = None
-    contact = by_phone or by_lid
-    if contact is None:
-        row = await tx.fetchone(
-            "INSERT INTO contacts (company_id, phone, lid, name, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING *",
-            company_id, msg.phone, msg.lid, msg.name, ts, ts)
-        if row is None:  # a concurrent delivery from this person created it first: use that one
-            return await resolve_contact(tx, company_id, msg)
-        return row, True
-    phone = contact["phone"] or msg.phone
-    lid = contact["lid"] or msg.lid
+        if by_lid["phone"]:
+            memo[("contact", company_id, "phone", by_lid["phone"])] = None
     if phone != contact["phone"]:
         await tx.execute("UPDATE leads SET phone = ? WHERE contact_id = ? AND phone IS NULL",
                          phone, contact["id"])
     if lid != contact["lid"]:
         await tx.execute("UPDATE leads SET lid = ? WHERE contact_id = ? AND lid IS NULL",
                          lid, contact["id"])
-    if (phone, lid) != (contact["phone"], contact["lid"]):  # a form of the sender learned
+    if (phone, lid) != (contact["phone"], contact["lid"]):
         await tx.execute("UPDATE contacts SET phone = ?, lid = ? WHERE id = ?", phone, lid,
                          contact["id"])
-    contact = dict(contact, phone=phone, lid=lid)
-    return contact, False
+    contact.update(phone=phone, lid=lid)
+    for form in ("phone", "lid"):
+        if contact[form]:
+            memo[("contact", company_id, form, contact[form])] = contact
+    return dict(contact), False
+
+
+async def insert_messages(tx, company_id: str, keys: list[tuple[str, str]]) -> None:
+    """Record inbound messages, (connection_id, message_id) each, in one statement: the memo
+    gets each one's row id, or None for a message seen before (a redelivery)."""
+    keys = list(dict.fromkeys(keys))
+    ts = now()
+    rows, args = tx.rows_of(("text", "text", "text", "float8"),
+                            [(company_id, c, m, ts) for c, m in keys])
+    for c, m in keys:
+        tx.memo[("message", company_id, c, m)] = None
+    for row in await tx.fetchall(
+            f"INSERT INTO messages (company_id, connection_id, message_id, created_at) {rows} "
+            "ON CONFLICT (company_id, connection_id, message_id) DO NOTHING "
+            "RETURNING id, connection_id, message_id", *args):
+        tx.memo[("message", company_id, row["connection_id"], row["message_id"])] = row["id"]
 
 
 CODE_VISIT_SELECT = (
@@ -2208,6 +2338,13 @@ async def _window_visit(tx, company: Company, connection: dict) -> dict | None:
     return rows[0] if len(rows) == 1 else None
 
 
+LEAD_COLUMNS = ("company_id, connection_id, contact_id, phone, lid, name, first_message, "
+                "message_id, code, match_method, confidence, visit_id, utm_source, utm_medium, "
+                "utm_campaign, ad_id, gclid, ctwa_clid, attribution, first_touch, context_info, "
+                "clicked_at, created_at")
+LEAD_MARKS = ", ".join("?" * (LEAD_COLUMNS.count(",") + 1))
+
+
 async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
                       msg: InboundMessage, method: str, confidence: float, visit: dict | None,
                       attribution: dict, context_info: dict | None) -> int | None:
@@ -2218,24 +2355,26 @@ async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
     text = None
     if company.settings["store_first_message"]:  # without the invisible code: it is noise to a reader
         text = _INVISIBLE_RE.sub("", msg.text)[:FIRST_MESSAGE_MAX]
-    row = await tx.fetchone(
-        "INSERT INTO leads (company_id, connection_id, contact_id, phone, lid, name, first_message,"
-        " message_id, code, match_method, confidence, visit_id, utm_source, utm_medium, "
-        "utm_campaign, ad_id, gclid, ctwa_clid, attribution, first_touch, context_info, "
-        "clicked_at, created_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT DO NOTHING RETURNING id",
+    code = visit["code"] if visit and method == "code" else None
+    values = (
         company.id, connection_id, contact["id"], contact["phone"], contact["lid"],
-        msg.name or contact.get("name"), text or None, msg.message_id,
-        visit["code"] if visit and method == "code" else None, method, confidence,
+        msg.name or contact.get("name"), text or None, msg.message_id, code, method, confidence,
         visit["id"] if visit else None, full["utm_source"], full["utm_medium"],
         full["utm_campaign"], full["ad_id"], full["gclid"], full["ctwa_clid"], json_dumps(full),
         json_dumps(first_touch) if first_touch else None,
         json_dumps(context_info) if context_info else None,
         visit["clicked_at"] if visit else None, ts)
-    if row is None:
-        return None
-    lead_id = row["id"]
+    if code is None and full["ctwa_clid"] is None:
+        # No unique key to collide on: written at the end of the transaction.
+        lead_id = await tx.new_id("leads")
+        tx.defer(f"INSERT INTO leads (id, {LEAD_COLUMNS}) VALUES (?, {LEAD_MARKS})",
+                 lead_id, *values)
+    else:
+        row = await tx.fetchone(f"INSERT INTO leads ({LEAD_COLUMNS}) VALUES ({LEAD_MARKS}) "
+                                "ON CONFLICT DO NOTHING RETURNING id", *values)
+        if row is None:
+            return None
+        lead_id = row["id"]
     if visit is not None:
         matched = await tx.fetchone("UPDATE visits SET lead_id = ? WHERE id = ? AND lead_id IS "
                                     "NULL RETURNING *", lead_id, visit["id"])
@@ -2243,17 +2382,17 @@ async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
             rollup_count(tx, {**matched, "lead_id": None}, -1)
             rollup_count(tx, matched, 1)
     await record_event(tx, company, lead_id, "lead", f"lead-{lead_id}", msg.timestamp or ts,
-                       "whatsapp")
+                       "whatsapp", new=True)
     return lead_id
 
 
 async def match_message(tx, company: Company, connection: dict, msg: InboundMessage) -> dict:
     """Apply SPEC §6's lead rules to one inbound message inside a unit of work."""
-    inserted = await tx.fetchone(
-        "INSERT INTO messages (company_id, connection_id, message_id, created_at) "
-        "VALUES (?, ?, ?, ?) ON CONFLICT (company_id, connection_id, message_id) DO NOTHING "
-        "RETURNING id", company.id, connection["id"], msg.message_id, now())
-    if inserted is None:
+    key = ("message", company.id, connection["id"], msg.message_id)
+    if key not in tx.memo:
+        await insert_messages(tx, company.id, [(connection["id"], msg.message_id)])
+    message_row_id = tx.memo.pop(key)  # (a second copy in the transaction inserts anew)
+    if message_row_id is None:
         return {"ignored": "duplicate"}
     contact, is_new = await resolve_contact(tx, company.id, msg)
     result: dict[str, Any] = {"contact_id": contact["id"]}
@@ -2297,7 +2436,7 @@ async def match_message(tx, company: Company, connection: dict, msg: InboundMess
         result.pop("match", None)
         result["ignored"] = reason or "no lead"
     tx.defer("UPDATE messages SET contact_id = ?, lead_id = ? WHERE id = ?",
-             contact["id"], lead_id, inserted["id"])
+             contact["id"], lead_id, message_row_id)
     return result
 
 
@@ -2341,13 +2480,34 @@ async def apply_qrcode_update(tx, company_id: str, connection_id: str, data: Any
     return {"qrcode": True}
 
 
+def envelope_parts(envelope: Any, event_hint: str = "") -> tuple[str, str | None]:
+    """(event, instance) of an Evolution envelope (a dict); instance None when it has no
+    usable one."""
+    event = normalize_event(envelope.get("event")) or normalize_event(event_hint)
+    instance = envelope.get("instance")
+    if not isinstance(instance, str) or not instance or len(instance) > 128:
+        instance = None
+    return event, instance
+
+
+def inbound_message(envelope: Any, event_hint: str = "") -> tuple[str, InboundMessage] | None:
+    """(instance, message) when `envelope` is a messages.upsert that process_envelope matches
+    against the leads rules."""
+    if not isinstance(envelope, dict):
+        return None
+    event, instance = envelope_parts(envelope, event_hint)
+    if event != "messages.upsert" or instance is None:
+        return None
+    msg = parse_upsert(envelope.get("data"))
+    return (instance, msg) if isinstance(msg, InboundMessage) else None
+
+
 async def process_envelope(tx, company: Company, envelope: Any, event_hint: str = "") -> dict:
     """Process one Evolution webhook envelope inside a unit of work."""
     if not isinstance(envelope, dict):
         return {"ignored": "not an Evolution envelope"}
-    event = normalize_event(envelope.get("event")) or normalize_event(event_hint)
-    instance = envelope.get("instance")
-    if not isinstance(instance, str) or not instance or len(instance) > 128:
+    event, instance = envelope_parts(envelope, event_hint)
+    if instance is None:
         return {"event": event, "ignored": "no instance"}
     data = envelope.get("data")
     if event == "messages.upsert":
@@ -3365,46 +3525,77 @@ class WebhookInput:
     hint: str  # the event named by the URL's suffix
 
 
+async def prefetch_messages(tx, inbound: list[tuple[str, str, InboundMessage]],
+                            record: bool) -> collections.Counter:
+    """What the messages of a batch of deliveries, (company_id, instance, message) each, will
+    read, in one statement per kind instead of one per message: the visits of their codes, their
+    senders' contacts and, when `record`, their rows in `messages` (not for a lone delivery: it
+    is recorded inside its savepoint). Returns how many new rows of each table they will likely
+    write (for `stock_ids`)."""
+    by_company: dict[str, list[tuple[str, InboundMessage]]] = {}
+    for company_id, instance, msg in inbound:
+        by_company.setdefault(company_id, []).append((instance, msg))
+    wanted = collections.Counter()
+    for company_id, found in by_company.items():
+        msgs = [msg for _, msg in found]
+        codes = {msg.message_id: find_codes(msg.text) for msg in msgs}
+        await prefetch_code_visits(tx, company_id, [c for cs in codes.values() for c in cs])
+        await prefetch_contacts(tx, company_id, msgs)
+        if record:
+            for instance in dict.fromkeys(i for i, _ in found):  # first, as process_envelope
+                await ensure_connection(tx, company_id, instance)  # does: one lock order
+            await insert_messages(tx, company_id, [(i, msg.message_id) for i, msg in found])
+        senders = set()
+        for msg in msgs:  # the rows a new sender's first message makes
+            known = [tx.memo[("contact", company_id, form, getattr(msg, form))]
+                     for form in ("phone", "lid") if getattr(msg, form)]
+            if any(known) or (msg.phone, msg.lid) in senders:
+                continue
+            senders.add((msg.phone, msg.lid))
+            wanted["contacts"] += 1
+            wanted["lead_events"] += 1
+            if not codes[msg.message_id] and msg.ad_context is None:
+                wanted["leads"] += 1
+    return wanted
+
+
 async def webhook_batch(tx, items: list[WebhookInput]) -> list:
     """Ingest Evolution deliveries (Storage.submit's `run`): one result per item, or the HTTP
     error refusing it (a refusal stores nothing). Items are applied in order in one transaction:
-    each company is read once, ids are reserved up front, and the writes nobody reads back go as
-    one statement each at the end. A lone item runs in a savepoint, so a failure to process it
-    is recorded on its stored delivery."""
+    each company is read once, what their messages read is read for all at once, and the writes
+    nobody reads back go as one statement each at the end. A lone item runs in a savepoint, so a
+    failure to process it is recorded on its stored delivery."""
     companies = await companies_by_id(tx, {t.company_id for t in items})
-    ids = await tx.reserve_ids("webhook_deliveries", len(items))
-    if len(items) > 1:  # the visits of the codes in the batch's messages, in one read
-        codes: dict[str, list[str]] = {}
-        for t in items:
-            envelope = t.envelope if isinstance(t.envelope, dict) else {}
-            msg = parse_upsert(envelope.get("data")) if t.company_id in companies and \
-                (normalize_event(envelope.get("event")) or normalize_event(t.hint)) == \
-                "messages.upsert" else None
-            if isinstance(msg, InboundMessage):
-                codes.setdefault(t.company_id, []).extend(find_codes(msg.text))
-        for company_id, found in codes.items():
-            await prefetch_code_visits(tx, company_id, found)
-    results: list = []
-    for t, delivery_id in zip(items, ids):
+    results: list = [None] * len(items)
+    accepted: list[tuple[int, WebhookInput, Company]] = []
+    for n, t in enumerate(items):
         company = companies.get(t.company_id)
         if company is None:
-            results.append(http_error(404, "Company not found"))
+            results[n] = http_error(404, "Company not found")
             continue
         if not (await _header_authenticated(tx, company, t.secret, t.envelope)
                 or await _apikey_authenticated(tx, company, t.envelope)):
             if company.settings["webhook_auth_required"]:
-                results.append(http_error(401, "Unauthorized"))
+                results[n] = http_error(401, "Unauthorized")
                 continue
             log.warning("unauthenticated webhook accepted: company %s turned authentication "
                         "off", company.id)
+        accepted.append((n, t, company))
+    inbound = [(company.id, *found) for _, t, company in accepted
+               if (found := inbound_message(t.envelope, t.hint))]
+    wanted = await prefetch_messages(tx, inbound, record=len(items) > 1)
+    wanted["webhook_deliveries"] = len(accepted)
+    await tx.stock_ids(wanted)
+    for n, t, company in accepted:
+        delivery_id = await tx.new_id("webhook_deliveries")
         if t.bad_json:  # kept for a look, then refused
-            results.append({"delivery_id": await _store_delivery(
+            results[n] = {"delivery_id": await _store_delivery(
                 tx, company.id, "evolution", t.raw, t.headers, None, delivery_id=delivery_id),
-                "bad_json": True})
+                "bad_json": True}
             continue
-        results.append(await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
-                                             "evolution", t.hint, delivery_id,
-                                             isolated=len(items) == 1))
+        results[n] = await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
+                                           "evolution", t.hint, delivery_id,
+                                           isolated=len(items) == 1)
     return results
 
 
