@@ -1784,8 +1784,8 @@ VISIT_COLUMNS = ("id", "company_id", "visitor_id", "code", "expires_at", "utm_so
                  "clicked_at", "click_phone", "lead_id", "created_at", "updated_at", "user_agent")
 _VISIT_CHANGES = ("expires_at", "utm_source", "utm_medium", "utm_campaign", "last_touch",
                   "pageviews", "clicks", "clicked_at", "click_phone", "user_agent", "updated_at")
-VISIT_INSERT = (f"INSERT INTO visits ({', '.join(VISIT_COLUMNS)}) "
-                f"VALUES ({', '.join('?' * len(VISIT_COLUMNS))})")
+VISIT_TYPES = ("bigint", "text", "text", "text", "float8", "text", "text", "text", "text", "text",
+               "int", "int", "float8", "text", "bigint", "float8", "float8", "text")
 VISIT_UPDATE = f"UPDATE visits SET {' = ?, '.join(_VISIT_CHANGES)} = ? WHERE id = ?"
 TRACKING_EVENT_INSERT = (
     "INSERT INTO tracking_events (company_id, visit_id, event, page_url, referrer, utm_source, "
@@ -1815,6 +1815,20 @@ async def _known_visits(tx, items: list[TrackingInput], companies: Mapping[str, 
                 if key not in latest or latest[key]["id"] < row["id"]:
                     latest[key] = row
     return by_code, latest
+
+
+async def insert_visits(tx, visits: list[dict]) -> None:
+    """Insert new visits in one statement. A code somebody else holds (one not read, as a new
+    random code among many stored ones may be, or one a concurrent transaction just took) is
+    replaced by a new one and that visit inserted again: the others are not run again."""
+    while visits:
+        rows, args = tx.rows_of(VISIT_TYPES, [tuple(v[c] for c in VISIT_COLUMNS) for v in visits])
+        inserted = {row["id"] for row in await tx.fetchall(
+            f"INSERT INTO visits ({', '.join(VISIT_COLUMNS)}) {rows} "
+            "ON CONFLICT (company_id, code) DO NOTHING RETURNING id", *args)}
+        visits = [v for v in visits if v["id"] not in inserted]
+        for visit in visits:
+            visit["code"] = new_code()
 
 
 async def track_batch(tx, items: list[TrackingInput]) -> list:
@@ -1862,8 +1876,7 @@ async def track_batch(tx, items: list[TrackingInput]) -> list:
                 first_touch = loads_or(previous["first_touch"], {})
             else:
                 first_touch = t.first_touch or dict(last_touch)
-            # The code sent, unless somebody holds it; else a new one (made only when needed). A
-            # code taken since the read fails the batch, which is then retried item by item.
+            # The code sent, unless somebody holds it; else a new one (made only when needed).
             code = t.code
             while code is None or (company.id, code) in by_code:
                 code = new_code()
@@ -1894,8 +1907,7 @@ async def track_batch(tx, items: list[TrackingInput]) -> list:
     if new_visits:
         for visit, visit_id in zip(new_visits, await tx.reserve_ids("visits", len(new_visits))):
             visit["id"] = visit_id
-        await tx.executemany(VISIT_INSERT, [tuple(v[c] for c in VISIT_COLUMNS)
-                                            for v in new_visits])
+        await insert_visits(tx, new_visits)
     if changed:
         await tx.executemany(VISIT_UPDATE, [tuple(v[c] for c in _VISIT_CHANGES) + (v["id"],)
                                             for v in changed.values()])

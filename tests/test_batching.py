@@ -187,6 +187,32 @@ async def test_a_new_code_already_taken_is_replaced(api, monkeypatch):
         ("v-first", first["code"]), ("v-second", second["code"])]
 
 
+async def test_a_taken_new_code_in_a_batch_is_replaced_without_running_the_batch_again(
+        api, monkeypatch):
+    """A new random code may already be stored (one among many); that visit gets another code
+    and the batch is not rolled back and run again item by item."""
+    first = await api.track(visitor_id="v-first", page_url=SITE)
+    made = iter([first["code"]] + [whatstracking.new_code() for _ in range(20)])
+    monkeypatch.setattr(whatstracking, "new_code", lambda: next(made))
+    runs: list[int] = []
+    track_batch = whatstracking.track_batch
+
+    async def counted(tx, items):
+        runs.append(len(items))
+        return await track_batch(tx, items)
+
+    monkeypatch.setattr(whatstracking, "track_batch", counted)
+    answers = await asyncio.gather(*(api.track(visitor_id=f"v-{n}", page_url=SITE)
+                                     for n in range(6)))
+    assert sum(runs) == 6, runs  # each request handled once
+    codes = [a["code"] for a in answers]
+    assert first["code"] not in codes and len(set(codes)) == 6
+    rows = await api.db.fetchall("SELECT visitor_id, code FROM visits WHERE visitor_id <> "
+                                 "'v-first' ORDER BY visitor_id")
+    assert [(r["visitor_id"], r["code"]) for r in rows] == [
+        (f"v-{n}", a["code"]) for n, a in enumerate(answers)]
+
+
 async def test_the_report_counters_equal_a_recount_of_the_visits(api):
     """Pageviews, clicks, a campaign change, a match by code and a new campaign after the lead:
     the counters kept by each write equal the counters recounted from the visits."""
