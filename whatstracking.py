@@ -1121,6 +1121,12 @@ def to_dollar_params(sql: str) -> str:
     return "".join(out)
 
 
+_SET_WISE: dict[str, str | None] = {}  # statement text → its set-wise form, or None
+_INSERT_VALUES_RE = re.compile(
+    r"(?P<head>INSERT INTO \w+ \([\w, ]+\)) VALUES \((?:\?, )*\?\)(?P<tail>[^?]*)", re.S)
+_UPDATE_BY_ID_RE = re.compile(r"UPDATE (?P<table>\w+) SET (?P<set>[^;]+?) WHERE id = \?", re.S)
+
+
 class PostgresTx(DeferredWrites):
     def __init__(self, conn: Any) -> None:
         self.conn = conn
@@ -1139,7 +1145,38 @@ class PostgresTx(DeferredWrites):
         return int(tail) if tail.isdigit() else 0
 
     async def executemany(self, sql: str, rows: list[tuple]) -> None:
-        await self.conn.executemany(to_dollar_params(sql), rows)  # pipelined: one round trip
+        """Many rows: one statement over arrays when the statement has a set-wise form (see
+        `_set_wise`), else one execution per row, pipelined in one round trip."""
+        if len(rows) > 1:
+            if sql not in _SET_WISE:
+                _SET_WISE[sql] = await self._set_wise(sql)
+            set_wise = _SET_WISE[sql]
+            if set_wise is not None:
+                if set_wise.startswith("UPDATE"):  # one row per id: the last update of each
+                    rows = list({row[-1]: row for row in rows}.values())
+                await self.conn.execute(set_wise, *(list(column) for column in zip(*rows)))
+                return
+        await self.conn.executemany(to_dollar_params(sql), rows)
+
+    async def _set_wise(self, sql: str) -> str | None:
+        """The form of `sql` run once over arrays (one per parameter, typed as Postgres infers
+        them): `INSERT ... VALUES (?, ...)` reads the rows from unnest(); `UPDATE t SET ...
+        WHERE id = ?` joins them. Each row of a statement run per row costs Postgres an
+        execution of its own; this costs one for all."""
+        insert = _INSERT_VALUES_RE.fullmatch(sql)
+        update = _UPDATE_BY_ID_RE.fullmatch(sql)
+        if insert is None and update is None:
+            return None
+        stmt = await self.conn.prepare(to_dollar_params(sql))
+        types = [t.name for t in stmt.get_parameters()]
+        arrays = ", ".join(f"${n}::{t}[]" for n, t in enumerate(types, start=1))
+        if insert is not None:
+            return f"{insert['head']} SELECT * FROM unnest({arrays}){insert['tail']}"
+        columns = ", ".join(f"c{n}" for n in range(1, len(types) + 1))
+        parts = update["set"].split("?")
+        assignments = parts[0] + "".join(f"u.c{n}{part}" for n, part in enumerate(parts[1:], 1))
+        return (f"UPDATE {update['table']} SET {assignments} FROM unnest({arrays}) "
+                f"AS u({columns}) WHERE {update['table']}.id = u.c{len(types)}")
 
     @staticmethod
     def any_of(column: str, values: list) -> tuple[str, list]:
@@ -2252,8 +2289,8 @@ async def resolve_contact(tx, company_id: str, msg: InboundMessage) -> tuple[dic
         # This message's name and time, on the contact (and on one about to be folded into it).
         row["name"], row["updated_at"] = msg.name or row["name"], ts
         if not row.get("_pending"):
-            tx.defer("UPDATE contacts SET name = COALESCE(?, name), updated_at = ? WHERE id = ?",
-                     msg.name, ts, row["id"])
+            tx.defer("UPDATE contacts SET name = ?, updated_at = ? WHERE id = ?",
+                     row["name"], ts, row["id"])
     contact = by_phone or by_lid
     phone = contact["phone"] or msg.phone
     lid = contact["lid"] or msg.lid
