@@ -2380,6 +2380,7 @@ async def _visit_for_code(tx, company_id: str, codes: list[str], contact_id: int
 async def _window_visit(tx, company: Company, connection: dict) -> dict | None:
     if not company.settings["window_match"] or not connection.get("phone"):
         return None
+    await tx.flush()  # visits matched earlier in this transaction are not free
     since = now() - company.settings["window_minutes"] * 60
     rows = await tx.fetchall(
         "SELECT * FROM visits WHERE company_id = ? AND click_phone = ? AND clicked_at >= ? "
@@ -2413,8 +2414,10 @@ async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
         json_dumps(first_touch) if first_touch else None,
         json_dumps(context_info) if context_info else None,
         visit["clicked_at"] if visit else None, ts)
-    if code is None and full["ctwa_clid"] is None:
-        # No unique key to collide on: written at the end of the transaction.
+    if full["ctwa_clid"] is None:
+        # Written at the end of the transaction. Its code (if any) is free as far as this
+        # transaction knows (the memo keeps the codes it takes); one a concurrent transaction
+        # takes meanwhile fails the batch, which is then run item by item and reads it taken.
         lead_id = await tx.new_id("leads")
         tx.defer(f"INSERT INTO leads (id, {LEAD_COLUMNS}) VALUES (?, {LEAD_MARKS})",
                  lead_id, *values)
@@ -2424,12 +2427,11 @@ async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
         if row is None:
             return None
         lead_id = row["id"]
-    if visit is not None:
-        matched = await tx.fetchone("UPDATE visits SET lead_id = ? WHERE id = ? AND lead_id IS "
-                                    "NULL RETURNING *", lead_id, visit["id"])
-        if matched is not None and matched["clicks"] > 0:  # the report's matched clicks
-            rollup_count(tx, {**matched, "lead_id": None}, -1)
-            rollup_count(tx, matched, 1)
+    if visit is not None and visit["lead_id"] is None:  # (as read in this transaction)
+        tx.defer("UPDATE visits SET lead_id = ? WHERE id = ?", lead_id, visit["id"])
+        if visit["clicks"] > 0:  # the report's matched clicks
+            rollup_count(tx, visit, -1)
+            rollup_count(tx, {**visit, "lead_id": lead_id}, 1)
     await record_event(tx, company, lead_id, "lead", f"lead-{lead_id}", msg.timestamp or ts,
                        "whatsapp", new=True)
     return lead_id
@@ -2452,9 +2454,12 @@ async def match_message(tx, company: Company, connection: dict, msg: InboundMess
         lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "code", 1.0,
                                     visit, touch, None)
         result["match"] = "code"
-        tx.memo.pop(("code visit", company.id, visit["code"]), None)  # taken now: read anew
         if lead_id is None:
             reason = "code already matched"
+        else:  # the code is taken now, by this contact (and the visit has its lead)
+            tx.memo[("code visit", company.id, visit["code"])] = {
+                **visit, "lead_id": visit["lead_id"] or lead_id, "code_lead_id": lead_id,
+                "code_contact_id": contact["id"]}
     elif msg.ad_context is not None:
         attribution = ad_attribution(msg.ad_context)
         clid = attribution["ctwa_clid"]
@@ -3595,16 +3600,18 @@ async def prefetch_messages(tx, inbound: list[tuple[str, str, InboundMessage]],
                 await ensure_connection(tx, company_id, instance)  # does: one lock order
             await insert_messages(tx, company_id, [(i, msg.message_id) for i, msg in found])
         senders = set()
-        for msg in msgs:  # the rows a new sender's first message makes
+        for msg in msgs:  # the rows they will likely make
             known = [tx.memo[("contact", company_id, form, getattr(msg, form))]
                      for form in ("phone", "lid") if getattr(msg, form)]
-            if any(known) or (msg.phone, msg.lid) in senders:
-                continue
-            senders.add((msg.phone, msg.lid))
-            wanted["contacts"] += 1
-            wanted["lead_events"] += 1
-            if not codes[msg.message_id] and msg.ad_context is None:
+            new = not any(known) and (msg.phone, msg.lid) not in senders
+            if new:
+                senders.add((msg.phone, msg.lid))
+                wanted["contacts"] += 1
+            if (new and msg.ad_context is None) or any(
+                    (visit := tx.memo.get(("code visit", company_id, code)))
+                    and visit["code_lead_id"] is None for code in codes[msg.message_id]):
                 wanted["leads"] += 1
+                wanted["lead_events"] += 1
     return wanted
 
 

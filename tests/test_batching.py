@@ -514,3 +514,25 @@ async def test_one_code_twice_in_a_batch_makes_one_lead(api):
     leads = await api.db.fetchall("SELECT visit_id, code FROM leads WHERE code IS NOT NULL")
     assert [(r["visit_id"], r["code"]) for r in leads] == [(tracked["session_id"],
                                                             tracked["code"])]
+
+
+async def test_one_code_in_concurrent_batches_makes_one_lead(api):
+    """Leads are written at the end of their transaction; when concurrent transactions (on
+    Postgres) take the same code, the later ones fail on its unique key and are run again
+    delivery by delivery, reading it taken: one code lead, the rest new contacts' leads."""
+    tracked = await api.track(visitor_id="v-race", page_url=f"{SITE}?utm_source=google",
+                              event="whatsapp_click")
+    text = f"Quero {whatstracking.message_code(tracked['code'])}"
+    answers = await asyncio.gather(*(api.webhook(upsert(text, phone=f"55119610000{n:02d}"))
+                                     for n in range(12)))
+    assert sorted(a["match"] for a in answers) == ["code"] + ["none"] * 11
+    leads = await api.db.fetchall("SELECT visit_id, code FROM leads WHERE code IS NOT NULL")
+    assert [(r["visit_id"], r["code"]) for r in leads] == [(tracked["session_id"],
+                                                            tracked["code"])]
+    visit = await api.db.fetchone("SELECT lead_id FROM visits WHERE id = ?",
+                                  tracked["session_id"])
+    code_lead = next(a["lead_id"] for a in answers if a["match"] == "code")
+    assert visit["lead_id"] == code_lead
+    matched = await api.db.fetchone("SELECT SUM(matched) AS n FROM visit_rollup "
+                                    "WHERE dimension = ''")
+    assert matched["n"] == 1
