@@ -84,7 +84,10 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's 
 # every request of a group waits for that hand-over.
 GIL_SWITCH_INTERVAL = 0.0001
 BATCH_MAX = 256  # items of one batched kind (e.g. tracking requests) run together at most
-POSTGRES_BATCHES_IN_FLIGHT = 4  # concurrent transactions of one batched kind on Postgres
+# Concurrent transactions of one batched kind on Postgres. Their statements are set-wise (one per
+# batch, whatever its size), so fewer, larger batches cost Postgres and the loop less CPU per
+# item; measured on 2 CPUs, 2 beat 4 for tracking and webhooks alike (throughput and p99).
+POSTGRES_BATCHES_IN_FLIGHT = 2
 ROLLUP_BUCKET = 900  # seconds: the report's time grain (every timezone offset divides it)
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -3577,6 +3580,7 @@ class WebhookInput:
     headers: Mapping[str, str]
     secret: str | None  # what the request authenticated with (header or bearer)
     hint: str  # the event named by the URL's suffix
+    wake: bool = False  # set by the batch: deliveries to send may wait now
 
 
 async def prefetch_messages(tx, inbound: list[tuple[str, str, InboundMessage]],
@@ -3652,6 +3656,8 @@ async def webhook_batch(tx, items: list[WebhookInput]) -> list:
         results[n] = await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
                                            "evolution", t.hint, delivery_id,
                                            isolated=len(items) == 1)
+        # A lead or label event has deliveries waiting when the company sends events somewhere.
+        t.wake = "lead_id" in results[n] and bool(configured_destinations(company))
     return results
 
 
@@ -3673,7 +3679,7 @@ async def evolution_webhook(request: web.Request) -> web.Response:
     request.app[METRICS].observe_webhook(time.perf_counter() - started)
     if result.get("failed"):
         raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
-    if "lead_id" in result:  # a lead or label event may have deliveries waiting
+    if item.wake:
         request.app[DELIVERY_WAKE].set()
     return web.json_response({"ok": True, **result})
 

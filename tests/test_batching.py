@@ -87,7 +87,8 @@ async def test_spread_items_are_shared_out_among_concurrent_postgres_batches(db,
 
     items = [f"item-{n}" for n in range(20)]
     assert await asyncio.gather(*(db.submit(run, i, spread=spread) for i in items)) == items
-    expected = [5, 5, 5, 5] if spread else [20]
+    flushes = whatstracking.POSTGRES_BATCHES_IN_FLIGHT
+    expected = [20 // flushes] * flushes if spread else [20]
     assert sorted(sizes, reverse=True) == expected
 
 
