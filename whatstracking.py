@@ -854,6 +854,7 @@ class SqliteTx(DeferredWrites):
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self._depth = 0
+        self._next_ids: dict[str, int] = {}  # table → the next id new_id gives out
         self._start()
 
     async def fetchone(self, sql: str, *args: Any) -> dict | None:
@@ -903,11 +904,27 @@ class SqliteTx(DeferredWrites):
         """Nothing: here an id costs no round trip, and ids stocked but not used would leave
         gaps in the numbering."""
 
+    async def new_id(self, table: str) -> int:
+        """The ids after the table's AUTOINCREMENT counter, counted here, with no statement
+        per id. The rows taking them must be inserted before any row of `table` without an id
+        (one that would take the counter's next): the deferred rows are, at `flush`, which
+        also moves the counter past them and so starts the count again."""
+        if table not in self._next_ids:
+            row = await self.fetchone("SELECT seq FROM sqlite_sequence WHERE name = ?", table)
+            self._next_ids[table] = (row["seq"] if row else 0) + 1
+        self._next_ids[table] += 1
+        return self._next_ids[table] - 1
+
+    async def flush(self) -> None:
+        await super().flush()
+        self._next_ids.clear()
+
     async def _reserve(self, wanted: Mapping[str, int]) -> dict[str, list[int]]:
         # AUTOINCREMENT's counter moves past the ids given out, as a sequence would: a row
         # inserted without an id meanwhile takes the next one after them.
         out = {}
         for table, n in wanted.items():
+            self._next_ids.pop(table, None)
             row = await self.fetchone("UPDATE sqlite_sequence SET seq = seq + ? WHERE name = ? "
                                       "RETURNING seq", n, table)
             if row is None:  # no row inserted in the table yet
@@ -2424,9 +2441,10 @@ async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
         lead_id = await tx.new_id("leads")
         tx.defer(f"INSERT INTO leads (id, {LEAD_COLUMNS}) VALUES (?, {LEAD_MARKS})",
                  lead_id, *values)
-    else:
-        row = await tx.fetchone(f"INSERT INTO leads ({LEAD_COLUMNS}) VALUES ({LEAD_MARKS}) "
-                                "ON CONFLICT DO NOTHING RETURNING id", *values)
+    else:  # an ad click already taken is refused here and now
+        row = await tx.fetchone(f"INSERT INTO leads (id, {LEAD_COLUMNS}) VALUES (?, {LEAD_MARKS})"
+                                " ON CONFLICT DO NOTHING RETURNING id",
+                                await tx.new_id("leads"), *values)
         if row is None:
             return None
         lead_id = row["id"]
@@ -3611,7 +3629,7 @@ async def prefetch_messages(tx, inbound: list[tuple[str, str, InboundMessage]],
             if new:
                 senders.add((msg.phone, msg.lid))
                 wanted["contacts"] += 1
-            if (new and msg.ad_context is None) or any(
+            if new or any(
                     (visit := tx.memo.get(("code visit", company_id, code)))
                     and visit["code_lead_id"] is None for code in codes[msg.message_id]):
                 wanted["leads"] += 1

@@ -328,6 +328,31 @@ async def test_deferred_writes_land_with_the_commit_and_counters_are_summed_firs
     assert statements == [("batch_items", 5), ("counters", 2)]
 
 
+async def test_ids_given_ahead_never_meet_the_ids_the_table_gives(db):
+    """new_id (rows written later refer to each other by it) and the table's own numbering
+    (rows inserted without an id) share one sequence: no id twice, in order."""
+    create, = db.migration_statements("CREATE TABLE id_items (id {id}, label TEXT NOT NULL)")
+    await db.transact(lambda tx: tx.execute(create))
+
+    async def run(tx):
+        first, second = await tx.new_id("id_items"), await tx.new_id("id_items")
+        tx.defer("INSERT INTO id_items (id, label) VALUES (?, ?)", second, "b")
+        tx.defer("INSERT INTO id_items (id, label) VALUES (?, ?)", first, "a")
+        await tx.flush()
+        await tx.execute("INSERT INTO id_items (label) VALUES ('auto')")
+        third = await tx.new_id("id_items")
+        await tx.execute("INSERT INTO id_items (id, label) VALUES (?, 'c')", third)
+        await tx.execute("INSERT INTO id_items (label) VALUES ('auto 2')")
+        return [first, second, third]
+
+    given = await db.transact(run)
+    given += await db.transact(run)
+    rows = await db.fetchall("SELECT id, label FROM id_items ORDER BY id")
+    assert [r["label"] for r in rows] == ["a", "b", "auto", "c", "auto 2"] * 2
+    assert len({r["id"] for r in rows}) == 10
+    assert set(given) <= {r["id"] for r in rows}
+
+
 async def test_a_rolled_back_savepoint_drops_what_was_deferred_inside_it(db):
     await make_table(db)
 
