@@ -10,7 +10,7 @@
   // -> base, wa.me number, query, hash
   const WA = /^(https?:\/\/(?:wa\.me\/\+?(\d+)|(?:api|web)\.whatsapp\.com\/send)\/?|whatsapp:\/\/send\/?)(?:\?([^#]*))?(#.*)?$/i;
   // Never throw into the host page
-  const safe = f => function () { try { return f.apply(this, arguments); } catch {} };
+  const safe = f => function () { try { return f.apply(this, arguments); } catch (e) {} };
   const load = safe(k => JSON.parse(localStorage["whatstracking_" + k]));
   const save = (k, v) => (safe(() => localStorage["whatstracking_" + k] = JSON.stringify(v))(), v);
   const cookie = safe(n => decodeURIComponent(d.cookie.match(`(^|; )${n}=([^;]*)`)[2]));
@@ -49,11 +49,11 @@
     // ---- Sending
     const send = safe((event, whatsapp_phone) => {
       const last = load("last") || {}, ga = cookie("_ga");
-      const body = {
-        ...last, ts: undefined, company_id: company, event, visitor_id: visitor, code,
+      const body = Object.assign({}, last, {
+        ts: undefined, company_id: company, event, visitor_id: visitor, code,
         page_url: location.href, whatsapp_phone, first_touch: load("first"), fbp: cookie("_fbp"),
         fbc: cookie("_fbc") || last.fbc, ga_client_id: ga && ga.split(".").slice(-2).join(".")
-      };
+      });
       fetch(api + "/tracking", {
         method: "POST", keepalive: true, credentials: "omit",
         headers: {"Content-Type": "text/plain"}, body: JSON.stringify(body)

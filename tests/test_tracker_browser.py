@@ -13,6 +13,7 @@ import copy
 import gzip
 import json
 import pathlib
+import re
 import time
 import urllib.parse
 import uuid
@@ -377,3 +378,27 @@ async def test_tracker_is_served_gzipped_within_3_kb(api):
             body = await r.read()
     assert gzip.decompress(body) == (ROOT / "tracker.js").read_bytes()
     assert len(body) <= 3072, f"tracker.js is {len(body)} bytes gzipped; the budget is 3072"
+
+
+def test_tracker_uses_no_syntax_newer_than_es2017():
+    """Older phones' browsers (Safari before 11.1, Android WebViews of 2018) stop at syntax
+    they do not know, and the whole snippet with it: no optional catch binding (ES2019), no
+    object spread or rest (ES2018), no optional chaining or nullish coalescing (ES2020)."""
+    source = (ROOT / "tracker.js").read_text()
+    # Strings, templates, comments and regular expressions blanked (the snippet's regular
+    # expressions follow `=` or `(`, and hold no quote).
+    code = re.sub(r'"(?:[^"\\\n]|\\.)*"|`(?:[^`\\]|\\.)*`|//[^\n]*|(?<=[=(,] )/(?:[^/\\\n]|\\.)+/',
+                  '""', source)
+    for name, pattern in (("optional catch binding", r"catch\s*\{"),
+                          ("optional chaining", r"\?\.(?!\d)"), ("nullish coalescing", r"\?\?")):
+        found = re.search(pattern, code)
+        assert found is None, f"{name} in tracker.js: {code[found.start() - 40:found.end() + 40]}"
+    brackets = []
+    for n, char in enumerate(code):
+        if char in "([{":
+            brackets.append(char)
+        elif char in ")]}":
+            brackets.pop()
+        elif code.startswith("...", n) and brackets[-1:] == ["{"]:
+            raise AssertionError(f"object spread in tracker.js: {code[n - 40:n + 40]}")
+    assert not brackets
