@@ -517,8 +517,10 @@ class Bench:
                     if target.db is not None and target.db.pg:
                         # Fresh tables: what autovacuum's ANALYZE does on a live server within
                         # a minute. Without statistics Postgres plans (and caches) an index
-                        # scan of all the company's rows for every lookup.
-                        target.db.execute("ANALYZE")
+                        # scan of all the company's rows for every lookup. VACUUM too: else
+                        # autovacuum works through the rows of the scenario before during the
+                        # measured seconds of this one (on 2 CPUs its p99 rose to 30-55 ms).
+                        target.db.execute("VACUUM ANALYZE")
                     run = self.next_run()
                     if name == "tracking pageview":
                         target.pageview_run = run
