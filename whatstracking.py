@@ -1148,8 +1148,11 @@ _UPDATE_BY_ID_RE = re.compile(r"UPDATE (?P<table>\w+) SET (?P<set>[^;]+?) WHERE 
 
 
 class PostgresTx(DeferredWrites):
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, set_wise: bool = True) -> None:
         self.conn = conn
+        # Learning a statement's parameter types takes a named prepared statement, which a
+        # transaction pooler (Supabase's port 6543, no statement cache) cannot keep.
+        self.set_wise = set_wise
         self._start()
 
     async def fetchone(self, sql: str, *args: Any) -> dict | None:
@@ -1167,13 +1170,13 @@ class PostgresTx(DeferredWrites):
     async def executemany(self, sql: str, rows: list[tuple]) -> None:
         """Many rows: one statement over arrays when the statement has a set-wise form (see
         `_set_wise`), else one execution per row, pipelined in one round trip."""
-        if len(rows) > 1:
+        if len(rows) > 1 and self.set_wise:
             if sql not in _SET_WISE:
                 _SET_WISE[sql] = await self._set_wise(sql)
             set_wise = _SET_WISE[sql]
-            if set_wise is not None:
-                if set_wise.startswith("UPDATE"):  # one row per id: the last update of each
-                    rows = list({row[-1]: row for row in rows}.values())
+            # (An UPDATE joined to its rows changes a row once: one id twice goes in order.)
+            if set_wise is not None and not (set_wise.startswith("UPDATE") and
+                                             len({row[-1] for row in rows}) < len(rows)):
                 await self.conn.execute(set_wise, *(list(column) for column in zip(*rows)))
                 return
         await self.conn.executemany(to_dollar_params(sql), rows)
@@ -1311,7 +1314,7 @@ class PostgresStorage(Storage):
             raise StorageError("the database is closed")
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                tx = PostgresTx(conn)
+                tx = PostgresTx(conn, self.statement_cache_size > 0)
                 value = await fn(tx)
                 await tx.flush()
                 return value
@@ -1337,7 +1340,7 @@ class PostgresStorage(Storage):
     async def _attempt(self, run: Callable[[Any, list], Awaitable[list]], items: list) -> list:
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                tx = PostgresTx(conn)
+                tx = PostgresTx(conn, self.statement_cache_size > 0)
                 results = await run(tx, items)
                 await tx.flush()
                 return results

@@ -353,6 +353,47 @@ async def test_ids_given_ahead_never_meet_the_ids_the_table_gives(db):
     assert set(given) <= {r["id"] for r in rows}
 
 
+@pytest.mark.parametrize("cache", ["100", "0"])
+async def test_deferred_rows_on_postgres_with_and_without_a_statement_cache(database_url, cache):
+    """With a statement cache, a deferred INSERT's or UPDATE-by-id's rows go as one statement
+    over arrays (updates of one row twice go in order); without one (a transaction pooler)
+    they go one execution each. Either way the same rows land."""
+    if not database_url.startswith("postgres"):
+        pytest.skip("Postgres only: SQLite writes deferred rows with executemany")
+    sep = "&" if "?" in database_url else "?"
+    db = Storage.from_url(f"{database_url}{sep}statement_cache_size={cache}")
+    await db.connect()
+    try:
+        await db.transact(lambda tx: tx.execute(
+            "CREATE TABLE wide_items (id BIGINT PRIMARY KEY, label TEXT, n DOUBLE PRECISION, "
+            "raw BYTEA)"))
+        insert = "INSERT INTO wide_items (id, label, n, raw) VALUES (?, ?, ?, ?)"
+        update = "UPDATE wide_items SET label = COALESCE(?, label), n = ? WHERE id = ?"
+        whatstracking._SET_WISE.pop(insert, None)
+        whatstracking._SET_WISE.pop(update, None)
+
+        async def run(tx):
+            for n in range(1, 4):
+                tx.defer(insert, n, f"item {n} ☕", n / 2, bytes([n, 0, 255]))
+            await tx.flush()
+            tx.defer(update, "first", 10.0, 2)
+            tx.defer(update, None, 20.0, 3)
+            tx.defer(update, None, 30.0, 2)  # keeps "first": in order, as one by one
+            await tx.flush()
+            tx.defer(update, "second", 40.0, 1)
+            tx.defer(update, None, 50.0, 3)
+
+        await db.transact(run)
+        rows = await db.fetchall("SELECT * FROM wide_items ORDER BY id")
+        assert [(r["id"], r["label"], r["n"], bytes(r["raw"])) for r in rows] == [
+            (1, "second", 40.0, b"\x01\x00\xff"), (2, "first", 30.0, b"\x02\x00\xff"),
+            (3, "item 3 ☕", 50.0, b"\x03\x00\xff")]
+        assert (insert in whatstracking._SET_WISE) == (update in whatstracking._SET_WISE) == \
+            (cache != "0")
+    finally:
+        await db.close()
+
+
 async def test_a_rolled_back_savepoint_drops_what_was_deferred_inside_it(db):
     await make_table(db)
 
