@@ -30,6 +30,19 @@ class Refused(Exception):
     pass
 
 
+def batch_runs(monkeypatch, name: str) -> list[int]:
+    """Patch the batched `run` whatstracking.<name> to note the size of every batch it runs."""
+    sizes: list[int] = []
+    batch = getattr(whatstracking, name)
+
+    async def counted(tx, items):
+        sizes.append(len(items))
+        return await batch(tx, items)
+
+    monkeypatch.setattr(whatstracking, name, counted)
+    return sizes
+
+
 # ------------------------------------------------------------------------------------------------
 # Storage.submit
 # ------------------------------------------------------------------------------------------------
@@ -195,14 +208,7 @@ async def test_a_taken_new_code_in_a_batch_is_replaced_without_running_the_batch
     first = await api.track(visitor_id="v-first", page_url=SITE)
     made = iter([first["code"]] + [whatstracking.new_code() for _ in range(20)])
     monkeypatch.setattr(whatstracking, "new_code", lambda: next(made))
-    runs: list[int] = []
-    track_batch = whatstracking.track_batch
-
-    async def counted(tx, items):
-        runs.append(len(items))
-        return await track_batch(tx, items)
-
-    monkeypatch.setattr(whatstracking, "track_batch", counted)
+    runs = batch_runs(monkeypatch, "track_batch")
     answers = await asyncio.gather(*(api.track(visitor_id=f"v-{n}", page_url=SITE)
                                      for n in range(6)))
     assert sum(runs) == 6, runs  # each request handled once
@@ -421,15 +427,7 @@ async def test_a_rolled_back_savepoint_drops_what_was_deferred_inside_it(db):
 @pytest.fixture
 def batch_sizes(monkeypatch) -> list[int]:
     """The size of every webhook batch run."""
-    sizes: list[int] = []
-    batch = whatstracking.webhook_batch
-
-    async def counted(tx, items):
-        sizes.append(len(items))
-        return await batch(tx, items)
-
-    monkeypatch.setattr(whatstracking, "webhook_batch", counted)
-    return sizes
+    return batch_runs(monkeypatch, "webhook_batch")
 
 
 async def test_concurrent_deliveries_are_ingested_together_each_as_alone(api, batch_sizes):
