@@ -651,6 +651,11 @@ class StorageError(Exception):
     pass
 
 
+def insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    """`INSERT INTO table (columns) VALUES (?, ...)`: one row, every column a parameter."""
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
 class Storage:
     """What the application needs from a database; subclasses provide the primitives."""
 
@@ -775,9 +780,9 @@ class DeferredWrites:
     - `defer_row(sql, row, columns)`: an INSERT of the dict `row`, whose values are read at
       `flush` (until then the unit keeps changing the dict; `row["_pending"]` says it is not in
       the table yet). Such rows take their ids from `new_id`.
-    - `new_id(table)`: an id for a new row of `table`, from ids reserved in advance
-      (`stock_ids` reserves for several tables in one statement); the table's own sequence moves
-      past them at once, so the rows other statements insert meanwhile never take them.
+    - `new_id(table)`: an id for a new row of `table`, given out now so rows can refer to each
+      other before they are inserted; `stock_ids({table: n})` reserves ids for it ahead, for
+      several tables in one statement where that saves round trips (Postgres).
 
     A savepoint flushes on entry and, when rolled back, drops what was deferred inside it along
     with the memo. The storages flush before every COMMIT.
@@ -786,7 +791,6 @@ class DeferredWrites:
     def _start(self) -> None:
         self._deferred: list[tuple[str, Any]] = []
         self._sums: dict[str, dict[tuple, tuple]] = {}
-        self._ids: dict[str, list[int]] = {}
         self.memo: dict[Any, Any] = {}
 
     def defer(self, sql: str, *args: Any) -> None:
@@ -799,24 +803,6 @@ class DeferredWrites:
 
         row["_pending"] = True
         self._deferred.append((sql, values))
-
-    async def reserve_ids(self, table: str, n: int) -> list[int]:
-        """`n` ids for new rows of `table`, given out now so rows can refer to each other before
-        they are inserted."""
-        return (await self._reserve({table: n}))[table]
-
-    async def stock_ids(self, wanted: Mapping[str, int]) -> None:
-        """Reserve ids for `new_id` ahead: {table: how many}, in one statement."""
-        wanted = {table: n for table, n in wanted.items() if n > 0}
-        if wanted:
-            for table, ids in (await self._reserve(wanted)).items():
-                self._ids.setdefault(table, []).extend(ids)
-
-    async def new_id(self, table: str) -> int:
-        stock = self._ids.get(table)
-        if not stock:
-            stock = self._ids[table] = await self.reserve_ids(table, 1)
-        return stock.pop()
 
     def add(self, sql: str, key: tuple, values: tuple) -> None:
         sums = self._sums.setdefault(sql, {})
@@ -908,7 +894,8 @@ class SqliteTx(DeferredWrites):
         """The ids after the table's AUTOINCREMENT counter, counted here, with no statement
         per id. The rows taking them must be inserted before any row of `table` without an id
         (one that would take the counter's next): the deferred rows are, at `flush`, which
-        also moves the counter past them and so starts the count again."""
+        also moves the counter past them and so starts the count again. (Rows inserted at once
+        with their ids, like new visits, move it themselves.)"""
         if table not in self._next_ids:
             row = await self.fetchone("SELECT seq FROM sqlite_sequence WHERE name = ?", table)
             self._next_ids[table] = (row["seq"] if row else 0) + 1
@@ -918,21 +905,6 @@ class SqliteTx(DeferredWrites):
     async def flush(self) -> None:
         await super().flush()
         self._next_ids.clear()
-
-    async def _reserve(self, wanted: Mapping[str, int]) -> dict[str, list[int]]:
-        # AUTOINCREMENT's counter moves past the ids given out, as a sequence would: a row
-        # inserted without an id meanwhile takes the next one after them.
-        out = {}
-        for table, n in wanted.items():
-            self._next_ids.pop(table, None)
-            row = await self.fetchone("UPDATE sqlite_sequence SET seq = seq + ? WHERE name = ? "
-                                      "RETURNING seq", n, table)
-            if row is None:  # no row inserted in the table yet
-                await self.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",
-                                   table, n)
-                row = {"seq": n}
-            out[table] = list(range(row["seq"] - n + 1, row["seq"] + 1))
-        return out
 
     @contextlib.asynccontextmanager
     async def savepoint(self):
@@ -1153,6 +1125,7 @@ class PostgresTx(DeferredWrites):
         # Learning a statement's parameter types takes a named prepared statement, which a
         # transaction pooler (Supabase's port 6543, no statement cache) cannot keep.
         self.set_wise = set_wise
+        self._ids: dict[str, collections.deque] = {}  # table → ids reserved, in order
         self._start()
 
     async def fetchone(self, sql: str, *args: Any) -> dict | None:
@@ -1169,10 +1142,10 @@ class PostgresTx(DeferredWrites):
 
     async def executemany(self, sql: str, rows: list[tuple]) -> None:
         """Many rows: one statement over arrays when the statement has a set-wise form (see
-        `_set_wise`), else one execution per row, pipelined in one round trip."""
+        `_set_wise_form`), else one execution per row, pipelined in one round trip."""
         if len(rows) > 1 and self.set_wise:
             if sql not in _SET_WISE:
-                _SET_WISE[sql] = await self._set_wise(sql)
+                _SET_WISE[sql] = await self._set_wise_form(sql)
             set_wise = _SET_WISE[sql]
             # (An UPDATE joined to its rows changes a row once: one id twice goes in order.)
             if set_wise is not None and not (set_wise.startswith("UPDATE") and
@@ -1181,7 +1154,7 @@ class PostgresTx(DeferredWrites):
                 return
         await self.conn.executemany(to_dollar_params(sql), rows)
 
-    async def _set_wise(self, sql: str) -> str | None:
+    async def _set_wise_form(self, sql: str) -> str | None:
         """The form of `sql` run once over arrays (one per parameter, typed as Postgres infers
         them): `INSERT ... VALUES (?, ...)` reads the rows from unnest(); `UPDATE t SET ...
         WHERE id = ?` joins them. Each row of a statement run per row costs Postgres an
@@ -1220,15 +1193,21 @@ class PostgresTx(DeferredWrites):
             await self.conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) "
                                     "AS k", hashed)
 
-    async def _reserve(self, wanted: Mapping[str, int]) -> dict[str, list[int]]:
-        rows = await self.conn.fetch(
-            "SELECT w.t, nextval(pg_get_serial_sequence(w.t, 'id')) AS id "
-            "FROM unnest($1::text[], $2::int[]) AS w(t, n), generate_series(1, w.n)",
-            list(wanted), list(wanted.values()))
-        out: dict[str, list[int]] = {table: [] for table in wanted}
-        for row in rows:
-            out[row["t"]].append(row["id"])
-        return out
+    async def stock_ids(self, wanted: Mapping[str, int]) -> None:
+        """Ids from the tables' sequences, for several tables in one statement (ids reserved but
+        not used are gaps, as sequences leave anyway)."""
+        wanted = {table: n for table, n in wanted.items() if n > 0}
+        if wanted:
+            for row in await self.conn.fetch(
+                    "SELECT w.t, nextval(pg_get_serial_sequence(w.t, 'id')) AS id "
+                    "FROM unnest($1::text[], $2::int[]) AS w(t, n), generate_series(1, w.n) "
+                    "ORDER BY id", list(wanted), list(wanted.values())):
+                self._ids.setdefault(row["t"], collections.deque()).append(row["id"])
+
+    async def new_id(self, table: str) -> int:
+        if not self._ids.get(table):
+            await self.stock_ids({table: 1})
+        return self._ids[table].popleft()
 
     @contextlib.asynccontextmanager
     async def savepoint(self):
@@ -1965,8 +1944,9 @@ async def track_batch(tx, items: list[TrackingInput]) -> list:
         events.append((t, visit))
         results.append((company, visit, visitor_id))
     if new_visits:
-        for visit, visit_id in zip(new_visits, await tx.reserve_ids("visits", len(new_visits))):
-            visit["id"] = visit_id
+        await tx.stock_ids({"visits": len(new_visits)})
+        for visit in new_visits:
+            visit["id"] = await tx.new_id("visits")
         await insert_visits(tx, new_visits)
     if changed:
         await tx.executemany(VISIT_UPDATE, [tuple(v[c] for c in _VISIT_CHANGES) + (v["id"],)
@@ -2156,13 +2136,11 @@ async def record_event(tx, company: Company, lead_id: int, name: str, event_id: 
     values = (company.id, lead_id, name, value, currency, occurred_at, event_id, source, ts)
     if new:
         row = {"id": await tx.new_id("lead_events"), **dict(zip(LEAD_EVENT_COLUMNS, values))}
-        tx.defer(f"INSERT INTO lead_events (id, {', '.join(LEAD_EVENT_COLUMNS)}) "
-                 f"VALUES (?, {', '.join('?' * len(values))})", row["id"], *values)
+        tx.defer(insert_sql("lead_events", ("id", *LEAD_EVENT_COLUMNS)), row["id"], *values)
     else:
-        row = await tx.fetchone(
-            f"INSERT INTO lead_events ({', '.join(LEAD_EVENT_COLUMNS)}) "
-            f"VALUES ({', '.join('?' * len(values))}) "
-            "ON CONFLICT (company_id, event_id) DO NOTHING RETURNING *", *values)
+        row = await tx.fetchone(insert_sql("lead_events", LEAD_EVENT_COLUMNS) +
+                                " ON CONFLICT (company_id, event_id) DO NOTHING RETURNING *",
+                                *values)
     if row is None:
         existing = await tx.fetchone("SELECT * FROM lead_events WHERE company_id = ? AND "
                                      "event_id = ?", company.id, event_id)
@@ -2260,8 +2238,7 @@ async def ensure_connection(tx, company_id: str, connection_id: str) -> dict:
 
 
 CONTACT_COLUMNS = ("id", "company_id", "phone", "lid", "name", "created_at", "updated_at")
-CONTACT_INSERT = (f"INSERT INTO contacts ({', '.join(CONTACT_COLUMNS)}) "
-                  f"VALUES ({', '.join('?' * len(CONTACT_COLUMNS))})")
+CONTACT_INSERT = insert_sql("contacts", CONTACT_COLUMNS)
 
 
 async def prefetch_contacts(tx, company_id: str, msgs: list[InboundMessage]) -> None:
@@ -2411,11 +2388,11 @@ async def _window_visit(tx, company: Company, connection: dict) -> dict | None:
     return rows[0] if len(rows) == 1 else None
 
 
-LEAD_COLUMNS = ("company_id, connection_id, contact_id, phone, lid, name, first_message, "
-                "message_id, code, match_method, confidence, visit_id, utm_source, utm_medium, "
-                "utm_campaign, ad_id, gclid, ctwa_clid, attribution, first_touch, context_info, "
-                "clicked_at, created_at")
-LEAD_MARKS = ", ".join("?" * (LEAD_COLUMNS.count(",") + 1))
+LEAD_INSERT = insert_sql("leads", (
+    "id", "company_id", "connection_id", "contact_id", "phone", "lid", "name", "first_message",
+    "message_id", "code", "match_method", "confidence", "visit_id", "utm_source", "utm_medium",
+    "utm_campaign", "ad_id", "gclid", "ctwa_clid", "attribution", "first_touch", "context_info",
+    "clicked_at", "created_at"))
 
 
 async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
@@ -2442,11 +2419,9 @@ async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
         # transaction knows (the memo keeps the codes it takes); one a concurrent transaction
         # takes meanwhile fails the batch, which is then run item by item and reads it taken.
         lead_id = await tx.new_id("leads")
-        tx.defer(f"INSERT INTO leads (id, {LEAD_COLUMNS}) VALUES (?, {LEAD_MARKS})",
-                 lead_id, *values)
+        tx.defer(LEAD_INSERT, lead_id, *values)
     else:  # an ad click already taken is refused here and now
-        row = await tx.fetchone(f"INSERT INTO leads (id, {LEAD_COLUMNS}) VALUES (?, {LEAD_MARKS})"
-                                " ON CONFLICT DO NOTHING RETURNING id",
+        row = await tx.fetchone(LEAD_INSERT + " ON CONFLICT DO NOTHING RETURNING id",
                                 await tx.new_id("leads"), *values)
         if row is None:
             return None
@@ -4542,11 +4517,12 @@ async def report(request: web.Request) -> web.Response:
 
 @routes.get("/dashboard")
 async def dashboard(request: web.Request) -> web.Response:
-    return web.Response(body=shipped_file(DASHBOARD_PATH), content_type="text/html", charset="utf-8", headers={
-        "Cache-Control": "no-cache", "X-Frame-Options": "DENY",
-        "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-                                   "style-src 'self' 'unsafe-inline'; "
-                                   "script-src 'self' 'unsafe-inline'"})
+    headers = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY",
+               "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                                          "style-src 'self' 'unsafe-inline'; "
+                                          "script-src 'self' 'unsafe-inline'"}
+    return web.Response(body=shipped_file(DASHBOARD_PATH), content_type="text/html",
+                        charset="utf-8", headers=headers)
 
 
 # ##################################################################################################
