@@ -23,6 +23,12 @@ Scenarios (each also run against bench/bare.py with the same bodies, which gives
                       `--report-visits` visits, each with its tracking event (default 1 M), and
                       `--report-leads` leads (default 100 k) with their events; one connection
 
+The tracking scenarios also run against `bare + store sqlite|postgres` (bench/bare.py given a
+database of its own that WhatsTracking made): the bare handler plus the least a server must store
+before it answers, one visit and one event row per request, group-committed. Its ratio is how near
+to the bare handler any server that commits before answering comes on this machine (`--no-store`
+leaves it out).
+
 Requests answered with a status other than 2xx are counted in the `non2xx` column and spoil the
 row. After each WhatsTracking scenario the rows are counted: every 2xx answer must have its row.
 Nothing here asserts timings; bench/kill9.py checks durability under kill -9.
@@ -425,8 +431,9 @@ class Target:
     """One server under load: the bare handler, or WhatsTracking on one database."""
 
     def __init__(self, label: str, server: Server, secret: str, codes: list[str],
-                 db: "Db | None", workdir: Path) -> None:
+                 db: "Db | None", workdir: Path, scenarios: list[str] = SCENARIOS) -> None:
         self.label, self.server, self.secret, self.db = label, server, secret, db
+        self.scenarios = scenarios
         self.workdir, self.pageview_run = workdir, 0
         self.codes, self.used = codes, 0  # each run takes fresh codes from here
         self.rss_start = server.rss
@@ -484,6 +491,16 @@ class Bench:
         codes = [whatstracking.new_code() for _ in range(1000)]
         self.targets.append(Target("bare handler", server, "x", codes, None, self.workdir))
 
+    def start_bare_store(self, label: str, database_url: str) -> None:
+        """The bare handler that also group-commits a visit and an event per tracking request,
+        on its own database made by WhatsTracking (the same tables and indexes)."""
+        company_add(database_url, self.workdir, dict(self.args.server_env))
+        port = free_port()
+        server = Server(label, [sys.executable, str(BARE), str(port), self.args.loop,
+                                database_url], {}, port, self.workdir)
+        self.targets.append(Target(label, server, "x", [], Db(database_url), self.workdir,
+                                   scenarios=SCENARIOS[:2]))
+
     def start_wt(self, label: str, database_url: str, shown_url: str) -> None:
         extra = dict(self.args.server_env)
         company = company_add(database_url, self.workdir, extra)
@@ -508,6 +525,8 @@ class Bench:
             checks: dict[str, list[str]] = {t.label: [] for t in self.targets}
             for _ in range(self.args.repeat):
                 for target in self.targets:
+                    if name not in target.scenarios:
+                        continue
                     before = target.count(name)
                     if self.args.warmup:
                         self.wrk.run(target.server.port,
@@ -545,6 +564,8 @@ class Bench:
             bare_rps = median([r["rps"] for r in results["bare handler"]])
             for target in self.targets:
                 runs = results[target.label]
+                if not runs:
+                    continue
                 row = {key: median([r[key] for r in runs])
                        for key in ("rps", "p50_us", "p99_us")}
                 row["errors"] = sum(r["non2xx"] + r["connect"] + r["read"] + r["write"] +
@@ -676,6 +697,9 @@ def main() -> int:
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--no-sqlite", action="store_true")
     parser.add_argument("--no-report", action="store_true")
+    parser.add_argument("--no-store", action="store_true",
+                        help="leave out the bare handler that stores (bench/bare.py with a "
+                             "database): the limit of any server that commits before answering")
     parser.add_argument("--pg-url", default=os.environ.get(
         "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
         help="a Postgres server to create the wt_bench database on (dropped at the end)")
@@ -708,21 +732,31 @@ def main() -> int:
         load_start = os.getloadavg()
         pg_url = pg_url_for(args.pg_url, args.pg_database)
         pg_shown = pg_url
+        store_url = pg_url_for(args.pg_url, args.pg_database + "_store")
+        pg_databases = [args.pg_database] + ([] if args.no_store else
+                                             [args.pg_database + "_store"])
         try:
             log("starting servers, seeding codes")
             bench.start_bare()
             if not args.no_sqlite:
+                if not args.no_store:
+                    bench.start_bare_store("bare + store sqlite",
+                                           f"sqlite:///{workdir / 'bare-store.db'}")
                 url = f"sqlite:///{workdir / 'bench.db'}"
                 bench.start_wt("whatstracking sqlite", url, url)
             if not args.no_postgres:
-                pg_admin(args.pg_url, f"DROP DATABASE IF EXISTS {args.pg_database} WITH (FORCE)")
-                pg_admin(args.pg_url, f"CREATE DATABASE {args.pg_database}")
+                for database in pg_databases:
+                    pg_admin(args.pg_url, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+                    pg_admin(args.pg_url, f"CREATE DATABASE {database}")
+                if not args.no_store:
+                    bench.start_bare_store("bare + store postgres", store_url)
                 bench.start_wt("whatstracking postgres", pg_url, pg_shown)
             bench.measure()
         finally:
             bench.stop()
             if not args.no_postgres:
-                pg_admin(args.pg_url, f"DROP DATABASE IF EXISTS {args.pg_database} WITH (FORCE)")
+                for database in pg_databases:
+                    pg_admin(args.pg_url, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         log("\n" + bench.table())  # the throughput rows, in case the report part fails
         if not args.no_report:
             if not args.no_sqlite:
