@@ -10,8 +10,8 @@ With DATABASE_URL (a database WhatsTracking created; `company add` makes its tab
 handler, which also stores the least a server must store for a tracking request before it answers:
 one `visits` row and one `tracking_events` row, group-committed with the requests waiting
 alongside it and answered after COMMIT, as WhatsTracking does. No validation, no lookup of a
-returning visitor, no report counters, nothing else. It shows how near to the bare handler any
-server that commits before it answers can come on the machine.
+returning visitor, no report counters, nothing else. It shows how near to the bare handler a
+server that commits before it answers, in its own process, can come on the machine.
 
   SQLite    one transaction per batch (the whole queue), two executemany, COMMIT in a thread;
             WAL and synchronous=FULL, WhatsTracking's defaults; the same switch interval.

@@ -26,8 +26,8 @@ Scenarios (each also run against bench/bare.py with the same bodies, which gives
 The tracking scenarios also run against `bare + store sqlite|postgres` (bench/bare.py given a
 database of its own that WhatsTracking made): the bare handler plus the least a server must store
 before it answers, one visit and one event row per request, group-committed. Its ratio is how near
-to the bare handler any server that commits before answering comes on this machine (`--no-store`
-leaves it out).
+to the bare handler a server that commits before answering, in its own process, comes on this
+machine (`--no-store` leaves it out).
 
 Requests answered with a status other than 2xx are counted in the `non2xx` column and spoil the
 row. After each WhatsTracking scenario the rows are counted: every 2xx answer must have its row.
