@@ -2124,6 +2124,8 @@ def configured_destinations(company: Company) -> list[str]:
 
 LEAD_EVENT_COLUMNS = ("company_id", "lead_id", "name", "value", "currency", "occurred_at",
                       "event_id", "source", "created_at")
+LEAD_EVENT_INSERT = insert_sql("lead_events", LEAD_EVENT_COLUMNS)
+NEW_LEAD_EVENT_INSERT = insert_sql("lead_events", ("id", *LEAD_EVENT_COLUMNS))  # id from new_id
 
 
 async def record_event(tx, company: Company, lead_id: int, name: str, event_id: str,
@@ -2136,11 +2138,10 @@ async def record_event(tx, company: Company, lead_id: int, name: str, event_id: 
     values = (company.id, lead_id, name, value, currency, occurred_at, event_id, source, ts)
     if new:
         row = {"id": await tx.new_id("lead_events"), **dict(zip(LEAD_EVENT_COLUMNS, values))}
-        tx.defer(insert_sql("lead_events", ("id", *LEAD_EVENT_COLUMNS)), row["id"], *values)
+        tx.defer(NEW_LEAD_EVENT_INSERT, row["id"], *values)
     else:
-        row = await tx.fetchone(insert_sql("lead_events", LEAD_EVENT_COLUMNS) +
-                                " ON CONFLICT (company_id, event_id) DO NOTHING RETURNING *",
-                                *values)
+        row = await tx.fetchone(LEAD_EVENT_INSERT + " ON CONFLICT (company_id, event_id) "
+                                "DO NOTHING RETURNING *", *values)
     if row is None:
         existing = await tx.fetchone("SELECT * FROM lead_events WHERE company_id = ? AND "
                                      "event_id = ?", company.id, event_id)
