@@ -31,6 +31,7 @@ import secrets
 import sqlite3
 import sys
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -85,14 +86,10 @@ class PostgresStore:
     EVENTS = (f"INSERT INTO tracking_events ({EVENT_COLUMNS}) SELECT * FROM unnest($1::text[], "
               "$2::bigint[], $3::text[], $4::text[], $5::text[], $6::float8[])")
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.pool = None
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool  # asyncpg's, one connection per batch in flight
 
     async def write(self, bodies: list[dict]) -> list[tuple[int, str]]:
-        if self.pool is None:
-            import asyncpg
-            self.pool = await asyncpg.create_pool(self.url, min_size=2, max_size=2)
         ts = time.time()
         visits = [visit_values(b, ts) for b in bodies]
         async with self.pool.acquire() as conn, conn.transaction():
@@ -152,7 +149,9 @@ def main() -> None:
 
         async def start(app: web.Application) -> None:
             if database_url.startswith("postgres"):
-                app[group] = GroupCommit(PostgresStore(database_url), 2)
+                import asyncpg
+                pool = await asyncpg.create_pool(database_url, min_size=2, max_size=2)
+                app[group] = GroupCommit(PostgresStore(pool), 2)
             else:
                 app[group] = GroupCommit(SqliteStore(database_url.split("///", 1)[1]), 1)
 
