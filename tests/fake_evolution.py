@@ -13,6 +13,8 @@ request, and can misbehave:
     fake.misbehave = "slow"; fake.delay = 3  # every answer after `delay` seconds
     fake.version = 1                         # Evolution v1: restart is PUT, `hash` an object
     fake.override("GET", "/instance/connect/x", 200, {"error": True, "message": "[object Object]"})
+    fake.instances["x"]["webhook"]           # the instance's webhook row as /webhook/find shows it
+    fake.set_webhook("x", url, headers)      # somebody set it in Evolution's manager
     fake.requests                            # [Recorded(method, path, query, headers, json)]
     await fake.close()
 
@@ -37,6 +39,13 @@ JSON_BODY = web.RequestKey("json", object) if hasattr(web, "RequestKey") else "j
 RESPONSES = Path(__file__).resolve().parent / "fixtures" / "responses"
 GLOBAL_KEY = "evo-global-key-BQYHJGJHJ"
 INTEGRATIONS = ("WHATSAPP-BAILEYS", "WHATSAPP-BUSINESS", "EVOLUTION")
+# EventController.events: what webhook.events may hold (CONTRACT §3.8, §4.2)
+EVENTS = ("APPLICATION_STARTUP QRCODE_UPDATED MESSAGES_SET MESSAGES_UPSERT MESSAGES_EDITED "
+          "MESSAGES_UPDATE MESSAGES_DELETE SEND_MESSAGE SEND_MESSAGE_UPDATE CONTACTS_SET "
+          "CONTACTS_UPSERT CONTACTS_UPDATE PRESENCE_UPDATE CHATS_SET CHATS_UPSERT CHATS_UPDATE "
+          "CHATS_DELETE GROUPS_UPSERT GROUP_UPDATE GROUP_PARTICIPANTS_UPDATE CONNECTION_UPDATE "
+          "LABELS_EDIT LABELS_ASSOCIATION CALL TYPEBOT_START TYPEBOT_CHANGE_STATUS REMOVE_INSTANCE "
+          "LOGOUT_INSTANCE INSTANCE_CREATE INSTANCE_DELETE STATUS_INSTANCE").split()
 
 
 def response(name: str) -> Any:
@@ -98,6 +107,8 @@ class FakeEvolution:
         self.app.router.add_route("*", "/instance/restart/{instance}", self.restart)
         self.app.router.add_delete("/instance/logout/{instance}", self.logout)
         self.app.router.add_delete("/instance/delete/{instance}", self.delete)
+        self.app.router.add_post("/webhook/set/{instance}", self.webhook_set)
+        self.app.router.add_get("/webhook/find/{instance}", self.webhook_find)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -126,6 +137,21 @@ class FakeEvolution:
             "webhook": None, "number": None, "owner": OWNER_NUMBER, "profileName": PROFILE_NAME,
             "profilePicUrl": PICTURE_URL}
         return self.instances[name]
+
+    def set_webhook(self, name: str, url: str, headers: dict | None = None,
+                    events: list | None = None, by_events: bool = False, base64: bool = False,
+                    enabled: bool = True) -> dict:
+        """The instance's webhook, stored as Evolution's Prisma `Webhook` row (what `find` shows;
+        `enabled: false` stores no events)."""
+        instance = self.instances[name]
+        row = response("webhook-set")
+        previous = instance.get("webhook") or {}
+        row.update(id=previous.get("id") or uuid.uuid4().hex[:25], url=url, headers=headers,
+                   enabled=enabled, events=list(events or []) if enabled else [],
+                   webhookByEvents=by_events, webhookBase64=base64, instanceId=instance["id"],
+                   createdAt=previous.get("createdAt") or row["createdAt"])
+        instance["webhook"] = row
+        return row
 
     def open(self, name: str, number: str = OWNER_NUMBER, profile_name: str = PROFILE_NAME) -> None:
         """The number scanned the QR: the instance is connected."""
@@ -239,7 +265,9 @@ class FakeEvolution:
         if isinstance(webhook, dict) and "events" not in webhook:
             return self.answer(400, response("create-instance-webhook-without-events"))
         instance = self.add_instance(name, token=body.get("token") or None)
-        instance["webhook"] = copy.deepcopy(webhook)
+        if isinstance(webhook, dict) and webhook.get("url"):
+            self.set_webhook(name, webhook["url"], webhook.get("headers"), webhook.get("events"),
+                             webhook.get("byEvents", False), webhook.get("base64", False))
         qrcode = bool(body.get("qrcode"))
         if body.get("number"):
             instance["number"] = body["number"]
@@ -336,3 +364,37 @@ class FakeEvolution:
             return instance
         del self.instances[instance["name"]]
         return self.answer(200, response("delete"))
+
+    async def webhook_set(self, request: web.Request) -> web.Response:
+        instance = self.instance_or_error(request)
+        if isinstance(instance, web.Response):
+            return instance
+        body = request[JSON_BODY]
+        webhook = body.get("webhook") if isinstance(body, dict) else None
+        if not isinstance(webhook, dict):
+            return self.answer(400, error_body(400, "Bad Request",
+                                               [['instance requires property "webhook"']]))
+        for field in ("enabled", "url"):
+            if field not in webhook:
+                return self.answer(400, error_body(400, "Bad Request", [
+                    [f'webhook requires property "{field}"']]))
+        events = webhook.get("events")
+        if webhook["enabled"] and events is None:  # the `.length` TypeError, as a 500
+            return self.answer(500, error_body(500, "Internal Server Error", [
+                "Cannot read properties of undefined (reading 'length')"]))
+        for n, event in enumerate(events or []):
+            if event not in EVENTS:
+                body = response("webhook-set-validation-error")
+                body["response"]["message"][0][0] = body["response"]["message"][0][0].replace(
+                    "webhook.events[0]", f"webhook.events[{n}]")
+                return self.answer(400, body)
+        row = self.set_webhook(instance["name"], webhook["url"], webhook.get("headers"), events,
+                               bool(webhook.get("byEvents")), bool(webhook.get("base64")),
+                               bool(webhook["enabled"]))
+        return self.answer(201, row)
+
+    async def webhook_find(self, request: web.Request) -> web.Response:
+        instance = self.instance_or_error(request)
+        if isinstance(instance, web.Response):
+            return instance
+        return self.answer(200, instance.get("webhook"))
