@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import html
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -154,7 +155,9 @@ class Config:
     evolution_api_key: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
-    trust_proxy: bool = False
+    # Whose X-Forwarded-For is believed: "loopback" (a proxy on this host), "true" (any peer: a
+    # load balancer), "false" (nobody: the peer is the client).
+    trust_proxy: str = "loopback"
     retention_days: int = 0
     meta_graph_url: str = DEFAULT_META_GRAPH_URL
     ga4_mp_url: str = DEFAULT_GA4_MP_URL
@@ -175,6 +178,16 @@ def _parse_bool(name: str, value: str) -> bool:
     if low in ("", "0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, not {value!r}.")
+
+
+def _parse_trust_proxy(value: str) -> str:
+    low = value.strip().lower()
+    if low in ("", "loopback"):
+        return "loopback"
+    try:
+        return "true" if _parse_bool("TRUST_PROXY", low) else "false"
+    except ConfigError:
+        raise ConfigError(f"TRUST_PROXY must be loopback, true or false, not {value!r}.") from None
 
 
 def _parse_number(name: str, value: str, low: float, high: float, kind: type = int) -> Any:
@@ -235,7 +248,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         evolution_api_key=get("EVOLUTION_API_KEY"),
         log_level=log_level,
         log_format=log_format,
-        trust_proxy=_parse_bool("TRUST_PROXY", get("TRUST_PROXY")),
+        trust_proxy=_parse_trust_proxy(get("TRUST_PROXY")),
         retention_days=_parse_int("RETENTION_DAYS", get("RETENTION_DAYS", "0"), 0, 36500),
         meta_graph_url=urls["META_GRAPH_URL"],
         ga4_mp_url=urls["GA4_MP_URL"],
@@ -3283,12 +3296,58 @@ class RateLimiter:
         return (1.0 - tokens) / self.rate
 
 
+@functools.lru_cache(maxsize=8192)  # the same few addresses arrive again and again
+def address_key(text: str) -> tuple[str, bool, bool] | None:
+    """(rate-limit key, is loopback, is not global) of a peer address or an X-Forwarded-For
+    entry, or None when it is no address. Takes the forms proxies write: 192.0.2.1,
+    192.0.2.1:443, 2001:db8::1, [2001:db8::1]:443. An IPv6 visitor is keyed by its /64, the block
+    one subscriber gets, so rotating addresses within it buys no new bucket."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:text.find("]")]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    key = str(address)
+    if address.version == 6:
+        key = str(ipaddress.IPv6Network((address, 64), strict=False))
+    return key, address.is_loopback, not address.is_global
+
+
+def peer_is_proxy(request: web.Request) -> bool:
+    """Whether the peer is a proxy whose X-Forwarded-* headers are believed (TRUST_PROXY)."""
+    mode = request.app[CONFIG].trust_proxy
+    if mode == "loopback":
+        peer = address_key(request.remote or "")
+        return peer is not None and peer[1]
+    return mode == "true"
+
+
 def client_ip(request: web.Request) -> str:
-    if request.app[CONFIG].trust_proxy:
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        if forwarded:
-            return forwarded.split(",")[0].strip()
-    return request.remote or "unknown"
+    """The client's rate-limit key: the peer, or behind a trusted proxy the right-most
+    X-Forwarded-For entry that is not itself a proxy. Each proxy appends the address it got the
+    request from, so reading from the right, every entry after a proxy's is true; the client's
+    own entries further left are never reached, and a forged one buys no new bucket. Proxies
+    are loopback addresses, and with TRUST_PROXY=true also private ones (a chain of internal
+    load balancers)."""
+    peer = address_key(request.remote or "")
+    client = peer[0] if peer else (request.remote or "unknown")
+    if not peer_is_proxy(request):
+        return client
+    internal_hops = request.app[CONFIG].trust_proxy == "true"
+    for entry in reversed(",".join(request.headers.getall("X-Forwarded-For", ())).split(",")):
+        parsed = address_key(entry)
+        if parsed is None:  # no proxy writes this: stop at the last hop we could believe
+            break
+        client = parsed[0]
+        if not parsed[2 if internal_hops else 1]:
+            break
+    return client
 
 
 def rate_limit(request: web.Request, kind: str) -> None:
@@ -3932,7 +3991,7 @@ def public_base(request: web.Request) -> str:
     if config.public_url:
         return config.public_url
     scheme = request.scheme
-    if config.trust_proxy:
+    if peer_is_proxy(request):
         scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
     return f"{scheme}://{request.host}"
 

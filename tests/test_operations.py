@@ -81,7 +81,8 @@ async def test_rate_limit_follows_x_forwarded_for_only_with_trust_proxy(aiohttp_
 
 
 async def test_without_trust_proxy_x_forwarded_for_is_ignored(aiohttp_client, make_config):
-    client = await aiohttp_client(whatstracking.create_app(make_config(RATE_LIMIT_PUBLIC="2")))
+    client = await aiohttp_client(whatstracking.create_app(make_config(RATE_LIMIT_PUBLIC="2",
+                                                                       TRUST_PROXY="false")))
     statuses = []
     for n in range(3):
         resp = await client.get("/public/get-connection?connectionId=x",

@@ -309,7 +309,7 @@ def test_load_config_defaults():
     assert config.port == 8080
     assert config.database_url == "sqlite:///whatstracking.db"
     assert config.log_format == "text"
-    assert config.trust_proxy is False
+    assert config.trust_proxy == "loopback"
     assert config.retention_days == 0
 
 
@@ -321,7 +321,7 @@ def test_load_config_reads_values():
     assert (config.host, config.port) == ("127.0.0.1", 9000)
     assert config.public_url == "https://wt.example.com"
     assert config.log_format == "json" and config.log_level == "DEBUG"
-    assert config.trust_proxy is True
+    assert config.trust_proxy == "true"
     assert config.retention_days == 90
     assert config.admin_token == "secret"
 
