@@ -16,7 +16,8 @@ Environment (also read from ``.env``; the real environment wins), see ``config.e
     ADMIN_TOKEN, WEBHOOK_SHARED_TOKEN, EVOLUTION_API_URL, EVOLUTION_API_KEY, LOG_LEVEL,
     LOG_FORMAT (json|text), TRUST_PROXY, RETENTION_DAYS, META_GRAPH_URL, GA4_MP_URL,
     SQLITE_SYNCHRONOUS (FULL|NORMAL), EVOLUTION_TIMEOUT, META_API_VERSION, DELIVERY_TIMEOUT,
-    DELIVERY_RETRY_SECONDS, DELIVERY_POLL_SECONDS, RATE_LIMIT_TRACKING, RATE_LIMIT_PUBLIC
+    DELIVERY_RETRY_SECONDS, DELIVERY_POLL_SECONDS, DELIVERY_CONCURRENCY, DELIVERY_PER_COMPANY,
+    RATE_LIMIT_TRACKING, RATE_LIMIT_PUBLIC
 
 Sections, each using only what is above it: constants, config, errors and small helpers, storage
 (SQLite and Postgres behind one interface), domain (codes, attribution, Evolution messages, lead
@@ -167,6 +168,8 @@ class Config:
     delivery_timeout: float = 10.0  # seconds for one conversion delivery
     delivery_retry_seconds: float = 30.0  # first retry delay; doubles each attempt
     delivery_poll_seconds: float = 5.0  # how often the worker looks for due deliveries
+    delivery_concurrency: int = 16  # deliveries one process sends at once
+    delivery_per_company: int = 4  # of which one company's, at most (all processes together)
     rate_limit_tracking: int = 600  # POST /tracking per client address per minute (0: off)
     rate_limit_public: int = 60  # /public/*, onboarding links and their QR, per address a minute
 
@@ -260,6 +263,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             "DELIVERY_RETRY_SECONDS", get("DELIVERY_RETRY_SECONDS", "30"), 0.01, 86400),
         delivery_poll_seconds=_parse_float(
             "DELIVERY_POLL_SECONDS", get("DELIVERY_POLL_SECONDS", "5"), 0.01, 3600),
+        delivery_concurrency=_parse_int(
+            "DELIVERY_CONCURRENCY", get("DELIVERY_CONCURRENCY", "16"), 1, 1000),
+        delivery_per_company=_parse_int(
+            "DELIVERY_PER_COMPANY", get("DELIVERY_PER_COMPANY", "4"), 1, 1000),
         rate_limit_tracking=_parse_int("RATE_LIMIT_TRACKING", get("RATE_LIMIT_TRACKING", "600"),
                                        0, 10_000_000),
         rate_limit_public=_parse_int("RATE_LIMIT_PUBLIC", get("RATE_LIMIT_PUBLIC", "60"), 0,
@@ -673,7 +680,11 @@ class Storage:
     """What the application needs from a database; subclasses provide the primitives."""
 
     dialect = ""
-    skip_locked = ""  # appended to a claiming SELECT: rows another process holds are passed over
+
+    def skip_locked(self, alias: str) -> str:
+        """Appended to a claiming SELECT: the rows of `alias` another process holds are passed
+        over (Postgres); SQLite has one writer at a time, so it needs nothing."""
+        return ""
 
     def bucket(self, expr: str, seconds: int) -> str:
         """SQL for floor(expr / seconds) as an integer (positive values)."""
@@ -1237,7 +1248,9 @@ class PostgresStorage(Storage):
     """Postgres (and Supabase) through an asyncpg pool."""
 
     dialect = "postgres"
-    skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def skip_locked(self, alias: str) -> str:
+        return f" FOR UPDATE OF {alias} SKIP LOCKED"
 
     def bucket(self, expr: str, seconds: int) -> str:
         return f"FLOOR({expr} / {seconds})::BIGINT"  # a plain cast would round, not floor
@@ -2933,7 +2946,10 @@ META_WINDOW = 7 * 86400  # seconds: Meta refuses events older than 7 days
 GA4_WINDOW = 72 * 3600  # seconds: GA4 accepts timestamps up to 72 hours back
 DELIVERY_MAX_ATTEMPTS = 8
 DELIVERY_BACKOFF_MAX = 6 * 3600  # seconds
-DELIVERY_BATCH = 20  # outbox rows claimed at once by one worker
+# Seconds a claimed row stays its worker's beyond the delivery timeout (it is sent at once): the
+# reads before the request and the write after it. A worker killed meanwhile leaves the row
+# `sending`; once the lock has passed, it is sent again (delivery is at least once).
+DELIVERY_LOCK_MARGIN = 60
 
 META_EVENT_NAMES = {
     # website / chat leads: standard web events, plus a custom one for qualification
@@ -3034,8 +3050,11 @@ def ga4_event(company: Company, lead: Mapping[str, Any], event: Mapping[str, Any
         return Outcome("skipped", error=f"no GA4 event name for {event['name']}")
     if now() - event["occurred_at"] > GA4_WINDOW:
         return Outcome("skipped", error="older than GA4's 72-hour window")
+    # event_id: our de-duplication key (delivery is at least once), as in every destination's
+    # payload; GA4 itself de-duplicates only purchases, by transaction_id.
     params: dict[str, Any] = {"lead_source": attribution.get("utm_source") or "direct",
-                              "match_method": lead["match_method"]}
+                              "match_method": lead["match_method"],
+                              "event_id": event["event_id"]}
     if event["value"] is not None or name in ("purchase", "refund"):
         params.update(value=event["value"] or 0, currency=event["currency"]
                       or company.settings["currency"])
@@ -3124,17 +3143,28 @@ async def send_delivery(session: Any, config: Config, company: Company, destinat
     return Outcome("failed", error=f"unknown destination {destination}")
 
 
-async def claim_deliveries(db: Storage, lock_seconds: float) -> list[dict]:
-    """Take due outbox rows for this worker: pending ones whose time has come, and ones a
-    crashed worker left `sending` past their lock. Safe with several processes (SKIP LOCKED)."""
+async def claim_deliveries(db: Storage, lock_seconds: float, limit: int = 16,
+                           per_company: int = 4) -> list[dict]:
+    """Take up to `limit` due outbox rows for this worker, fairly: every company's first row
+    before any company's second, and none past `per_company` rows in flight for one company
+    (counting the rows every process is sending), so one company's slow endpoint cannot hold
+    all of the workers. Due: pending rows whose time has come, and rows a crashed worker left
+    `sending` past their lock. Safe with several processes (SKIP LOCKED)."""
     async def run(tx) -> list[dict]:
         ts = now()
         return await tx.fetchall(
             "UPDATE deliveries SET status = 'sending', locked_until = ?, "
-            "attempts = attempts + 1, updated_at = ? WHERE id IN (SELECT id FROM deliveries "
-            "WHERE (status = 'pending' AND next_attempt_at <= ?) OR "
-            "(status = 'sending' AND locked_until < ?) ORDER BY next_attempt_at, id LIMIT ?"
-            f"{db.skip_locked}) RETURNING *", ts + lock_seconds, ts, ts, ts, DELIVERY_BATCH)
+            "attempts = attempts + 1, updated_at = ? WHERE id IN ("
+            " SELECT d.id FROM deliveries d JOIN ("
+            "  SELECT id, ROW_NUMBER() OVER (PARTITION BY company_id ORDER BY CASE WHEN "
+            "   status = 'sending' AND locked_until >= ? THEN 0 ELSE 1 END, next_attempt_at, id)"
+            "   AS place FROM deliveries"
+            "  WHERE (status = 'pending' AND next_attempt_at <= ?) OR status = 'sending'"
+            " ) ranked ON ranked.id = d.id WHERE ranked.place <= ? AND"
+            " ((d.status = 'pending' AND d.next_attempt_at <= ?) OR"
+            "  (d.status = 'sending' AND d.locked_until < ?))"
+            f" ORDER BY ranked.place, d.next_attempt_at, d.id LIMIT ?{db.skip_locked('d')}"
+            ") RETURNING *", ts + lock_seconds, ts, ts, ts, per_company, ts, ts, limit)
 
     return await db.transact(run)
 
@@ -3193,45 +3223,63 @@ async def run_delivery(app: web.Application, row: Mapping[str, Any]) -> Outcome:
                                user_agent, purchase_id)
 
 
+async def deliver(app: web.Application, row: Mapping[str, Any]) -> None:
+    """Send one claimed outbox row and record how it went."""
+    config, db = app[CONFIG], app[DB]
+    try:
+        outcome = await run_delivery(app, row)
+    except Exception as exc:  # noqa: BLE001 - a bug must not stop the other deliveries
+        log.exception("delivery %s failed unexpectedly", row["id"])
+        outcome = Outcome("retry", error=f"internal error: {exc!r}"[:500])
+    try:
+        await finish_delivery(db, row, outcome, config.delivery_retry_seconds)
+    except Exception:  # noqa: BLE001 - the row stays `sending` and is sent again after its lock
+        log.exception("delivery %s: could not record the outcome", row["id"])
+        return
+    if outcome.status != "delivered":
+        log.info("delivery %s to %s: %s", row["id"], row["destination"], outcome.status,
+                 extra={"fields": {"event": "delivery", "delivery_id": row["id"],
+                                   "status": outcome.status, "http_status": outcome.http_status,
+                                   "error": outcome.error}})
+
+
 async def delivery_worker(app: web.Application, wake: asyncio.Event,
                           stopping: asyncio.Event) -> None:
+    """Send due deliveries, up to DELIVERY_CONCURRENCY at once: a row is claimed only when a
+    slot is free and is sent at once, so no claimed row waits behind another company's."""
     config, db = app[CONFIG], app[DB]
-    # Seconds a claimed row stays ours: every row of the batch before it may use the whole timeout.
-    lock = config.delivery_timeout * DELIVERY_BATCH + 30
+    lock = config.delivery_timeout + DELIVERY_LOCK_MARGIN
+    sending: set[asyncio.Task] = set()
+
+    def finished(task: asyncio.Task) -> None:
+        sending.discard(task)
+        wake.set()  # a slot is free, and the company may have more rows waiting
+
     while not stopping.is_set():
-        try:
-            rows = await claim_deliveries(db, lock)
-        except Exception:  # noqa: BLE001 - the database may be briefly away; try again later
-            log.exception("delivery worker: could not claim deliveries")
-            rows = []
-        for index, row in enumerate(rows):
-            if stopping.is_set():
-                # Shutting down: hand the rows not yet sent back, due at once.
-                async def release(tx, ids=[r["id"] for r in rows[index:]]) -> None:
-                    for delivery_id in ids:
-                        await tx.execute("UPDATE deliveries SET status = 'pending', "
-                                         "attempts = attempts - 1, locked_until = NULL "
-                                         "WHERE id = ? AND status = 'sending'", delivery_id)
-                await db.transact(release)
-                return
+        wake.clear()  # before claiming: a wake-up during the claim is not lost
+        free = config.delivery_concurrency - len(sending)
+        rows: list[dict] = []
+        if free > 0:
             try:
-                outcome = await run_delivery(app, row)
-            except Exception as exc:  # noqa: BLE001 - a bug must not stop the other deliveries
-                log.exception("delivery %s failed unexpectedly", row["id"])
-                outcome = Outcome("retry", error=f"internal error: {exc!r}"[:500])
-            await finish_delivery(db, row, outcome, config.delivery_retry_seconds)
-            if outcome.status != "delivered":
-                log.info("delivery %s to %s: %s", row["id"], row["destination"], outcome.status,
-                         extra={"fields": {"event": "delivery", "delivery_id": row["id"],
-                                           "status": outcome.status,
-                                           "http_status": outcome.http_status,
-                                           "error": outcome.error}})
-        if not rows:
-            wake.clear()
-            if stopping.is_set():  # set while we were claiming: don't sleep through it
-                break
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), config.delivery_poll_seconds)
+                rows = await claim_deliveries(db, lock, free, config.delivery_per_company)
+            except Exception:  # noqa: BLE001 - the database may be briefly away; try again later
+                log.exception("delivery worker: could not claim deliveries")
+        for row in rows:
+            task = asyncio.create_task(deliver(app, row), name=f"delivery-{row['id']}")
+            sending.add(task)
+            task.add_done_callback(finished)
+        if rows:
+            continue  # more may be due
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), config.delivery_poll_seconds)
+    # Stopping: claim nothing more; the deliveries in flight end within their timeout.
+    try:
+        if sending:
+            await asyncio.wait(set(sending))
+    except asyncio.CancelledError:
+        for task in sending:  # their rows stay `sending` and are sent again after their lock
+            task.cancel()
+        raise
 
 
 # ##################################################################################################
