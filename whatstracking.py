@@ -17,7 +17,7 @@ Environment (also read from ``.env``; the real environment wins), see ``config.e
     LOG_FORMAT (json|text), TRUST_PROXY, RETENTION_DAYS, META_GRAPH_URL, GA4_MP_URL,
     SQLITE_SYNCHRONOUS (FULL|NORMAL), EVOLUTION_TIMEOUT, META_API_VERSION, DELIVERY_TIMEOUT,
     DELIVERY_RETRY_SECONDS, DELIVERY_POLL_SECONDS, DELIVERY_CONCURRENCY, DELIVERY_PER_COMPANY,
-    RATE_LIMIT_TRACKING, RATE_LIMIT_PUBLIC
+    ALLOW_PRIVATE_URLS, RATE_LIMIT_TRACKING, RATE_LIMIT_PUBLIC
 
 Sections, each using only what is above it: constants, config, errors and small helpers, storage
 (SQLite and Postgres behind one interface), domain (codes, attribution, Evolution messages, lead
@@ -46,6 +46,7 @@ import os
 import random
 import re
 import secrets
+import socket
 import sqlite3
 import sys
 import time
@@ -170,6 +171,7 @@ class Config:
     delivery_poll_seconds: float = 5.0  # how often the worker looks for due deliveries
     delivery_concurrency: int = 16  # deliveries one process sends at once
     delivery_per_company: int = 4  # of which one company's, at most (all processes together)
+    allow_private_urls: bool = False  # companies may point URLs at loopback / private addresses
     rate_limit_tracking: int = 600  # POST /tracking per client address per minute (0: off)
     rate_limit_public: int = 60  # /public/*, onboarding links and their QR, per address a minute
 
@@ -267,6 +269,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             "DELIVERY_CONCURRENCY", get("DELIVERY_CONCURRENCY", "16"), 1, 1000),
         delivery_per_company=_parse_int(
             "DELIVERY_PER_COMPANY", get("DELIVERY_PER_COMPANY", "4"), 1, 1000),
+        allow_private_urls=_parse_bool("ALLOW_PRIVATE_URLS", get("ALLOW_PRIVATE_URLS")),
         rate_limit_tracking=_parse_int("RATE_LIMIT_TRACKING", get("RATE_LIMIT_TRACKING", "600"),
                                        0, 10_000_000),
         rate_limit_public=_parse_int("RATE_LIMIT_PUBLIC", get("RATE_LIMIT_PUBLIC", "60"), 0,
@@ -1418,6 +1421,7 @@ class Company:
     def public(self) -> dict:
         """The company as its token holders see it: secrets are write-only."""
         settings = dict(self.settings)
+        settings.pop("operator_urls", None)  # the operator's record (see outbound URLs)
         for destination, fields in DESTINATION_FIELDS.items():
             if isinstance(settings.get(destination), dict):
                 stored = settings[destination]
@@ -2769,6 +2773,104 @@ async def purge_expired(db: Storage, retention_days: int) -> dict:
 
 
 # ##################################################################################################
+# Integrations: outbound URLs a company sets
+#
+# A company's CRM webhook and Evolution server are URLs it chooses and this server fetches: they
+# must not reach what only this server can (itself, the private network, a cloud's metadata
+# service at 169.254.169.254). They are checked when set (400 naming the field), and the address
+# each connection actually goes to is checked again (a socket factory on the session used for
+# them), so a name that later resolves elsewhere (DNS rebinding) is caught too. URLs the operator
+# sets (ADMIN_TOKEN, the CLI) are recorded in the company's settings under "operator_urls"
+# (field -> URL) and used as they are while they stay unchanged; ALLOW_PRIVATE_URLS=true allows
+# private addresses for every company. The operator's own URLs (EVOLUTION_API_URL, META_GRAPH_URL,
+# GA4_MP_URL) are never restricted.
+# ##################################################################################################
+
+OPERATOR_URLS = "operator_urls"  # company settings key, never shown nor settable by a company
+RESOLVE_TIMEOUT = 5  # seconds to resolve a URL's host name when the URL is set
+PRIVATE_URL_REFUSED = ("{field} must point to a public internet address, not a loopback, "
+                       "private or link-local one (only the operator can set such a URL)")
+
+
+class NonPublicAddress(OSError):
+    """A connection to a URL a company chose would go to a non-public address."""
+
+
+def public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """On the public internet: not loopback, private, link-local, CGNAT, multicast, unspecified,
+    reserved or documentation, also when wrapped in an IPv4-mapped or 6to4 IPv6 address."""
+    if address.version == 6:
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is not None:
+            return public_address(embedded)
+        if address.is_site_local:
+            return False
+    return address.is_global and not (address.is_multicast or address.is_reserved)
+
+
+def _sockaddr_public(sockaddr: tuple) -> bool:
+    return public_address(ipaddress.ip_address(sockaddr[0].partition("%")[0]))
+
+
+def public_socket(addr_info: tuple) -> socket.socket:
+    """aiohttp's socket factory for URLs companies chose: refuses a non-public address."""
+    family, kind, proto, _, sockaddr = addr_info
+    if not _sockaddr_public(sockaddr):
+        raise NonPublicAddress(f"{sockaddr[0]} is not a public address")
+    return socket.socket(family, kind, proto)
+
+
+def refused_address(exc: BaseException) -> bool:
+    """Whether an aiohttp error is public_socket's refusal."""
+    return any(isinstance(e, NonPublicAddress)
+               for e in (exc, getattr(exc, "os_error", None), exc.__cause__))
+
+
+async def refuse_private_url(field: str, url: str) -> None:
+    """400 naming the field when a URL's host is, or resolves to, a non-public address (any
+    spelling: 2130706433, 0x7f.1, [::ffff:127.0.0.1] are all resolved to 127.0.0.1 first)."""
+    import yarl
+
+    try:
+        parsed = yarl.URL(url)
+        host, port = parsed.raw_host, parsed.port
+    except (ValueError, TypeError):
+        host = port = None
+    if not host:
+        raise http_error(400, f"{field} must be an http(s) URL")
+    try:
+        infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+            host, port or 443, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT)
+    except (OSError, UnicodeError, ValueError, asyncio.TimeoutError):
+        raise http_error(400, f"{field}: its host name does not resolve") from None
+    if not infos or not all(_sockaddr_public(info[4]) for info in infos):
+        raise http_error(400, PRIVATE_URL_REFUSED.format(field=field))
+
+
+def operator_set(company: Company, field: str, url: str | None) -> bool:
+    """Whether the operator set this URL for this field (and it has not changed since)."""
+    return bool(url) and (company.settings.get(OPERATOR_URLS) or {}).get(field) == url
+
+
+def sent_urls(evolution: Mapping[str, Any], body: Mapping[str, Any]) -> dict[str, str]:
+    """The outbound URLs a company create or update sets, by field name."""
+    urls = {}
+    if evolution.get("evolution_url"):
+        urls["evolution_url"] = evolution["evolution_url"]
+    crm = body.get("crm_webhook")
+    if isinstance(crm, dict) and isinstance(crm.get("url"), str):
+        urls["crm_webhook.url"] = crm["url"]
+    return urls
+
+
+def record_operator_urls(settings: Mapping[str, Any], urls: Mapping[str, str]) -> dict:
+    """The settings with the URLs the operator just set recorded as the operator's."""
+    if not urls:
+        return dict(settings)
+    return {**settings, OPERATOR_URLS: {**(settings.get(OPERATOR_URLS) or {}), **urls}}
+
+
+# ##################################################################################################
 # Integrations: Evolution API v2 (the REST routes of the Evolution contract, §1-§3)
 #
 # Evolution answers errors in its own shape ({"status", "error", "response": {"message": ...}},
@@ -2810,11 +2912,15 @@ def evolution_message(body: Any) -> str:
 
 
 class EvolutionClient:
-    def __init__(self, session: Any, base_url: str, api_key: str, timeout: float) -> None:
+    def __init__(self, session: Any, base_url: str, api_key: str, timeout: float,
+                 company_chose: bool = False) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
+        # A server the company chose: a closed port, a timeout and a service that is not
+        # Evolution read alike, so the errors map nothing (they are no port scanner).
+        self.company_chose = company_chose
 
     async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """(HTTP status, parsed JSON) of one Evolution call; EvolutionError(502) when Evolution
@@ -2829,16 +2935,29 @@ class EvolutionClient:
                 raw = await resp.read()
                 status = resp.status
         except asyncio.TimeoutError:
-            raise EvolutionError(502, f"Evolution API did not answer within {self.timeout:g} "
-                                      f"seconds ({method} {path})") from None
+            raise self.unreachable() or EvolutionError(
+                502, f"Evolution API did not answer within {self.timeout:g} seconds "
+                     f"({method} {path})") from None
         except aiohttp.ClientError as exc:
-            raise EvolutionError(502, f"Evolution API is unreachable at {self.base_url} "
-                                      f"({exc.__class__.__name__})") from None
+            if refused_address(exc):
+                raise EvolutionError(400, PRIVATE_URL_REFUSED.format(field="evolution_url")) \
+                    from None
+            raise self.unreachable() or EvolutionError(
+                502, f"Evolution API is unreachable at {self.base_url} "
+                     f"({exc.__class__.__name__})") from None
         try:
             return status, json.loads(raw) if raw else None
         except (UnicodeDecodeError, ValueError):
-            raise EvolutionError(502, f"Evolution API answered {method} {path} with something "
-                                      f"that is not JSON (HTTP {status})", status) from None
+            raise self.unreachable() or EvolutionError(
+                502, f"Evolution API answered {method} {path} with something that is not JSON "
+                     f"(HTTP {status})", status) from None
+
+    def unreachable(self) -> EvolutionError | None:
+        """The one error for a company's own server that cannot be talked to (else None)."""
+        if not self.company_chose:
+            return None
+        return EvolutionError(502, f"Evolution API is unreachable at {self.base_url}, or what "
+                                   "answers there is not Evolution API: check evolution_url")
 
     def fail(self, status: int, body: Any, what: str) -> EvolutionError:
         """Map an Evolution error answer that no route handles specially."""
@@ -3089,26 +3208,91 @@ def retry_after_seconds(value: str | None) -> float | None:
         return None
 
 
+META_ERROR_FIELDS = ("message", "type", "code", "error_subcode", "fbtrace_id")  # Graph API errors
+META_ANSWER_FIELDS = ("events_received", "messages", "fbtrace_id")  # Conversions API success
+GA4_MESSAGE_FIELDS = ("fieldPath", "description", "validationCode")  # the validation server's
+ANSWER_TEXT_MAX = 500  # characters kept of one field of a platform's answer
+
+
+def _documented(source: Any, fields: tuple[str, ...]) -> dict:
+    """The named fields of a platform's JSON answer, as short text or numbers; nothing else."""
+    if not isinstance(source, dict):
+        return {}
+    out = {}
+    for key in fields:
+        value = source.get(key)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, list):
+            value = [str(v)[:ANSWER_TEXT_MAX] for v in value[:10]]
+        elif not isinstance(value, int):
+            value = str(value)[:ANSWER_TEXT_MAX]
+        out[key] = value
+    return out
+
+
+def _json_answer(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+def meta_answer(raw: bytes) -> tuple[str | None, str | None]:
+    """(error sentence, answer to keep) from Meta's documented fields: error.message, type, code,
+    error_subcode, fbtrace_id; events_received, messages, fbtrace_id on success."""
+    body = _json_answer(raw)
+    error = _documented(body.get("error") if isinstance(body, dict) else None, META_ERROR_FIELDS)
+    if error:
+        details = ", ".join(f"{k} {error[k]}" for k in META_ERROR_FIELDS[1:] if k in error)
+        sentence = str(error.get("message", "Meta error")) + (f" ({details})" if details else "")
+        return sentence, json_dumps({"error": error})
+    kept = _documented(body, META_ANSWER_FIELDS)
+    return None, json_dumps(kept) if kept else None
+
+
+def ga4_answer(raw: bytes) -> tuple[str | None, str | None]:
+    """(error sentence, answer to keep) from GA4: the Measurement Protocol answers 2xx with no
+    body; its validation server (/debug/mp/collect) lists validationMessages."""
+    body = _json_answer(raw)
+    messages = body.get("validationMessages") if isinstance(body, dict) else None
+    kept = [m for m in (_documented(m, GA4_MESSAGE_FIELDS) for m in (messages or [])[:10]
+                        if isinstance(messages, list)) if m]
+    if not kept:
+        return None, None
+    sentence = "; ".join(f"{m.get('fieldPath', '')}: {m.get('description', '')} "
+                         f"({m.get('validationCode', '')})" for m in kept)
+    return sentence, json_dumps({"validationMessages": kept})
+
+
 async def post_json(session: Any, url: str, body: bytes, headers: Mapping[str, str],
-                    timeout: float) -> Outcome:
+                    timeout: float, answer: Callable[[bytes], tuple] | None = None,
+                    field: str = "the URL") -> Outcome:
+    """POST a delivery. Only `answer`'s documented fields of the reply are kept (the CRM
+    webhook's reply: none, its status only), and every network failure reads "unreachable", so
+    a company's URL is no window onto what it reaches nor a port scanner."""
     import aiohttp
 
     try:
         async with session.post(url, data=body, headers={"Content-Type": "application/json",
                                                          **headers},
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            text = (await resp.text(errors="replace"))[:2000]
+                                timeout=aiohttp.ClientTimeout(total=timeout),
+                                allow_redirects=False) as resp:
+            raw = await resp.read() if answer else b""
             status = resp.status
             retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
     except asyncio.TimeoutError:
-        return Outcome("retry", error=f"no answer within {timeout:g} seconds")
+        return Outcome("retry", error="unreachable")
     except aiohttp.ClientError as exc:
-        return Outcome("retry", error=f"unreachable ({exc.__class__.__name__})")
+        if refused_address(exc):
+            return Outcome("failed", error=PRIVATE_URL_REFUSED.format(field=field))
+        return Outcome("retry", error="unreachable")
+    detail, kept = answer(raw) if answer else (None, None)
     if 200 <= status < 300:
-        return Outcome("delivered", status, response=text)
+        return Outcome("delivered", status, response=kept)
     kind = "retry" if status >= 500 or status == 429 else "failed"
-    return Outcome(kind, status, error=f"HTTP {status}: {text[:500]}", retry_after=retry_after,
-                   response=text)
+    error = f"HTTP {status}" + (f": {detail}" if detail else "")
+    return Outcome(kind, status, error=error, retry_after=retry_after, response=kept)
 
 
 async def send_delivery(session: Any, config: Config, company: Company, destination: str,
@@ -3124,7 +3308,7 @@ async def send_delivery(session: Any, config: Config, company: Company, destinat
         if meta.get("test_event_code"):
             body["test_event_code"] = meta["test_event_code"]
         url = f"{config.meta_graph_url}/{config.meta_api_version}/{meta['dataset_id']}/events"
-        return await post_json(session, url, json_dumps(body).encode(), {}, timeout)
+        return await post_json(session, url, json_dumps(body).encode(), {}, timeout, meta_answer)
     if destination == "ga4":
         ga4 = company.settings.get("ga4") or {}
         payload = ga4_event(company, lead, event, purchase_id)
@@ -3132,14 +3316,16 @@ async def send_delivery(session: Any, config: Config, company: Company, destinat
             return payload
         url = config.ga4_mp_url + "?" + urllib.parse.urlencode(
             {"measurement_id": ga4["measurement_id"], "api_secret": ga4["api_secret"]})
-        return await post_json(session, url, json_dumps(payload).encode(), {}, timeout)
+        return await post_json(session, url, json_dumps(payload).encode(), {}, timeout,
+                               ga4_answer)
     if destination == "crm_webhook":
         crm = company.settings.get("crm_webhook") or {}
         raw = json_dumps(crm_payload(company, lead, event)).encode()
         headers = {"X-WhatsTracking-Signature": crm_signature(crm["secret"], raw),
                    "X-WhatsTracking-Timestamp": str(int(now())),
                    "X-WhatsTracking-Event": f"lead.{event['name']}"}
-        return await post_json(session, crm["url"], raw, headers, timeout)
+        return await post_json(session, crm["url"], raw, headers, timeout,
+                               field="crm_webhook.url")
     return Outcome("failed", error=f"unknown destination {destination}")
 
 
@@ -3219,7 +3405,11 @@ async def run_delivery(app: web.Application, row: Mapping[str, Any]) -> Outcome:
             "SELECT event_id FROM lead_events WHERE lead_id = ? AND name = 'purchase' AND "
             "id < ? ORDER BY id DESC LIMIT 1", lead["id"], event["id"])
         purchase_id = purchase["event_id"] if purchase else None
-    return await send_delivery(app[HTTP], config, company, row["destination"], lead, event,
+    session = app[HTTP]
+    if row["destination"] == "crm_webhook":
+        crm_url = (company.settings.get("crm_webhook") or {}).get("url")
+        session = outbound_session(app, company, "crm_webhook.url", crm_url)
+    return await send_delivery(session, config, company, row["destination"], lead, event,
                                user_agent, purchase_id)
 
 
@@ -3290,6 +3480,8 @@ DB = web.AppKey("db", Storage)
 CONFIG = web.AppKey("config", Config)
 TRACKER = web.AppKey("tracker", dict)
 HTTP = web.AppKey("http", object)  # the aiohttp.ClientSession for outbound calls
+# The session for URLs companies chose: it connects to public addresses only.
+COMPANY_HTTP = web.AppKey("company_http", object)
 DELIVERY_WAKE = web.AppKey("delivery_wake", asyncio.Event)  # set: deliveries are waiting
 # Typed request storage where aiohttp has it (3.13+); a plain key on older releases.
 REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
@@ -3490,6 +3682,28 @@ async def acting_company(request: web.Request, body: Mapping[str, Any]) -> Compa
     if company_id is not None and not isinstance(company_id, str):
         raise http_error(400, "company_id must be a string")
     return await authenticate(request, company_id)
+
+
+def is_admin(request: web.Request) -> bool:
+    config = request.app[CONFIG]
+    return bool(config.admin_token) and same_secret(bearer(request), config.admin_token)
+
+
+def outbound_session(app: web.Application, company: Company, field: str, url: str | None):
+    """The HTTP session for one of a company's outbound URLs: the one restricted to public
+    addresses, unless the URL is the operator's (set by the operator, or EVOLUTION_API_URL) or
+    ALLOW_PRIVATE_URLS is on."""
+    config = app[CONFIG]
+    if config.allow_private_urls or not company_chose(config, company, field, url):
+        return app[HTTP]
+    return app[COMPANY_HTTP]
+
+
+def company_chose(config: Config, company: Company, field: str, url: str | None) -> bool:
+    """Whether an outbound URL is the company's own choice rather than the operator's."""
+    if field == "evolution_url" and url == config.evolution_api_url:
+        return False
+    return not operator_set(company, field, url)
 
 
 def require_admin(request: web.Request) -> None:
@@ -3806,6 +4020,7 @@ async def create_company_route(request: web.Request) -> web.Response:
     body.pop("evolution_url", None)
     body.pop("evolution_key", None)
     settings = validate_settings(body)
+    settings = record_operator_urls(settings, sent_urls(evolution, body))  # the admin's URLs
     created = await create_company(request.app[DB], company_id, name, settings,
                                    evolution.get("evolution_url"), evolution.get("evolution_key"))
     company = await get_company(request.app[DB], company_id)
@@ -3834,6 +4049,7 @@ async def update_company(request: web.Request) -> web.Response:
     body.pop("evolution_url", None)
     body.pop("evolution_key", None)
     settings = {**company.settings, **validate_settings(body, company.settings)}
+    settings = await check_outbound_urls(request, company, settings, sent_urls(evolution, body))
     stored = {k: v for k, v in settings.items() if DEFAULT_SETTINGS.get(k) != v and v is not None}
     secret = new_secret("whs_") if rotate else company.webhook_secret
     url = evolution.get("evolution_url", company.evolution_url)
@@ -3851,6 +4067,21 @@ async def update_company(request: web.Request) -> web.Response:
     if rotate:
         out["webhook_secret"] = secret
     return web.json_response(out)
+
+
+async def check_outbound_urls(request: web.Request, company: Company, settings: dict,
+                              urls: Mapping[str, str]) -> dict:
+    """The settings after outbound URLs were set: the operator's are recorded as theirs; a
+    company's new ones must be public (400 naming the field) unless ALLOW_PRIVATE_URLS is on."""
+    if is_admin(request):
+        return record_operator_urls(settings, urls)
+    current = {"evolution_url": company.evolution_url,
+               "crm_webhook.url": (company.settings.get("crm_webhook") or {}).get("url")}
+    if not request.app[CONFIG].allow_private_urls:
+        for field, url in urls.items():
+            if url != current[field] and not operator_set(company, field, url):
+                await refuse_private_url(field, url)
+    return settings
 
 
 LEAD_CSV_COLUMNS = ("id", "created_at", "phone", "name", "match_method", "confidence", "code",
@@ -3990,7 +4221,9 @@ def evolution_for(request: web.Request, company: Company) -> EvolutionClient:
         url, key = config.evolution_api_url, config.evolution_api_key
     if not url or not key:
         raise http_error(400, "No server configured")
-    return EvolutionClient(request.app[HTTP], url, key, config.evolution_timeout)
+    return EvolutionClient(outbound_session(request.app, company, "evolution_url", url), url, key,
+                           config.evolution_timeout,
+                           company_chose(config, company, "evolution_url", url))
 
 
 async def evolution_call(coro: Awaitable[Any]) -> Any:
@@ -4821,8 +5054,13 @@ async def http_client_ctx(app: web.Application):
         timeout=aiohttp.ClientTimeout(total=60, connect=10),
         headers={"User-Agent": f"WhatsTracking/{VERSION}"})
     app[HTTP] = session
+    app[COMPANY_HTTP] = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(socket_factory=public_socket),
+        timeout=aiohttp.ClientTimeout(total=60, connect=10),
+        headers={"User-Agent": f"WhatsTracking/{VERSION}"})
     yield
     await session.close()
+    await app[COMPANY_HTTP].close()
 
 
 async def delivery_worker_ctx(app: web.Application):
@@ -4927,8 +5165,9 @@ async def cli_company_add(config: Config, args: argparse.Namespace) -> Any:
     evolution = validate_evolution({k: v for k, v in (("evolution_url", args.evolution_url),
                                                       ("evolution_key", args.evolution_key))
                                     if v is not None})
+    settings = record_operator_urls({}, sent_urls(evolution, {}))  # the operator's URL
     return await _with_storage(config, lambda db: create_company(
-        db, args.id, args.name or args.id, {}, evolution.get("evolution_url"),
+        db, args.id, args.name or args.id, settings, evolution.get("evolution_url"),
         evolution.get("evolution_key")))
 
 

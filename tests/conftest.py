@@ -84,9 +84,11 @@ async def db(database_url):
 @pytest.fixture
 def make_config(database_url):
     def make(**env: str) -> whatstracking.Config:
+        # ALLOW_PRIVATE_URLS: the tests' fakes of a company's CRM and Evolution server listen on
+        # 127.0.0.1 (tests/test_ssrf.py turns it off).
         return whatstracking.load_config({"DATABASE_URL": database_url, "ADMIN_TOKEN": ADMIN_TOKEN,
                                           "PUBLIC_URL": "http://wt.test", "LOG_LEVEL": "WARNING",
-                                          **env})
+                                          "ALLOW_PRIVATE_URLS": "true", **env})
     return make
 
 
