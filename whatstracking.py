@@ -2938,6 +2938,8 @@ class EvolutionClient:
             raise self.unreachable() or EvolutionError(
                 502, f"Evolution API did not answer within {self.timeout:g} seconds "
                      f"({method} {path})") from None
+        except aiohttp.InvalidURL:  # e.g. http://2130706433/, which yarl will not connect to
+            raise EvolutionError(400, "evolution_url is not a usable http(s) URL") from None
         except aiohttp.ClientError as exc:
             if refused_address(exc):
                 raise EvolutionError(400, PRIVATE_URL_REFUSED.format(field="evolution_url")) \
@@ -3283,6 +3285,8 @@ async def post_json(session: Any, url: str, body: bytes, headers: Mapping[str, s
             retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
     except asyncio.TimeoutError:
         return Outcome("retry", error="unreachable")
+    except aiohttp.InvalidURL:  # e.g. http://2130706433/, which yarl will not connect to
+        return Outcome("failed", error=f"{field} is not a usable http(s) URL")
     except aiohttp.ClientError as exc:
         if refused_address(exc):
             return Outcome("failed", error=PRIVATE_URL_REFUSED.format(field=field))
