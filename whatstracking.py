@@ -3563,28 +3563,24 @@ def address_key(text: str) -> tuple[str, bool, bool] | None:
     return key, address.is_loopback, not address.is_global
 
 
-def peer_is_proxy(request: web.Request) -> bool:
+def peer_is_proxy(request: web.Request, peer: tuple | None = None) -> bool:
     """Whether the peer is a proxy whose X-Forwarded-* headers are believed (TRUST_PROXY)."""
     mode = request.app[CONFIG].trust_proxy
     if mode == "loopback":
-        peer = address_key(request.remote or "")
+        peer = peer or address_key(request.remote or "")
         return peer is not None and peer[1]
     return mode == "true"
 
 
-def client_ip(request: web.Request) -> str:
-    """The client's rate-limit key: the peer, or behind a trusted proxy the right-most
-    X-Forwarded-For entry that is not itself a proxy. Each proxy appends the address it got the
-    request from, so reading from the right, every entry after a proxy's is true; the client's
-    own entries further left are never reached, and a forged one buys no new bucket. Proxies
-    are loopback addresses, and with TRUST_PROXY=true also private ones (a chain of internal
-    load balancers)."""
-    peer = address_key(request.remote or "")
-    client = peer[0] if peer else (request.remote or "unknown")
-    if not peer_is_proxy(request):
-        return client
-    internal_hops = request.app[CONFIG].trust_proxy == "true"
-    for entry in reversed(",".join(request.headers.getall("X-Forwarded-For", ())).split(",")):
+@functools.lru_cache(maxsize=8192)  # one header value per visitor, seen on each of its requests
+def forwarded_client(header: str, internal_hops: bool) -> str | None:
+    """The right-most entry of an X-Forwarded-For value that is not itself a proxy: loopback,
+    and with `internal_hops` any non-global address (a chain of internal load balancers). Each
+    proxy appends the address it got the request from, so reading from the right every entry
+    after a proxy's is true, and the client's own entries further left are never reached. None:
+    no entry to believe."""
+    client = None
+    for entry in reversed(header.split(",")):
         parsed = address_key(entry)
         if parsed is None:  # no proxy writes this: stop at the last hop we could believe
             break
@@ -3592,6 +3588,18 @@ def client_ip(request: web.Request) -> str:
         if not parsed[2 if internal_hops else 1]:
             break
     return client
+
+
+def client_ip(request: web.Request) -> str:
+    """The client's rate-limit key: the peer, or behind a trusted proxy the client it names in
+    X-Forwarded-For (forwarded_client), so a forged entry buys no new bucket."""
+    peer = address_key(request.remote or "")
+    client = peer[0] if peer else (request.remote or "unknown")
+    forwarded = request.headers.getall("X-Forwarded-For", ())
+    if not forwarded or not peer_is_proxy(request, peer):
+        return client
+    internal_hops = request.app[CONFIG].trust_proxy == "true"
+    return forwarded_client(",".join(forwarded), internal_hops) or client
 
 
 def rate_limit(request: web.Request, kind: str) -> None:
