@@ -3333,30 +3333,61 @@ async def send_delivery(session: Any, config: Config, company: Company, destinat
     return Outcome("failed", error=f"unknown destination {destination}")
 
 
+DUE = ("((status = 'pending' AND next_attempt_at <= ?) OR "
+       "(status = 'sending' AND locked_until < ?))")  # an outbox row to send now (args: now, now)
+
+
 async def claim_deliveries(db: Storage, lock_seconds: float, limit: int = 16,
                            per_company: int = 4) -> list[dict]:
     """Take up to `limit` due outbox rows for this worker, fairly: every company's first row
     before any company's second, and none past `per_company` rows in flight for one company
     (counting the rows every process is sending), so one company's slow endpoint cannot hold
     all of the workers. Due: pending rows whose time has come, and rows a crashed worker left
-    `sending` past their lock. Safe with several processes (SKIP LOCKED)."""
+    `sending` past their lock. Safe with several processes (SKIP LOCKED). Its cost grows with
+    the companies that have rows due, not with their backlog: only the first rows of each are
+    read."""
     async def run(tx) -> list[dict]:
         ts = now()
+        companies = await tx.fetchall(
+            "SELECT company_id, MIN(CASE WHEN status = 'pending' OR locked_until < ? THEN "
+            "next_attempt_at END) AS due_at, SUM(CASE WHEN status = 'sending' AND "
+            "locked_until >= ? THEN 1 ELSE 0 END) AS busy FROM deliveries WHERE (status = "
+            "'pending' AND next_attempt_at <= ?) OR status = 'sending' GROUP BY company_id",
+            ts, ts, ts)
+        shares = sorted((c["due_at"], c["company_id"], per_company - c["busy"])
+                        for c in companies if c["due_at"] is not None and c["busy"] < per_company)
+        shares = shares[:limit]  # the companies waiting longest; each sends one row at least
+        if not shares:
+            return []
+        firsts = await tx.fetchall(" UNION ALL ".join(
+            f"SELECT * FROM (SELECT id, company_id FROM deliveries WHERE company_id = ? AND {DUE}"
+            " ORDER BY id LIMIT ?) AS first_rows" for _ in shares),
+            *[arg for _, company_id, share in shares for arg in (company_id, ts, ts, share)])
+        ids = fair_pick(firsts, [company_id for _, company_id, _ in shares], limit)
+        if not ids:  # taken by another process meanwhile
+            return []
+        marks = ", ".join("?" * len(ids))
         return await tx.fetchall(
             "UPDATE deliveries SET status = 'sending', locked_until = ?, "
-            "attempts = attempts + 1, updated_at = ? WHERE id IN ("
-            " SELECT d.id FROM deliveries d JOIN ("
-            "  SELECT id, ROW_NUMBER() OVER (PARTITION BY company_id ORDER BY CASE WHEN "
-            "   status = 'sending' AND locked_until >= ? THEN 0 ELSE 1 END, next_attempt_at, id)"
-            "   AS place FROM deliveries"
-            "  WHERE (status = 'pending' AND next_attempt_at <= ?) OR status = 'sending'"
-            " ) ranked ON ranked.id = d.id WHERE ranked.place <= ? AND"
-            " ((d.status = 'pending' AND d.next_attempt_at <= ?) OR"
-            "  (d.status = 'sending' AND d.locked_until < ?))"
-            f" ORDER BY ranked.place, d.next_attempt_at, d.id LIMIT ?{db.skip_locked('d')}"
-            ") RETURNING *", ts + lock_seconds, ts, ts, ts, per_company, ts, ts, limit)
+            "attempts = attempts + 1, updated_at = ? WHERE id IN (SELECT id FROM deliveries d "
+            f"WHERE id IN ({marks}) AND {DUE}{db.skip_locked('d')}) RETURNING *",
+            ts + lock_seconds, ts, *ids, ts, ts)
 
     return await db.transact(run)
+
+
+def fair_pick(rows: list[Mapping[str, Any]], companies: list[str], limit: int) -> list[int]:
+    """Up to `limit` row ids taken round-robin over `companies` (in that order): each one's
+    first row, then each one's second..."""
+    queues: dict[str, list[int]] = {company_id: [] for company_id in companies}
+    for row in sorted(rows, key=lambda r: r["id"]):
+        queues[row["company_id"]].append(row["id"])
+    picked: list[int] = []
+    while len(picked) < limit and any(queues.values()):
+        for company_id in companies:
+            if queues[company_id] and len(picked) < limit:
+                picked.append(queues[company_id].pop(0))
+    return picked
 
 
 def backoff_seconds(attempts: int, base: float) -> float:

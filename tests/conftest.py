@@ -7,6 +7,7 @@ skip, unless REQUIRE_POSTGRES=1 (CI), where they fail.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
@@ -140,6 +141,18 @@ class Api:
         data = await resp.json()
         assert resp.status == 200, data
         return data["leads"]
+
+
+async def eventually(probe, what: str, timeout: float = 10.0):
+    """Poll the coroutine function `probe` until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last probe: {result!r}")
+        await asyncio.sleep(0.02)
 
 
 async def create_company(client, company_id: str = "empresa-123", **settings) -> dict:

@@ -8,7 +8,6 @@ as well as on what our API answers. Nothing sleeps for a fixed time: tests poll 
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import csv
 import hashlib
@@ -23,7 +22,7 @@ from datetime import datetime, timezone
 import pytest
 
 import whatstracking
-from conftest import ADMIN_TOKEN, Api, create_company, fixture, upsert
+from conftest import ADMIN_TOKEN, Api, create_company, eventually, fixture, upsert
 from fake_platforms import FakeCrm, FakeGA4, FakeMeta, closed_port_url
 from whatstracking import message_code
 
@@ -99,18 +98,6 @@ _phones = iter(range(5511960000001, 5511969999999))
 
 def new_phone() -> str:
     return str(next(_phones))
-
-
-async def eventually(probe, what: str, timeout: float = 10.0):
-    """Poll the coroutine function `probe` until it returns something truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last probe: {result!r}")
-        await asyncio.sleep(0.02)
 
 
 async def call(api: Api, method: str, path: str, expect: int, token: str | None = "",

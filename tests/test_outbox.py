@@ -9,7 +9,7 @@ import time
 import pytest
 
 import whatstracking
-from conftest import Api, create_company, upsert
+from conftest import Api, create_company, eventually, upsert
 from fake_platforms import FakeCrm
 
 SECRET = "crm-shared-secret"
@@ -21,19 +21,6 @@ async def crms():
     yield fakes
     for fake in fakes:
         await fake.close()
-
-
-async def eventually(probe, what: str, timeout: float = 10.0):
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last probe: {result!r}")
-        await asyncio.sleep(0.02)
 
 
 async def new_lead(api: Api, phone: str) -> None:

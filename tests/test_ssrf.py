@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 import whatstracking
-from conftest import ADMIN_TOKEN, Api, create_company, upsert
+from conftest import ADMIN_TOKEN, Api, create_company, eventually, upsert
 from fake_evolution import FakeEvolution
 from fake_platforms import FakeCrm, FakeMeta, closed_port_url
 
@@ -101,17 +101,6 @@ async def stored_settings(api: Api) -> dict:
 
 async def set_row(api: Api, sql: str, *args) -> None:
     await api.db.transact(lambda tx: tx.execute(sql, *args))
-
-
-async def eventually(probe, what: str, timeout: float = 10.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last probe: {result!r}")
-        await asyncio.sleep(0.02)
 
 
 async def crm_delivery(api: Api, status=("delivered", "failed")) -> dict:
