@@ -3343,9 +3343,8 @@ async def claim_deliveries(db: Storage, lock_seconds: float, limit: int = 16,
     before any company's second, and none past `per_company` rows in flight for one company
     (counting the rows every process is sending), so one company's slow endpoint cannot hold
     all of the workers. Due: pending rows whose time has come, and rows a crashed worker left
-    `sending` past their lock. Safe with several processes (SKIP LOCKED). Its cost grows with
-    the companies that have rows due, not with their backlog: only the first rows of each are
-    read."""
+    `sending` past their lock. Safe with several processes (SKIP LOCKED). A large backlog costs
+    one grouped scan (no sort of it): only each chosen company's first rows are read."""
     async def run(tx) -> list[dict]:
         ts = now()
         companies = await tx.fetchall(
