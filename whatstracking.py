@@ -4143,12 +4143,12 @@ async def create_instance(request: web.Request) -> web.Response:
     pairing = qr.get("pairingCode") if isinstance(qr.get("pairingCode"), str) else None
     ts = now()
 
-    async def run(tx) -> dict | None:
+    async def run(tx) -> dict:
         # A connection deleted earlier under this name, or known only from webhooks, comes back
-        # to life with new secrets. Nothing when another company took the name meanwhile.
+        # to life with new secrets; all undone when another company took the name meanwhile.
         await tx.execute("DELETE FROM connections WHERE company_id = ? AND id = ?",
                          company.id, connection_id)
-        return await tx.fetchone(
+        row = await tx.fetchone(
             "INSERT INTO connections (company_id, id, state, instance_id, instance_token, "
             "webhook_secret, qr_code, qr_pairing_code, qr_at, created_at, updated_at, verified) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT DO NOTHING RETURNING *",
@@ -4156,10 +4156,11 @@ async def create_instance(request: web.Request) -> web.Response:
             if instance.get("status") in ("open", "connecting", "close") else "connecting",
             instance.get("instanceId"), token if isinstance(token, str) else instance_token,
             hash_token(secret), code, pairing, ts if code else None, ts, ts)
+        if row is None:
+            raise http_error(409, f"Connection {connection_id} already exists")
+        return row
 
     row = await db.transact(run)
-    if row is None:
-        raise http_error(409, f"Connection {connection_id} already exists")
     log.info("connection created: %s/%s", company.id, connection_id)
     out = {"ok": True, "connection": connection_json(row),
            "qrcode": qr_payload(code, pairing, row["state"]) if code else None}

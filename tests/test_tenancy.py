@@ -200,6 +200,31 @@ async def test_a_verified_name_still_blocks_another_companys_create(acme, other,
     assert len(evolution.requests) == before
 
 
+async def test_a_name_taken_by_another_company_meanwhile_is_409_not_500(acme, other, evolution,
+                                                                      monkeypatch):
+    """Two companies on different servers creating one name at the same moment: both pass the
+    check before calling Evolution; the second to store gets 409 (one manager per name)."""
+    own = await FakeEvolution(global_key="other-key").start()
+    try:
+        await use_server(other, own)
+        await create(other, ACME_CONN)
+        await acme.webhook(state_envelope(ACME_CONN))  # acme's own record of the name
+        checked = []
+
+        async def nobody(db, connection_id):  # as if checked just before `other` stored it
+            checked.append(connection_id)
+            return None
+
+        monkeypatch.setattr(whatstracking, "verified_holder", nobody)
+        data = await create(acme, ACME_CONN, expect=409)
+        assert ACME_CONN in data["error"] and checked == [ACME_CONN]
+        kept = await stored_connection(acme, ACME_CONN)  # untouched
+        assert (kept["verified"], kept["state"], kept["phone"]) == (0, "open", OWNER)
+        assert (await connections(other))[ACME_CONN]["verified"] is True
+    finally:
+        await own.close()
+
+
 async def test_a_soft_deleted_connection_cannot_delete_the_instance_another_company_made_since(
         acme, other, evolution):
     await create(acme, ACME_CONN)
