@@ -439,8 +439,9 @@ async def verify_connections_hash_secrets(tx) -> None:
                          hash_token(row["webhook_secret"]), row["id"])
     for row in await tx.fetchall("SELECT company_id, id, webhook_secret FROM connections "
                                  "WHERE webhook_secret IS NOT NULL"):
-        await tx.execute("UPDATE connections SET webhook_secret = ? WHERE company_id = ? AND id = ?",
-                         hash_token(row["webhook_secret"]), row["company_id"], row["id"])
+        await tx.execute("UPDATE connections SET webhook_secret = ? WHERE company_id = ? "
+                         "AND id = ?", hash_token(row["webhook_secret"]), row["company_id"],
+                         row["id"])
 
 
 # A migration is SQL text (dialect types in braces) or an async function of the transaction.
@@ -4060,40 +4061,28 @@ def adoption_request(body: Mapping[str, Any]) -> tuple[str, str | None]:
     return connection_id, token
 
 
-@routes.post("/api/connections")
-async def adopt_connection(request: web.Request) -> web.Response:
-    """Adopt an instance made outside WhatsTracking: check it on the company's Evolution server,
-    point its webhook at us with a secret header of its own, and register it as verified."""
-    body = await object_body(request)
-    company = await acting_company(request, body)
-    connection_id, given_token = adoption_request(body)
-    evolution = evolution_for(request, company)
-    # On the shared default server every company reaches every instance with the global key:
-    # only the instance's own token shows that it is this company's.
-    shared = evolution.base_url == request.app[CONFIG].evolution_api_url.rstrip("/")
-    if shared and given_token is None:
-        raise http_error(400, "instance_token is required on the shared Evolution server: "
-                              "give the instance's own token (its apikey)")
-    db = request.app[DB]
-    holder = await verified_holder(db, connection_id)
-    if holder is not None and holder["company_id"] != company.id:
-        holder_url = holder["evolution_url"] or request.app[CONFIG].evolution_api_url
-        if holder_url.rstrip("/") == evolution.base_url:  # another company's instance
-            raise http_error(404, "Connection not found")
-        raise http_error(409, f"Connection {connection_id} already exists")
-    found = await evolution_call(evolution.find_instance(connection_id))
-    if given_token is not None and not same_secret(given_token, found["token"]):
-        raise http_error(403, "instance_token is not this instance's token on the Evolution "
-                              "server")
-    secret = new_secret("whc_")
-    await evolution_call(evolution.set_webhook(
-        connection_id, {"enabled": True, **instance_webhook(request, company, secret)}))
+async def refuse_held_name(request: web.Request, company: Company, evolution: EvolutionClient,
+                           connection_id: str) -> None:
+    """Another company manages a connection of this name: on the same Evolution server it is
+    that company's instance (404, as if it did not exist); elsewhere the name is taken (409)."""
+    holder = await verified_holder(request.app[DB], connection_id)
+    if holder is None or holder["company_id"] == company.id:
+        return
+    holder_url = holder["evolution_url"] or request.app[CONFIG].evolution_api_url
+    if holder_url.rstrip("/") == evolution.base_url:
+        raise http_error(404, "Connection not found")
+    raise http_error(409, f"Connection {connection_id} already exists")
+
+
+async def store_adopted(db: Storage, company: Company, connection_id: str, found: dict,
+                        instance_token: str | None, secret: str) -> dict:
+    """The adopted connection, verified, with its new secret; a row its webhook deliveries made
+    keeps its number and profile where Evolution shows none now."""
     owner = found["owner"] or ""
     phone = digits(jid_user(owner)) if owner.endswith(JID_PHONE) else None
     ts = now()
 
     async def run(tx) -> dict:
-        # Kept from its webhook deliveries: the number and profile when Evolution has none now.
         return await tx.fetchone(
             "INSERT INTO connections (company_id, id, state, phone, profile_name, picture_url, "
             "instance_id, instance_token, webhook_secret, verified, created_at, updated_at) "
@@ -4107,10 +4096,36 @@ async def adopt_connection(request: web.Request) -> web.Response:
             "qr_pairing_code = NULL, qr_at = NULL, deleted_at = NULL, "
             "updated_at = excluded.updated_at RETURNING *",
             company.id, connection_id, found["state"], phone or None, found["profile_name"],
-            found["picture_url"], found["instance_id"], found["token"] or given_token,
-            hash_token(secret), ts, ts)
+            found["picture_url"], found["instance_id"], instance_token, hash_token(secret),
+            ts, ts)
 
-    row = await db.transact(run)
+    return await db.transact(run)
+
+
+@routes.post("/api/connections")
+async def adopt_connection(request: web.Request) -> web.Response:
+    """Adopt an instance made outside WhatsTracking: check it on the company's Evolution server,
+    point its webhook at us with a secret header of its own, and register it as verified."""
+    body = await object_body(request)
+    company = await acting_company(request, body)
+    connection_id, given_token = adoption_request(body)
+    evolution = evolution_for(request, company)
+    # On the shared default server every company reaches every instance with the global key:
+    # only the instance's own token shows that it is this company's.
+    if given_token is None and \
+            evolution.base_url == request.app[CONFIG].evolution_api_url.rstrip("/"):
+        raise http_error(400, "instance_token is required on the shared Evolution server: "
+                              "give the instance's own token (its apikey)")
+    await refuse_held_name(request, company, evolution, connection_id)
+    found = await evolution_call(evolution.find_instance(connection_id))
+    if given_token is not None and not same_secret(given_token, found["token"]):
+        raise http_error(403, "instance_token is not this instance's token on the Evolution "
+                              "server")
+    secret = new_secret("whc_")
+    await evolution_call(evolution.set_webhook(
+        connection_id, {"enabled": True, **instance_webhook(request, company, secret)}))
+    row = await store_adopted(request.app[DB], company, connection_id, found,
+                              found["token"] or given_token, secret)
     log.info("connection adopted: %s/%s", company.id, connection_id)
     return web.json_response({"ok": True, "connection": connection_json(row)}, status=201)
 

@@ -19,9 +19,10 @@ import pytest
 import whatstracking
 from conftest import ADMIN_TOKEN, Api, create_company, fixture, upsert
 from fake_evolution import FakeEvolution, closed_port_url, response
-from test_connections import (EVENTS, OWNER, call, client, connections, create, evolution,  # noqa: F401
-                              link_query, make_link, sent_secret, server_env, signing_key,
-                              stored_connection)
+# The server with the fake Evolution as its default, and the helpers, of the connection tests.
+from test_connections import (  # noqa: F401 - client, evolution, server_env: fixtures
+    EVENTS, OWNER, call, client, connections, create, evolution, link_query, make_link,
+    sent_secret, server_env, signing_key, stored_connection)
 from whatstracking import hash_token
 
 ACME_CONN = "acme-conn"
