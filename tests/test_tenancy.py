@@ -333,9 +333,11 @@ async def test_adopting_an_instance_on_the_companys_own_server_sets_its_webhook(
         await own.close()
 
 
-async def test_adopting_on_the_shared_server_needs_the_instances_own_token(acme, evolution):
+async def test_adopting_on_the_shared_server_needs_the_instances_own_token(acme, other,
+                                                                           evolution):
     made = evolution.add_instance(ACME_CONN, state="open")
     await acme.webhook(state_envelope(ACME_CONN))
+    await other.webhook(state_envelope(ACME_CONN))  # a squatter's row blocks nothing
 
     data = await adopt(acme, ACME_CONN, 400)
     assert "instance_token" in data["error"]
@@ -356,6 +358,8 @@ async def test_adopting_on_the_shared_server_needs_the_instances_own_token(acme,
     public = await call(acme, "GET", "/public/get-connection", 200, headers={},
                         params={"connectionId": ACME_CONN})
     assert public["company"] == "Acme"
+    assert (await connections(other))[ACME_CONN]["verified"] is False
+    await assert_not_manageable(other, evolution, ACME_CONN)
 
 
 async def test_an_instance_another_company_verified_on_the_same_server_is_never_adopted(
