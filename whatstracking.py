@@ -437,7 +437,38 @@ ROLLUP_FILL = """INSERT INTO visit_rollup SELECT company_id, dimension, value, b
     UNION ALL SELECT company_id, 'click_phone', COALESCE(click_phone, ''), {bucket}, clicks,
         lead_id FROM visits) AS v GROUP BY 1, 2, 3, 4"""
 
-MIGRATIONS: list[tuple[int, str]] = [
+# A name is managed by one company at most: the public routes look connections up by name alone.
+VERIFIED_INDEX = ("CREATE UNIQUE INDEX connections_verified ON connections (id) "
+                  "WHERE verified = 1 AND deleted_at IS NULL")
+
+
+async def verify_connections_hash_secrets(tx) -> None:
+    """Migration 6 (a Python step: SQLite has no SHA-256 in SQL, and one hash_token keeps both
+    backends identical). Connections become `verified` (manageable) when the company made them
+    with create-instance, which stored their instance token; rows known only from webhook
+    deliveries stay unverified. One live verified connection per name: should two companies
+    ever have both made one (a race the old check allowed), the earlier keeps it. Inbound
+    secrets are stored as their SHA-256, like API tokens."""
+    await tx.execute("ALTER TABLE connections ADD COLUMN verified INTEGER NOT NULL DEFAULT 0")
+    await tx.execute(
+        "UPDATE connections SET verified = 1 WHERE instance_token IS NOT NULL AND NOT EXISTS ("
+        "SELECT 1 FROM connections o WHERE o.id = connections.id AND o.instance_token IS NOT NULL "
+        "AND o.deleted_at IS NULL AND connections.deleted_at IS NULL AND (o.created_at < "
+        "connections.created_at OR (o.created_at = connections.created_at AND o.company_id < "
+        "connections.company_id)))")
+    await tx.execute(VERIFIED_INDEX)
+    for row in await tx.fetchall("SELECT id, webhook_secret FROM companies"):
+        await tx.execute("UPDATE companies SET webhook_secret = ? WHERE id = ?",
+                         hash_token(row["webhook_secret"]), row["id"])
+    for row in await tx.fetchall("SELECT company_id, id, webhook_secret FROM connections "
+                                 "WHERE webhook_secret IS NOT NULL"):
+        await tx.execute("UPDATE connections SET webhook_secret = ? WHERE company_id = ? "
+                         "AND id = ?", hash_token(row["webhook_secret"]), row["company_id"],
+                         row["id"])
+
+
+# A migration is SQL text (dialect types in braces) or an async function of the transaction.
+MIGRATIONS: list[tuple[int, str | Callable[[Any], Awaitable[None]]]] = [
     (1, """
 CREATE TABLE companies (
     id TEXT PRIMARY KEY,
@@ -660,6 +691,7 @@ DROP INDEX leads_company_time;
 CREATE INDEX lead_events_report ON lead_events (company_id, occurred_at, name, value, lead_id);
 DROP INDEX lead_events_company_time;
 """),
+    (6, verify_connections_hash_secrets),
 ]
 
 DIALECT_TYPES = {
@@ -765,8 +797,11 @@ class Storage:
             for version, sql in MIGRATIONS:
                 if version in done:
                     continue
-                for statement in self.migration_statements(sql):
-                    await tx.execute(statement)
+                if callable(sql):
+                    await sql(tx)
+                else:
+                    for statement in self.migration_statements(sql):
+                        await tx.execute(statement)
                 await tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
                                  version, now())
                 applied.append(version)
@@ -1408,7 +1443,7 @@ class Company:
     settings: dict
     evolution_url: str | None
     evolution_key: str | None
-    webhook_secret: str
+    webhook_secret: str  # its SHA-256 (hash_token): the secret itself is shown once, when made
     signing_key: str | None = None  # HMAC key of onboarding links, made on first use
 
     @classmethod
@@ -1581,7 +1616,7 @@ async def create_company(db: Storage, company_id: str, name: str, settings: Mapp
             "INSERT INTO companies (id, name, settings, evolution_url, evolution_key, "
             "webhook_secret, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             company_id, name, json_dumps(dict(settings or {})), evolution_url, evolution_key,
-            webhook_secret, t, t)
+            hash_token(webhook_secret), t, t)
         await tx.execute("INSERT INTO api_tokens (company_id, name, token_hash, created_at) "
                          "VALUES (?, ?, ?, ?)", company_id, "default", hash_token(token), t)
         return True
@@ -2998,23 +3033,55 @@ class EvolutionClient:
         return state if isinstance(state, str) else None
 
     async def fetch_instance(self, name: str) -> dict | None:
-        """Owner number, profile name and picture (v2 array of rows; v1 objects)."""
-        status, body = await self.call(
+        """Owner number, profile name and picture, or None when Evolution does not say."""
+        status, body = await self._fetch_instances(name)
+        return self.instance_row(body, name) if status == 200 else None
+
+    async def find_instance(self, name: str) -> dict:
+        """The instance as fetchInstances shows it, with its own token (always shown by v2);
+        EvolutionError(404) when the server has no such instance."""
+        status, body = await self._fetch_instances(name)
+        if status == 200:
+            found = self.instance_row(body, name)
+            if found is not None:
+                return found
+        elif status != 404 or evolution_message(body).startswith("Cannot "):  # not "not found"
+            raise self.fail(status, body, "look the instance up")
+        raise EvolutionError(404, "Connection not found", status)
+
+    async def _fetch_instances(self, name: str) -> tuple[int, Any]:
+        return await self.call(
             "GET", "/instance/fetchInstances?" + urllib.parse.urlencode({"instanceName": name}))
-        if status != 200:
-            return None
+
+    @staticmethod
+    def instance_row(body: Any, name: str) -> dict | None:
+        """One instance of a fetchInstances answer (v2 array of rows; v1 objects): owner JID,
+        profile, state, Evolution's id and the instance token, each text or None."""
         rows = body if isinstance(body, list) else [body]
         for row in rows:
             if not isinstance(row, dict):
                 continue
-            if row.get("name") == name:  # v2
-                return {"owner": row.get("ownerJid"), "profile_name": row.get("profileName"),
-                        "picture_url": row.get("profilePicUrl")}
             inner = row.get("instance")
-            if isinstance(inner, dict) and inner.get("instanceName") == name:  # v1
-                return {"owner": inner.get("owner"), "profile_name": inner.get("profileName"),
-                        "picture_url": inner.get("profilePictureUrl")}
+            if row.get("name") == name:  # v2
+                found = {"owner": row.get("ownerJid"), "profile_name": row.get("profileName"),
+                         "picture_url": row.get("profilePicUrl"),
+                         "state": row.get("connectionStatus"), "instance_id": row.get("id"),
+                         "token": row.get("token")}
+            elif isinstance(inner, dict) and inner.get("instanceName") == name:  # v1
+                found = {"owner": inner.get("owner"), "profile_name": inner.get("profileName"),
+                         "picture_url": inner.get("profilePictureUrl"),
+                         "state": inner.get("status"), "instance_id": inner.get("instanceId"),
+                         "token": None}
+            else:
+                continue
+            return {k: v if isinstance(v, str) else None for k, v in found.items()}
         return None
+
+    async def set_webhook(self, name: str, webhook: dict) -> dict:
+        """Point the instance's webhook at us (v2's nested body, CONTRACT §3.8)."""
+        status, body = await self.call("POST", f"/webhook/set/{name}", {"webhook": webhook})
+        self._raise_for_instance(status, body, name, "set the instance's webhook")
+        return body
 
     async def connect(self, name: str) -> dict:
         """The current QR ({code, pairingCode, base64, count}) or {"instance": {"state": "open"}}."""
@@ -3883,9 +3950,11 @@ async def _store_delivery(tx, company_id: str | None, source: str, raw: bytes,
 async def _header_authenticated(tx, company: Company, given: str | None,
                                 envelope: Any) -> bool:
     """The company's webhook secret, or the secret of the connection the envelope names (a
-    connection's secret speaks for that instance only, and only while it is not deleted)."""
+    connection's secret speaks for that instance only, and only while it is not deleted). Both
+    are stored as their SHA-256."""
     if not given:
         return False
+    given = hash_token(given)
     if same_secret(given, company.webhook_secret):
         return True
     instance = envelope.get("instance") if isinstance(envelope, dict) else None
@@ -4093,7 +4162,7 @@ async def update_company(request: web.Request) -> web.Response:
     settings = {**company.settings, **validate_settings(body, company.settings)}
     settings = await check_outbound_urls(request, company, settings, sent_urls(evolution, body))
     stored = {k: v for k, v in settings.items() if DEFAULT_SETTINGS.get(k) != v and v is not None}
-    secret = new_secret("whs_") if rotate else company.webhook_secret
+    secret = new_secret("whs_") if rotate else None
     url = evolution.get("evolution_url", company.evolution_url)
     key = evolution.get("evolution_key", company.evolution_key)
 
@@ -4101,7 +4170,8 @@ async def update_company(request: web.Request) -> web.Response:
         await tx.execute(
             "UPDATE companies SET name = ?, settings = ?, evolution_url = ?, evolution_key = ?, "
             "webhook_secret = ?, updated_at = ? WHERE id = ?",
-            name.strip(), json_dumps(stored), url, key, secret, now(), company.id)
+            name.strip(), json_dumps(stored), url, key,
+            hash_token(secret) if secret else company.webhook_secret, now(), company.id)
 
     await request.app[DB].transact(run)
     updated = await get_company(request.app[DB], company.id)
@@ -4250,7 +4320,8 @@ def connection_json(row: Mapping[str, Any]) -> dict:
             "phone": row["phone"], "profileName": row["profile_name"],
             "pictureUrl": row["picture_url"], "instanceId": row["instance_id"],
             "qrAt": iso(row["qr_at"]), "createdAt": iso(row["created_at"]),
-            "updatedAt": iso(row["updated_at"]), "deletedAt": iso(row["deleted_at"])}
+            "updatedAt": iso(row["updated_at"]), "deletedAt": iso(row["deleted_at"]),
+            "verified": bool(row["verified"])}
 
 
 def evolution_for(request: web.Request, company: Company) -> EvolutionClient:
@@ -4277,11 +4348,24 @@ async def evolution_call(coro: Awaitable[Any]) -> Any:
         raise http_error(exc.status, exc.message) from None
 
 
+async def verified_holder(db: Storage, connection_id: str) -> dict | None:
+    """The company managing the live connection of this name (its id and Evolution URL), if
+    any: one at most (VERIFIED_INDEX)."""
+    return await db.fetchone(
+        "SELECT c.company_id, p.evolution_url FROM connections c JOIN companies p ON "
+        "p.id = c.company_id WHERE c.id = ? AND c.verified = 1 AND c.deleted_at IS NULL",
+        connection_id)
+
+
 async def get_connection(db: Storage, company_id: str, connection_id: str,
                          include_deleted: bool = False) -> dict:
+    """A connection the company may manage: one it created or adopted. A connection known only
+    from deliveries to its webhook is not (anybody can name any instance there: SPEC §6); a
+    deleted one only with `include_deleted`, and not once another company holds the name."""
     row = await db.fetchone("SELECT * FROM connections WHERE company_id = ? AND id = ?",
                             company_id, connection_id)
-    if row is None or (row["deleted_at"] is not None and not include_deleted):
+    if row is None or not row["verified"] or (row["deleted_at"] is not None and (
+            not include_deleted or await verified_holder(db, connection_id))):
         raise http_error(404, "Connection not found")
     return row
 
@@ -4319,6 +4403,14 @@ def public_base(request: web.Request) -> str:
     return f"{scheme}://{request.host}"
 
 
+def instance_webhook(request: web.Request, company: Company, secret: str) -> dict:
+    """The webhook an instance of ours gets on Evolution: every delivery to the company's URL
+    with the connection's own secret header."""
+    return {"url": f"{public_base(request)}/webhook/{company.id}", "byEvents": False,
+            "base64": False, "headers": {WEBHOOK_SECRET_HEADER: secret},
+            "events": EVOLUTION_EVENTS}
+
+
 def qr_payload(code: str, pairing_code: str | None, state: str | None) -> dict:
     import segno
 
@@ -4335,6 +4427,91 @@ async def list_connections(request: web.Request) -> web.Response:
     return web.json_response({"connections": [connection_json(r) for r in rows]})
 
 
+def adoption_request(body: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(connectionId, instance_token or None) of a POST /api/connections, or 400."""
+    if body.get("type") != "evolution":
+        raise http_error(400, 'type must be "evolution"')
+    if body.get("adopt") is not True:
+        raise http_error(400, "adopt must be true: an instance that exists on the Evolution "
+                              "server is adopted (POST /api/create-instance makes a new one)")
+    connection_id = body.get("connectionId")
+    if not isinstance(connection_id, str) or not CONNECTION_ID_RE.match(connection_id):
+        raise http_error(400, "connectionId must be 1-64 letters, digits, '-', '_' or '.'")
+    token = body.get("instance_token")
+    if token is not None and (not isinstance(token, str) or not 0 < len(token) <= 256):
+        raise http_error(400, "instance_token must be text of at most 256 characters")
+    return connection_id, token
+
+
+async def refuse_held_name(request: web.Request, company: Company, evolution: EvolutionClient,
+                           connection_id: str) -> None:
+    """Another company manages a connection of this name: on the same Evolution server it is
+    that company's instance (404, as if it did not exist); elsewhere the name is taken (409)."""
+    holder = await verified_holder(request.app[DB], connection_id)
+    if holder is None or holder["company_id"] == company.id:
+        return
+    holder_url = holder["evolution_url"] or request.app[CONFIG].evolution_api_url
+    if holder_url.rstrip("/") == evolution.base_url:
+        raise http_error(404, "Connection not found")
+    raise http_error(409, f"Connection {connection_id} already exists")
+
+
+async def store_adopted(db: Storage, company: Company, connection_id: str, found: dict,
+                        instance_token: str | None, secret: str) -> dict:
+    """The adopted connection, verified, with its new secret; a row its webhook deliveries made
+    keeps its number and profile where Evolution shows none now."""
+    owner = found["owner"] or ""
+    phone = digits(jid_user(owner)) if owner.endswith(JID_PHONE) else None
+    ts = now()
+
+    async def run(tx) -> dict:
+        return await tx.fetchone(
+            "INSERT INTO connections (company_id, id, state, phone, profile_name, picture_url, "
+            "instance_id, instance_token, webhook_secret, verified, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (company_id, id) DO UPDATE "
+            "SET state = COALESCE(excluded.state, connections.state), "
+            "phone = COALESCE(excluded.phone, connections.phone), "
+            "profile_name = COALESCE(excluded.profile_name, connections.profile_name), "
+            "picture_url = COALESCE(excluded.picture_url, connections.picture_url), "
+            "instance_id = excluded.instance_id, instance_token = excluded.instance_token, "
+            "webhook_secret = excluded.webhook_secret, verified = 1, qr_code = NULL, "
+            "qr_pairing_code = NULL, qr_at = NULL, deleted_at = NULL, "
+            "updated_at = excluded.updated_at RETURNING *",
+            company.id, connection_id, found["state"], phone or None, found["profile_name"],
+            found["picture_url"], found["instance_id"], instance_token, hash_token(secret),
+            ts, ts)
+
+    return await db.transact(run)
+
+
+@routes.post("/api/connections")
+async def adopt_connection(request: web.Request) -> web.Response:
+    """Adopt an instance made outside WhatsTracking: check it on the company's Evolution server,
+    point its webhook at us with a secret header of its own, and register it as verified."""
+    body = await object_body(request)
+    company = await acting_company(request, body)
+    connection_id, given_token = adoption_request(body)
+    evolution = evolution_for(request, company)
+    # On the shared default server every company reaches every instance with the global key:
+    # only the instance's own token shows that it is this company's.
+    if given_token is None and \
+            evolution.base_url == request.app[CONFIG].evolution_api_url.rstrip("/"):
+        raise http_error(400, "instance_token is required on the shared Evolution server: "
+                              "give the instance's own token (its apikey)")
+    await refuse_held_name(request, company, evolution, connection_id)
+    found = await evolution_call(evolution.find_instance(connection_id))
+    if given_token is not None and not same_secret(given_token, found["token"]):
+        raise http_error(403, "instance_token is not this instance's token on the Evolution "
+                              "server")
+    secret = new_secret("whc_")
+    await evolution_call(evolution.set_webhook(
+        connection_id, {"enabled": True, **instance_webhook(request, company, secret)}))
+    row = await store_adopted(request.app[DB], company, connection_id, found,
+                              found["token"] or given_token, secret)
+    log.info("connection adopted: %s/%s", company.id, connection_id)
+    return web.json_response({"ok": True, "connection": connection_json(row)}, status=201)
+
+
 @routes.post("/api/create-instance")
 async def create_instance(request: web.Request) -> web.Response:
     body = await object_body(request)
@@ -4346,18 +4523,14 @@ async def create_instance(request: web.Request) -> web.Response:
     if number is not None and (not isinstance(number, str) or not 8 <= len(digits(number)) <= 15):
         raise http_error(400, "number must be a phone number with country code")
     db = request.app[DB]
-    taken = await db.fetchone("SELECT company_id FROM connections WHERE id = ? AND "
-                              "deleted_at IS NULL", connection_id)
-    if taken is not None:
+    if await verified_holder(db, connection_id) is not None:  # not a row only webhooks made
         raise http_error(409, f"Connection {connection_id} already exists")
     evolution = evolution_for(request, company)
     instance_token = str(uuid.uuid4()).upper()
     secret = new_secret("whc_")
-    webhook = {"url": f"{public_base(request)}/webhook/{company.id}", "byEvents": False,
-               "base64": False, "headers": {WEBHOOK_SECRET_HEADER: secret},
-               "events": EVOLUTION_EVENTS}
     created = await evolution_call(evolution.create_instance(
-        connection_id, instance_token, webhook, digits(number) if number else None))
+        connection_id, instance_token, instance_webhook(request, company, secret),
+        digits(number) if number else None))
     instance = created.get("instance") if isinstance(created.get("instance"), dict) else {}
     token = created.get("hash")
     if isinstance(token, dict):  # Evolution v1: {"apikey": ...}
@@ -4368,17 +4541,21 @@ async def create_instance(request: web.Request) -> web.Response:
     ts = now()
 
     async def run(tx) -> dict:
-        # A connection deleted earlier under this name comes back to life with new secrets.
+        # A connection deleted earlier under this name, or known only from webhooks, comes back
+        # to life with new secrets; all undone when another company took the name meanwhile.
         await tx.execute("DELETE FROM connections WHERE company_id = ? AND id = ?",
                          company.id, connection_id)
-        return await tx.fetchone(
+        row = await tx.fetchone(
             "INSERT INTO connections (company_id, id, state, instance_id, instance_token, "
-            "webhook_secret, qr_code, qr_pairing_code, qr_at, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+            "webhook_secret, qr_code, qr_pairing_code, qr_at, created_at, updated_at, verified) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT DO NOTHING RETURNING *",
             company.id, connection_id, instance.get("status")
             if instance.get("status") in ("open", "connecting", "close") else "connecting",
             instance.get("instanceId"), token if isinstance(token, str) else instance_token,
-            secret, code, pairing, ts if code else None, ts, ts)
+            hash_token(secret), code, pairing, ts if code else None, ts, ts)
+        if row is None:
+            raise http_error(409, f"Connection {connection_id} already exists")
+        return row
 
     row = await db.transact(run)
     log.info("connection created: %s/%s", company.id, connection_id)
@@ -4646,9 +4823,9 @@ async def connect_page(request: web.Request) -> web.Response:
     try:
         company = await verify_link(request.app[DB], request.query, connection_id)
         row = await request.app[DB].fetchone(
-            "SELECT deleted_at FROM connections WHERE company_id = ? AND id = ?",
+            "SELECT deleted_at, verified FROM connections WHERE company_id = ? AND id = ?",
             company.id, connection_id)
-        if row is None or row["deleted_at"] is not None:
+        if row is None or row["deleted_at"] is not None or not row["verified"]:
             raise LinkError(404, "Connection not found")
     except LinkError as exc:
         if "text/html" not in request.headers.get("Accept", "text/html"):
@@ -4672,7 +4849,7 @@ async def public_connection(request: web.Request) -> web.Response:
     row = await request.app[DB].fetchone(
         "SELECT c.id, c.state, c.phone, c.profile_name, p.name AS company_name "
         "FROM connections c JOIN companies p ON p.id = c.company_id "
-        "WHERE c.id = ? AND c.deleted_at IS NULL ORDER BY c.created_at LIMIT 1", connection_id)
+        "WHERE c.id = ? AND c.verified = 1 AND c.deleted_at IS NULL", connection_id)
     if row is None:
         raise http_error(404, "Connection not found")
     return web.json_response({"connectionId": row["id"], "company": row["company_name"],

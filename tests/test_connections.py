@@ -251,10 +251,11 @@ async def test_create_instance_sends_evolution_the_global_key_baileys_qrcode_tok
     assert png.startswith(PNG_SIGNATURE)
     assert qr["base64"] != QR["base64"]  # our own segno rendering, not Evolution's placeholder
 
-    # What was stored is what Evolution was given.
+    # What was stored is what Evolution was given; the inbound secret only as its SHA-256.
     row = await stored_connection(api)
     assert row["instance_token"] == body["token"]
-    assert row["webhook_secret"] == secret
+    assert row["webhook_secret"] == whatstracking.hash_token(secret)
+    assert connection["verified"] is True
     assert row["qr_code"] == QR["code"]
     assert CONN in await connections(api)
 
@@ -309,10 +310,14 @@ async def test_without_any_evolution_server_connections_are_400_no_server_config
     api = Api(client, await create_company(client))
     assert await create(api, expect=400) == {"error": "No server configured"}
     assert await count_connections(api) == 0
-    # A connection known only from its webhooks has no server to ask either.
+    # A connection known only from its webhooks is not managed (issue 13: it is unverified,
+    # 404), and adopting it has no server to ask either.
     await api.webhook(fixture("connection-update-open"))
-    assert await call(api, "GET", "/api/instance-status", 400,
-                      params={"connectionId": CONN}) == {"error": "No server configured"}
+    assert await call(api, "GET", "/api/instance-status", 404,
+                      params={"connectionId": CONN}) == {"error": "Connection not found"}
+    assert await call(api, "POST", "/api/connections", 400, json={
+        "type": "evolution", "connectionId": CONN, "adopt": True}) == {
+        "error": "No server configured"}
 
 
 async def test_create_instance_with_a_name_in_use_on_evolution_is_409_and_stores_nothing(
@@ -636,7 +641,7 @@ async def test_delete_instance_deletes_it_on_evolution_and_marks_the_connection_
         ("DELETE", f"/instance/delete/{CONN}")] * 2
 
     # The name can be used again: the connection comes back with new secrets.
-    old_secret = row["webhook_secret"]
+    old_secret = sent_secret(evolution)
     again = await create(api)
     assert again["connection"]["deletedAt"] is None
     assert sent_secret(evolution) != old_secret
@@ -934,7 +939,7 @@ async def test_connection_link_is_a_signed_expiring_url(api, evolution):
     assert started + 3600 - 5 <= expires <= time.time() + 3600 + 5
     # Secrets are not in the link.
     row = await stored_connection(api)
-    for secret in (api.token, api.webhook_secret, row["instance_token"], row["webhook_secret"],
+    for secret in (api.token, api.webhook_secret, row["instance_token"], sent_secret(evolution),
                    await signing_key(api)):
         assert secret not in link["url"]
 
@@ -1013,7 +1018,7 @@ async def test_connect_page_of_a_deleted_connection_is_404(api, evolution):
 async def test_public_connection_shows_a_masked_phone_and_no_secrets(api, evolution):
     await create(api)
     row = await stored_connection(api)
-    secrets = [row["instance_token"], row["webhook_secret"], row["qr_code"], api.token,
+    secrets = [row["instance_token"], sent_secret(evolution), row["qr_code"], api.token,
                api.webhook_secret]
 
     resp = await api.client.get("/public/get-connection", params={"connectionId": CONN})
@@ -1027,7 +1032,7 @@ async def test_public_connection_shows_a_masked_phone_and_no_secrets(api, evolut
     for secret in secrets:
         assert secret not in text
 
-    await api.webhook(fixture("connection-update-open"), secret=row["webhook_secret"])
+    await api.webhook(fixture("connection-update-open"), secret=sent_secret(evolution))
     resp = await api.client.get("/public/get-connection", params={"connectionId": CONN})
     text = await resp.text()
     assert resp.status == 200, text

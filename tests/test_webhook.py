@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from conftest import create_company, fixture, upsert
-from whatstracking import WEBHOOK_BODY_MAX, invisible_code, message_code
+from whatstracking import WEBHOOK_BODY_MAX, hash_token, invisible_code, message_code
 
 COMPANY = "empresa-123"
 SITE = "https://loja.test/?utm_source=google&utm_campaign=x"
@@ -714,8 +714,9 @@ async def test_an_inserted_connection_with_an_instance_token_authenticates(api):
 
 async def test_a_per_connection_webhook_secret_works(api):
     await api.webhook(fixture("connection-update-open"))
+    # Stored as its SHA-256, as create-instance and adoption store it (issue 13, D9).
     await set_sql(api, "UPDATE connections SET webhook_secret = ? WHERE company_id = ? AND id = ?",
-                  "conn-secret-123", COMPANY, "loja-centro")
+                  hash_token("conn-secret-123"), COMPANY, "loja-centro")
     answer = await api.webhook(upsert("Oi"), secret="conn-secret-123")
     assert answer["match"] == "none"
     resp = await api.client.post(f"/webhook/{COMPANY}", json=upsert("Olá", phone=new_phone()),
