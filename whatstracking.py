@@ -13,7 +13,7 @@ Run:
 
 Environment (also read from ``.env``; the real environment wins), see ``config.example.env``:
     HOST, PORT, DATABASE_URL (sqlite:///whatstracking.db | postgresql://...), PUBLIC_URL,
-    ADMIN_TOKEN, WEBHOOK_SHARED_TOKEN, EVOLUTION_API_URL, EVOLUTION_API_KEY, LOG_LEVEL,
+    ADMIN_TOKEN, METRICS_TOKEN, WEBHOOK_SHARED_TOKEN, EVOLUTION_API_URL, EVOLUTION_API_KEY, LOG_LEVEL,
     LOG_FORMAT (json|text), TRUST_PROXY, RETENTION_DAYS, META_GRAPH_URL, GA4_MP_URL,
     SQLITE_SYNCHRONOUS (FULL|NORMAL), EVOLUTION_TIMEOUT, META_API_VERSION, DELIVERY_TIMEOUT,
     DELIVERY_RETRY_SECONDS, DELIVERY_POLL_SECONDS, RATE_LIMIT_TRACKING, RATE_LIMIT_PUBLIC
@@ -149,6 +149,7 @@ class Config:
     database_url: str = DEFAULT_DATABASE_URL
     public_url: str = ""
     admin_token: str = ""
+    metrics_token: str = ""  # a bearer for GET /metrics alone (ADMIN_TOKEN works there too)
     webhook_shared_token: str = ""
     evolution_api_url: str = ""
     evolution_api_key: str = ""
@@ -230,6 +231,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         database_url=database_url,
         public_url=urls["PUBLIC_URL"],
         admin_token=get("ADMIN_TOKEN"),
+        metrics_token=get("METRICS_TOKEN"),
         webhook_shared_token=get("WEBHOOK_SHARED_TOKEN"),
         evolution_api_url=urls["EVOLUTION_API_URL"],
         evolution_api_key=get("EVOLUTION_API_KEY"),
@@ -3385,10 +3387,16 @@ async def acting_company(request: web.Request, body: Mapping[str, Any]) -> Compa
     return await authenticate(request, company_id)
 
 
-def require_admin(request: web.Request) -> None:
-    config = request.app[CONFIG]
-    if not config.admin_token or not same_secret(bearer(request), config.admin_token):
+def require_bearer(request: web.Request, *accepted: str) -> None:
+    """401 unless the request's bearer is one of the `accepted` operator tokens (an unset,
+    empty one accepts nothing)."""
+    given = bearer(request)
+    if not any(same_secret(given, token) for token in accepted):
         raise http_error(401, "Unauthorized")
+
+
+def require_admin(request: web.Request) -> None:
+    require_bearer(request, request.app[CONFIG].admin_token)
 
 
 # ##################################################################################################
@@ -4539,7 +4547,10 @@ def _prometheus_labels(**labels: Any) -> str:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format. Leads and deliveries come from the database (every process's);
-    requests, tracking events and webhook timings are this process's since it started."""
+    requests, tracking events and webhook timings are this process's since it started. Lead
+    counts span every company, so only the operator's METRICS_TOKEN or ADMIN_TOKEN reads them."""
+    config = request.app[CONFIG]
+    require_bearer(request, config.metrics_token, config.admin_token)
     m, db = request.app[METRICS], request.app[DB]
     lines = ["# HELP whatstracking_http_requests_total HTTP requests by route, method and status.",
              "# TYPE whatstracking_http_requests_total counter"]
