@@ -32,6 +32,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import errno
 import functools
 import gzip
 import hashlib
@@ -44,6 +45,8 @@ import os
 import random
 import re
 import secrets
+import signal
+import socket
 import sqlite3
 import sys
 import time
@@ -79,6 +82,9 @@ FIRST_MESSAGE_MAX = 1000  # characters kept of a lead's first message
 TRACKER_MAX_AGE = 3600  # seconds, Cache-Control of the served script
 SQLITE_BATCH_MAX = 512  # units of work committed together at most
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's write lock
+# The database holds webhook secrets and signing keys: only its owner may read it. SQLite gives
+# the -wal and -shm files it creates beside it the database file's mode.
+SQLITE_FILE_MODE = 0o600
 # seconds: how soon a thread waiting for the GIL gets it from the busy event loop (Python's
 # default is 5 ms). The SQLite writer thread's COMMIT must hand its result back to the loop, and
 # every request of a group waits for that hand-over.
@@ -89,6 +95,9 @@ BATCH_MAX = 256  # items of one batched kind (e.g. tracking requests) run togeth
 # item; measured on 2 CPUs, 2 beat 4 for tracking and webhooks alike (throughput and p99).
 POSTGRES_BATCHES_IN_FLIGHT = 2
 ROLLUP_BUCKET = 900  # seconds: the report's time grain (every timezone offset divides it)
+# Seconds a stop (SIGTERM, Ctrl-C) waits for the requests under way, bodies still arriving
+# included, before closing their connections (Docker's `stop` sends SIGKILL after 10 s).
+SHUTDOWN_TIMEOUT = 10
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 CODE_BODY_LEN = 6  # random characters; a check character follows
@@ -672,6 +681,10 @@ class Storage:
         """SQL: the binary `column` contains the bytes given as the next parameter."""
         return f"instr({column}, ?) > 0"
 
+    def location(self) -> str:
+        """Which database this is, for the operator's eyes: never a password."""
+        raise NotImplementedError
+
     async def connect(self) -> None:
         raise NotImplementedError
 
@@ -927,6 +940,43 @@ class SqliteTx(DeferredWrites):
             self._depth -= 1
 
 
+def sqlite_path(path: str) -> str:
+    """The file a DATABASE_URL's SQLite path names. A relative path is beside whatstracking.py
+    (where its .env is), whatever the working directory: a CLI command run from elsewhere must not
+    quietly make a second, empty database. Until 0.1.0 it was the working directory; a file found
+    only there is still used, with a warning."""
+    given = Path(path)
+    if given.is_absolute():
+        return path
+    beside, before = HERE / given, Path.cwd() / given
+    if not beside.exists() and before.exists() and before.resolve() != beside.resolve():
+        log.warning("Using the SQLite database %s in the working directory; a relative DATABASE_URL "
+                    "now means beside whatstracking.py (%s): move the file there or give an "
+                    "absolute path.", before, beside)
+        return str(before)
+    return str(beside)
+
+
+def _user_name() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return "this user"
+
+
+def sqlite_open_error(path: str, exc: BaseException) -> str:
+    """One sentence for a database file that cannot be opened; permissions named as such."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "read-only file system" if exc.errno == errno.EROFS else "permission denied"
+        return (f"DATABASE_URL: {reason} for user {_user_name()} on {exc.filename or path} (the "
+                f"SQLite database {path} and its -wal and -shm files are written in that "
+                f"directory: make it writable by this user, e.g. with chown, or choose another "
+                f"path).")
+    return f"DATABASE_URL: cannot open the SQLite database {path} ({exc})."
+
+
 class SqliteStorage(Storage):
     """SQLite: one writer connection fed by a group-commit loop, one reader (aiosqlite).
 
@@ -946,7 +996,7 @@ class SqliteStorage(Storage):
         if not path or path == ":memory:":
             raise ConfigError("DATABASE_URL for SQLite must name a file, e.g. "
                               "sqlite:///whatstracking.db.")
-        self.path = path
+        self.path = sqlite_path(path)
         self.synchronous = synchronous
         self._writer = None
         self._writer_thread = None  # a one-thread executor: BEGIN, COMMIT, open, close
@@ -955,8 +1005,20 @@ class SqliteStorage(Storage):
         self._loop_task: asyncio.Task | None = None
         self._read_lock = asyncio.Lock()
 
+    def location(self) -> str:
+        return f"sqlite:///{Path(self.path).resolve()}"
+
+    def _create_file(self) -> None:
+        """Make the database file (owner only) or check it can be written, and that SQLite can
+        make its -wal and -shm files beside it: its own error would only say "unable to open"."""
+        directory = Path(self.path).parent
+        directory.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, SQLITE_FILE_MODE))
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(directory))
+
     def _open_writer(self) -> Any:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._create_file()
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.row_factory = sqlite3.Row
@@ -982,8 +1044,7 @@ class SqliteStorage(Storage):
             self._writer = await self._in_writer_thread(self._open_writer)
         except (OSError, aiosqlite.Error) as exc:
             self._writer_thread.shutdown(wait=False)
-            raise ConfigError(f"DATABASE_URL: cannot open the SQLite database {self.path} "
-                              f"({exc}).") from None
+            raise ConfigError(sqlite_open_error(self.path, exc)) from None
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         self._reader.row_factory = aiosqlite.Row
         await self._reader.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -1256,6 +1317,12 @@ class PostgresStorage(Storage):
         self._spread: dict[Any, bool] = {}  # batched kind → share the waiting items out
         self._idle: dict[Any, int] = {}  # batched kind → its flushes between two batches
         self._flushes: set[asyncio.Task] = set()
+
+    def location(self) -> str:
+        parts = urllib.parse.urlsplit(self.dsn)  # no password, no query (it may hold one)
+        user = f"{parts.username}@" if parts.username else ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{user}{parts.hostname or ''}{port}{parts.path}"
 
     async def connect(self) -> None:
         import asyncpg
@@ -3302,8 +3369,20 @@ def rate_limit(request: web.Request, kind: str) -> None:
         raise exc
 
 
+class InFlight:
+    """The requests this process is handling (headers read; the body may still be arriving),
+    so that a stop can wait for them (see `run_server`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.stopping = False
+
+
 METRICS = web.AppKey("metrics", Metrics)
 LIMITS = web.AppKey("limits", dict)  # kind → RateLimiter
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
 
 
 async def read_json(request: web.Request, limit: int) -> Any:
@@ -4667,6 +4746,24 @@ _STATUS_MESSAGES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 4
 
 
 @web.middleware
+async def in_flight_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Counts the requests under way for a stop to wait for; once stopping, each answer asks
+    its client to close the connection (its next request goes to a process that stays)."""
+    flight = request.app[IN_FLIGHT]
+    flight.count += 1
+    flight.idle.clear()
+    try:
+        response = await handler(request)
+    finally:
+        flight.count -= 1
+        if not flight.count:
+            flight.idle.set()
+    if flight.stopping:
+        response.force_close()
+    return response
+
+
+@web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Every error becomes SPEC §4's JSON; every response carries X-Request-Id."""
     given = request.headers.get("X-Request-Id", "")
@@ -4771,7 +4868,8 @@ async def retention_ctx(app: web.Application):
 def create_app(config: Config | None = None) -> web.Application:
     """The WhatsTracking application; nothing connects until it starts."""
     config = config or load_config({})
-    app = web.Application(middlewares=[error_middleware], client_max_size=WEBHOOK_BODY_MAX)
+    app = web.Application(middlewares=[in_flight_middleware, error_middleware],
+                          client_max_size=WEBHOOK_BODY_MAX)
     app[CONFIG] = config
     app[DB] = Storage.from_url(config.database_url, config)
     app[TRACKER] = load_tracker()
@@ -4781,6 +4879,7 @@ def create_app(config: Config | None = None) -> web.Application:
     app.cleanup_ctx.append(delivery_worker_ctx)
     app.cleanup_ctx.append(retention_ctx)
     app[METRICS] = Metrics()
+    app[IN_FLIGHT] = InFlight()
     app[LIMITS] = {"tracking": RateLimiter(config.rate_limit_tracking),
                    "public": RateLimiter(config.rate_limit_public)}
     app.add_routes(routes)
@@ -4877,24 +4976,81 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(config: Config) -> None:
-    async def announce(app: web.Application) -> None:
-        row = await app[DB].fetchone("SELECT COUNT(*) AS n FROM companies")
-        log.info("WhatsTracking %s on http://%s:%s (database: %s)", VERSION, config.host,
-                 config.port, app[DB].dialect)
-        if row["n"] == 0:
-            print("No company yet. Create one with:\n"
-                  "  python whatstracking.py company add my-company --name \"My Company\"",
-                  file=sys.stderr)
+def listen_error(config: Config, exc: OSError) -> str:
+    """One sentence for an address the server cannot listen on, the usual causes named."""
+    if isinstance(exc, socket.gaierror):
+        return (f"HOST {config.host!r} is not an address or name this machine can listen on "
+                f"({exc.strerror}).")
+    if exc.errno == errno.EADDRINUSE:
+        return (f"PORT {config.port} is already in use on {config.host} (is WhatsTracking "
+                f"already running?): stop the other program or set another PORT.")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"HOST {config.host} is not an address of this machine: use 0.0.0.0 (every "
+                f"address), 127.0.0.1 (behind a proxy on this machine) or one of its addresses.")
+    if exc.errno == errno.EACCES:
+        return (f"Permission denied listening on port {config.port}: ports below 1024 need root; "
+                f"use e.g. 8080 behind a reverse proxy.")
+    return f"Cannot listen on {config.host}:{config.port} ({exc.strerror or exc})."
 
+
+async def announce(app: web.Application, site: web.TCPSite) -> None:
+    """Said once the address is bound, not before: the first line claims nothing untrue."""
+    row = await app[DB].fetchone("SELECT COUNT(*) AS n FROM companies")
+    log.info("WhatsTracking %s listening on %s (database: %s)", VERSION, site.name,
+             app[DB].location())
+    if row["n"] == 0:
+        print("No company yet. Create one with:\n"
+              "  python whatstracking.py company add my-company --name \"My Company\"",
+              file=sys.stderr)
+
+
+async def run_server(app: web.Application, config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then stop: no new connections; the requests under way
+    finish, their bodies still arriving included (at most SHUTDOWN_TIMEOUT); then connections
+    close, the delivery in flight finishes, queued writes commit and the database closes.
+    (aiohttp's own shutdown stops reading bodies at once, so the drain comes first.)"""
+    # The short timeout is for a request that slips in between the drain and the close.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()  # connects and migrates the database
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(listen_error(config, exc)) from None
+        await announce(app, site)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        flight = app[IN_FLIGHT]
+        flight.stopping = True
+        await site.stop()
+        log.info("Stopping: no new connections; finishing %d request(s) under way (at most "
+                 "%d s).", flight.count, SHUTDOWN_TIMEOUT)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(flight.idle.wait(), SHUTDOWN_TIMEOUT)
+    finally:
+        await runner.cleanup()
+
+
+def serve(config: Config) -> None:
     app = create_app(config)
-    app.on_startup.append(announce)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     # No access log: it would sit on the hot path of every tracked page view.
     loop = new_event_loop()
     log.debug("event loop: %s", type(loop).__module__.split(".")[0])
-    web.run_app(app, host=config.host, port=config.port, access_log=None, print=None,
-                shutdown_timeout=30, loop=loop)
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(run_server(app, config))
+    finally:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 def main(argv: list[str] | None = None) -> int:
