@@ -5,16 +5,17 @@ code in the WhatsApp message; Evolution API posts the incoming message to this s
 matched and a lead is recorded with its campaign.
 
 Run:
-    python whatstracking.py                 # serve (SQLite at ./whatstracking.db by default)
+    python whatstracking.py                 # serve (SQLite: whatstracking.db beside this file)
     python whatstracking.py migrate         # create / upgrade the database schema
     python whatstracking.py purge           # delete raw data older than RETENTION_DAYS now
     python whatstracking.py company add ID --name NAME [--evolution-url URL --evolution-key KEY]
     python whatstracking.py token add COMPANY_ID [--name NAME]
 
-Environment (also read from ``.env``; the real environment wins), see ``config.example.env``:
+Environment (also read from ``.env`` in the working directory, then beside this file; the real
+environment wins), see ``config.example.env``:
     HOST, PORT, DATABASE_URL (sqlite:///whatstracking.db | postgresql://...), PUBLIC_URL,
-    ADMIN_TOKEN, METRICS_TOKEN, WEBHOOK_SHARED_TOKEN, EVOLUTION_API_URL, EVOLUTION_API_KEY, LOG_LEVEL,
-    LOG_FORMAT (json|text), TRUST_PROXY, RETENTION_DAYS, META_GRAPH_URL, GA4_MP_URL,
+    ADMIN_TOKEN, WEBHOOK_SHARED_TOKEN, EVOLUTION_API_URL, EVOLUTION_API_KEY, LOG_LEVEL,
+    LOG_FORMAT (json|text), METRICS_TOKEN, TRUST_PROXY, RETENTION_DAYS, META_GRAPH_URL, GA4_MP_URL,
     SQLITE_SYNCHRONOUS (FULL|NORMAL), EVOLUTION_TIMEOUT, META_API_VERSION, DELIVERY_TIMEOUT,
     DELIVERY_RETRY_SECONDS, DELIVERY_POLL_SECONDS, RATE_LIMIT_TRACKING, RATE_LIMIT_PUBLIC
 
@@ -950,9 +951,9 @@ def sqlite_path(path: str) -> str:
         return path
     beside, before = HERE / given, Path.cwd() / given
     if not beside.exists() and before.exists() and before.resolve() != beside.resolve():
-        log.warning("Using the SQLite database %s in the working directory; a relative DATABASE_URL "
-                    "now means beside whatstracking.py (%s): move the file there or give an "
-                    "absolute path.", before, beside)
+        log.warning("Using the SQLite database %s in the working directory; a relative "
+                    "DATABASE_URL now means beside whatstracking.py (%s): move the file there or "
+                    "give an absolute path.", before, beside)
         return str(before)
     return str(beside)
 
@@ -4894,9 +4895,16 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
 
 
-async def _with_storage(config: Config, fn: Callable[[Storage], Awaitable[Any]]) -> Any:
+async def _connect(config: Config) -> Storage:
     db = Storage.from_url(config.database_url, config)
     await db.connect()
+    # Every command names its database: a token made against the wrong file is noticed.
+    print(f"database: {db.location()}", file=sys.stderr)
+    return db
+
+
+async def _with_storage(config: Config, fn: Callable[[Storage], Awaitable[Any]]) -> Any:
+    db = await _connect(config)
     try:
         await db.migrate()
         return await fn(db)
@@ -4905,8 +4913,7 @@ async def _with_storage(config: Config, fn: Callable[[Storage], Awaitable[Any]])
 
 
 async def cli_migrate(config: Config, args: argparse.Namespace) -> Any:
-    db = Storage.from_url(config.database_url, config)
-    await db.connect()
+    db = await _connect(config)
     try:
         applied = await db.migrate()
     finally:
@@ -5011,6 +5018,9 @@ async def run_server(app: web.Application, config: Config) -> None:
     (aiohttp's own shutdown stops reading bodies at once, so the drain comes first.)"""
     # The short timeout is for a request that slips in between the drain and the close.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await runner.setup()  # connects and migrates the database
     try:
         site = web.TCPSite(runner, config.host, config.port)
@@ -5019,9 +5029,6 @@ async def run_server(app: web.Application, config: Config) -> None:
         except OSError as exc:
             raise ConfigError(listen_error(config, exc)) from None
         await announce(app, site)
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         await stop.wait()
         flight = app[IN_FLIGHT]
         flight.stopping = True
@@ -5059,8 +5066,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # optional at run time: plain environment variables still work
         pass
     else:
-        # The working directory's .env (like ./whatstracking.db), not the one next to this file.
+        # The working directory's .env first (as before), then the one beside this file; a
+        # variable keeps the first value it gets, the real environment's above all.
         load_dotenv(find_dotenv(usecwd=True), override=False)
+        load_dotenv(HERE / ".env", override=False)
     args = build_parser().parse_args(argv)
     try:
         config = load_config()

@@ -21,7 +21,8 @@ import whatstracking
 from conftest import ADMIN_TOKEN, upsert
 
 SCRIPT = str(Path(whatstracking.__file__).resolve())
-CONFIG_VARS = ("HOST", "PORT", "DATABASE_URL", "PUBLIC_URL", "ADMIN_TOKEN", "WEBHOOK_SHARED_TOKEN",
+CONFIG_VARS = ("HOST", "PORT", "DATABASE_URL", "PUBLIC_URL", "ADMIN_TOKEN", "METRICS_TOKEN",
+               "WEBHOOK_SHARED_TOKEN",
                "EVOLUTION_API_URL", "EVOLUTION_API_KEY", "LOG_LEVEL", "LOG_FORMAT", "TRUST_PROXY",
                "RETENTION_DAYS", "META_GRAPH_URL", "GA4_MP_URL", "SQLITE_SYNCHRONOUS")
 EVERY_MIGRATION = [version for version, _sql in whatstracking.MIGRATIONS]
@@ -34,13 +35,14 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def cli(*args: str, cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=clean_env(**env),
+def cli(*args: str, cwd: Path, timeout: float = 60, script: Path | str = SCRIPT,
+        **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=clean_env(**env),
                           capture_output=True, text=True, timeout=timeout)
 
 
-def cli_json(*args: str, cwd: Path, **env: str) -> dict:
-    proc = cli(*args, cwd=cwd, **env)
+def cli_json(*args: str, cwd: Path, script: Path | str = SCRIPT, **env: str) -> dict:
+    proc = cli(*args, cwd=cwd, script=script, **env)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     return json.loads(proc.stdout)
@@ -64,16 +66,27 @@ def http(method: str, url: str, body: dict | None = None, headers: dict | None =
         return exc.code, json.loads(exc.read())
 
 
+@pytest.fixture
+def program(tmp_path) -> Path:
+    """A copy of whatstracking.py (with tracker.js) in a directory of its own, tmp_path/app:
+    what is "beside the program" then stays out of the checkout."""
+    app = tmp_path / "app"
+    app.mkdir()
+    for name in ("whatstracking.py", "tracker.js"):
+        (app / name).write_bytes((Path(SCRIPT).parent / name).read_bytes())
+    return app / "whatstracking.py"
+
+
 class Server:
     """`python whatstracking.py` running in its own process."""
 
-    def __init__(self, cwd: Path, **env: str) -> None:
+    def __init__(self, cwd: Path, script: Path | str = SCRIPT, **env: str) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.stderr_path = cwd / f"server-{self.port}.log"
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, SCRIPT], cwd=cwd, stdout=subprocess.DEVNULL, stderr=self._stderr,
+            [sys.executable, str(script)], cwd=cwd, stdout=subprocess.DEVNULL, stderr=self._stderr,
             env=clean_env(HOST="127.0.0.1", PORT=str(self.port), ADMIN_TOKEN=ADMIN_TOKEN, **env))
         deadline = time.monotonic() + 30
         while True:
@@ -253,23 +266,94 @@ def test_unknown_command_fails(tmp_path):
 # Configuration: .env and bad settings
 # ------------------------------------------------------------------------------------------------
 
-def test_dotenv_in_the_working_directory_is_read(tmp_path):
+def test_dotenv_in_the_working_directory_is_read(tmp_path, program):
     (tmp_path / ".env").write_text("DATABASE_URL=sqlite:///from-dotenv.db\n")
-    cli_json("migrate", cwd=tmp_path)
-    assert (tmp_path / "from-dotenv.db").exists()
-    assert not (tmp_path / "whatstracking.db").exists()
+    cli_json("migrate", cwd=tmp_path, script=program)
+    # A relative SQLite path is beside the program, wherever it is started from.
+    assert (program.parent / "from-dotenv.db").exists()
+    assert not (program.parent / "whatstracking.db").exists()
+    assert not list(tmp_path.glob("*.db"))
 
 
-def test_real_environment_wins_over_dotenv(tmp_path):
+def test_real_environment_wins_over_dotenv(tmp_path, program):
     (tmp_path / ".env").write_text("DATABASE_URL=sqlite:///from-dotenv.db\nLOG_FORMAT=xml\n")
     # .env alone: its bad LOG_FORMAT is refused, which shows it was read.
-    proc = cli("migrate", cwd=tmp_path)
+    proc = cli("migrate", cwd=tmp_path, script=program)
     assert proc.returncode != 0
     assert "LOG_FORMAT" in proc.stderr
     # The real environment overrides both values.
-    cli_json("migrate", cwd=tmp_path, DATABASE_URL="sqlite:///from-env.db", LOG_FORMAT="json")
-    assert (tmp_path / "from-env.db").exists()
-    assert not (tmp_path / "from-dotenv.db").exists()
+    cli_json("migrate", cwd=tmp_path, script=program, DATABASE_URL="sqlite:///from-env.db",
+             LOG_FORMAT="json")
+    assert (program.parent / "from-env.db").exists()
+    assert not (program.parent / "from-dotenv.db").exists()
+
+
+def test_dotenv_beside_the_program_is_read_from_any_working_directory(tmp_path, program):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (program.parent / ".env").write_text("DATABASE_URL=sqlite:///beside.db\n")
+    proc = cli("migrate", cwd=elsewhere, script=program)
+    assert proc.returncode == 0, proc.stderr
+    assert (program.parent / "beside.db").exists()
+    assert not list(elsewhere.iterdir())
+    assert f"database: sqlite:///{program.parent / 'beside.db'}" in proc.stderr.splitlines()
+
+
+def test_working_directory_dotenv_wins_over_the_one_beside_the_program(tmp_path, program):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (program.parent / ".env").write_text("DATABASE_URL=sqlite:///beside.db\nLOG_FORMAT=xml\n")
+    (elsewhere / ".env").write_text("DATABASE_URL=sqlite:///here.db\n")
+    # Each file fills what the other leaves unset: the bad LOG_FORMAT comes from beside.
+    proc = cli("migrate", cwd=elsewhere, script=program)
+    assert proc.returncode != 0 and "LOG_FORMAT" in proc.stderr
+    (program.parent / ".env").write_text("DATABASE_URL=sqlite:///beside.db\n")
+    cli_json("migrate", cwd=elsewhere, script=program)
+    assert (program.parent / "here.db").exists()
+    assert not (program.parent / "beside.db").exists()
+
+
+async def test_every_command_names_its_database_on_stderr_never_a_password(tmp_path,
+                                                                           database_url):
+    if database_url.startswith("postgres"):  # the test server trusts 127.0.0.1: any password
+        url = database_url.replace("postgresql://postgres@", "postgresql://postgres:s3cret@")
+        named = "database: postgresql://postgres@127.0.0.1:5432/test"
+    else:
+        url, named = database_url, f"database: {database_url}"
+    for command in (("migrate",), ("company", "add", "acme"), ("token", "add", "acme"),
+                    ("rollup",), ("token", "add", "nobody-here")):
+        proc = cli(*command, cwd=tmp_path, DATABASE_URL=url)
+        assert named in proc.stderr.splitlines(), (command, proc.stderr)
+        assert "s3cret" not in proc.stderr + proc.stdout
+    assert "Company not found" in proc.stderr  # the last one failed, naming where it looked
+
+
+def test_a_token_made_from_another_directory_lands_in_the_servers_database(tmp_path, program,
+                                                                          servers):
+    """The newcomer's case: the server runs from the program's directory, the CLI from home."""
+    home = tmp_path / "home"
+    home.mkdir()
+    server = servers(program.parent, script=program)
+    created = cli_json("company", "add", "acme", cwd=home, script=program)
+    assert not list(home.iterdir())
+    status, data = http("GET", server.url("/api/company"),
+                        headers={"Authorization": f"Bearer {created['token']}"})
+    assert (status, data["company_id"]) == (200, "acme")
+    assert f"database: sqlite:///{program.parent / 'whatstracking.db'}" in server.log
+    assert server.stop() == 0
+
+
+def test_a_database_left_in_the_working_directory_is_still_used_with_a_warning(tmp_path,
+                                                                                program):
+    old = tmp_path / "old"
+    old.mkdir()
+    cli_json("company", "add", "acme", cwd=old, script=program,
+             DATABASE_URL=f"sqlite:///{old / 'whatstracking.db'}")
+    proc = cli("token", "add", "acme", cwd=old, script=program)
+    assert proc.returncode == 0, proc.stderr
+    assert "working directory" in proc.stderr and "absolute path" in proc.stderr
+    assert f"database: sqlite:///{old / 'whatstracking.db'}" in proc.stderr.splitlines()
+    assert not (program.parent / "whatstracking.db").exists()
 
 
 @pytest.mark.parametrize("env,name", [
@@ -330,11 +414,12 @@ async def test_serve_gives_no_hint_once_a_company_exists(tmp_path, database_url,
     assert server.stop() == 0
 
 
-def test_serve_defaults_to_sqlite_in_the_working_directory(tmp_path, servers):
-    server = servers(tmp_path)
+def test_serve_defaults_to_sqlite_beside_the_program(tmp_path, program, servers):
+    server = servers(tmp_path, script=program)
     status, data = http("GET", server.url("/readyz"))
     assert status == 200 and data["database"] == "sqlite"
-    assert (tmp_path / "whatstracking.db").exists()
+    assert (program.parent / "whatstracking.db").exists()
+    assert not (tmp_path / "whatstracking.db").exists()
     assert server.stop() == 0
 
 
