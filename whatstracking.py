@@ -971,10 +971,10 @@ def sqlite_open_error(path: str, exc: BaseException) -> str:
     """One sentence for a database file that cannot be opened; permissions named as such."""
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         reason = "read-only file system" if exc.errno == errno.EROFS else "permission denied"
-        return (f"DATABASE_URL: {reason} for user {_user_name()} on {exc.filename or path} (the "
-                f"SQLite database {path} and its -wal and -shm files are written in that "
-                f"directory: make it writable by this user, e.g. with chown, or choose another "
-                f"path).")
+        user, directory = _user_name(), Path(path).parent
+        return (f"DATABASE_URL: {reason} for user {user} on {exc.filename or path} (SQLite "
+                f"writes {path} and its -wal and -shm files in {directory}: give this user the "
+                f"directory, e.g. `chown -R {user} {directory}`, or choose another path).")
     return f"DATABASE_URL: cannot open the SQLite database {path} ({exc})."
 
 
@@ -4637,6 +4637,9 @@ async def metrics(request: web.Request) -> web.Response:
     for (route, method, status), n in sorted(m.requests.items()):
         lines.append("whatstracking_http_requests_total"
                      f"{_prometheus_labels(route=route, method=method, status=status)} {n}")
+    lines += ["# HELP whatstracking_http_requests_in_flight Requests being handled (headers read, "
+              "this one included).", "# TYPE whatstracking_http_requests_in_flight gauge",
+              f"whatstracking_http_requests_in_flight {request.app[IN_FLIGHT].count}"]
     lines += ["# HELP whatstracking_tracking_events_total Tracking events stored, by event.",
               "# TYPE whatstracking_tracking_events_total counter"]
     for event, n in sorted(m.tracking.items()):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -389,6 +393,82 @@ def test_unreachable_database_exits_with_one_readable_sentence(tmp_path, command
         assert "s3cret" not in proc.stderr
 
 
+# Runs the CLI as the user `nobody`, as the systemd unit's dedicated user would be (root writes
+# anywhere, so a directory without write permission proves nothing to it). The modules are
+# imported first, while still root: the interpreter lives under /root.
+AS_NOBODY = """
+import os, sys
+sys.path.insert(0, sys.argv.pop(1))
+import concurrent.futures.thread, aiosqlite, asyncpg, dotenv, whatstracking
+if os.geteuid() == 0:
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+sys.exit(whatstracking.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def root_owned_dir():
+    """A directory under /tmp that only root may write (and `nobody` may enter)."""
+    base = Path(tempfile.mkdtemp(prefix="wt-perm-"))
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("blocked", ["directory", "file"])
+@pytest.mark.parametrize("command", [(), ("migrate",), ("company", "add", "acme")])
+def test_a_database_the_user_cannot_write_says_permission_denied_with_the_path(
+        root_owned_dir, blocked, command):
+    if blocked == "directory":  # nobody may not create a file there
+        target = root_owned_dir / "locked" / "wt.db"
+        target.parent.mkdir(mode=0o755)
+        if os.geteuid() != 0:
+            os.chmod(target.parent, 0o555)
+    else:  # the file exists but belongs to root
+        target = root_owned_dir / "wt.db"
+        sqlite3.connect(target).close()
+        os.chmod(target, 0o600 if os.geteuid() == 0 else 0o400)
+    proc = subprocess.run(
+        [sys.executable, "-c", AS_NOBODY, str(Path(SCRIPT).parent), *command],
+        cwd=root_owned_dir, capture_output=True, text=True, timeout=60,
+        env=clean_env(DATABASE_URL=f"sqlite:///{target}", PORT=str(free_port()),
+                      HOST="127.0.0.1"))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "permission denied" in lines[0]
+    assert str(target if blocked == "file" else target.parent) in lines[0]
+    assert "listening" not in proc.stderr
+
+
+def db_files_modes(directory: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+
+
+async def test_the_sqlite_database_and_its_wal_and_shm_are_created_owner_only(tmp_path):
+    old = os.umask(0)  # the mode must not depend on a careful umask
+    try:
+        storage = whatstracking.Storage.from_url(f"sqlite:///{tmp_path / 'new' / 'wt.db'}")
+        await storage.connect()
+    finally:
+        os.umask(old)
+    try:
+        await storage.migrate()  # writes: the -wal and -shm files exist while it is open
+        assert db_files_modes(tmp_path / "new") == {
+            "wt.db": 0o600, "wt.db-wal": 0o600, "wt.db-shm": 0o600}
+    finally:
+        await storage.close()
+
+
+def test_a_database_made_by_the_cli_is_owner_only(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "company", "add", "acme"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.umask(0),
+                          env=clean_env(DATABASE_URL=f"sqlite:///{tmp_path / 'db' / 'wt.db'}"))
+    assert proc.returncode == 0, proc.stderr
+    assert db_files_modes(tmp_path / "db")["wt.db"] == 0o600
+
+
 # ------------------------------------------------------------------------------------------------
 # serve
 # ------------------------------------------------------------------------------------------------
@@ -421,6 +501,79 @@ def test_serve_defaults_to_sqlite_beside_the_program(tmp_path, program, servers)
     assert (program.parent / "whatstracking.db").exists()
     assert not (tmp_path / "whatstracking.db").exists()
     assert server.stop() == 0
+
+
+def test_a_port_in_use_or_a_bad_host_exits_with_one_sentence_and_claims_nothing(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for env, words in (({"HOST": "127.0.0.1", "PORT": port}, f"PORT {port} is already in use"),
+                           ({"HOST": "1.2.3.4.5"}, "HOST '1.2.3.4.5'"),
+                           ({"HOST": "192.0.2.123"}, "HOST 192.0.2.123 is not an address")):
+            proc = cli(cwd=tmp_path, DATABASE_URL=f"sqlite:///{tmp_path / 'wt.db'}",
+                       **{"PORT": str(free_port()), **env})
+            assert proc.returncode != 0
+            assert "Traceback" not in proc.stderr
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1, proc.stderr  # nothing said "listening" before the failure
+            assert words in lines[0] and lines[0].endswith(".")
+
+
+def send_slowly(port: int, body: bytes) -> socket.socket:
+    """A POST /tracking whose headers and first bytes of body have arrived, the rest not yet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"POST /tracking HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
+    return sock
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict, dict]:
+    raw = b""
+    while b"\r\n\r\n" not in raw or len(raw.split(b"\r\n\r\n", 1)[1]) < int(
+            re.search(rb"Content-Length: (\d+)", raw).group(1)):
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection: {raw!r}"
+        raw += chunk
+    head, body = raw.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+async def test_sigterm_finishes_a_request_whose_body_is_still_arriving(tmp_path, database_url,
+                                                                        servers):
+    server = servers(tmp_path, DATABASE_URL=database_url)
+    _create_company_over_http(server)
+    body = json.dumps({"company_id": "acme", "visitor_id": "slow-visitor",
+                       "page_url": "https://seusite.com/?utm_source=google"}).encode()
+    sock = send_slowly(server.port, body)
+    # Its handler runs once the server has read the headers: wait for that (the gauge counts
+    # the metrics request too), not for a time.
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(urllib.request.Request(
+                server.url("/metrics"), headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})) as r:
+            if "whatstracking_http_requests_in_flight 2" in r.read().decode().splitlines():
+                break
+        assert time.monotonic() < deadline, server.log
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while "Stopping" not in server.log:
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.02)
+    assert "finishing 1 request(s) under way" in server.log
+    with pytest.raises(OSError):  # no new connections once stopping
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+    sock.sendall(body[10:])
+    status, headers, answer = read_answer(sock)
+    sock.close()
+    assert status == 200, answer
+    assert headers["Connection"] == "close"
+    assert server.stop() == 0
+    rows = await db_rows(database_url, "SELECT visitor_id FROM visits WHERE company_id = ?", "acme")
+    assert rows == [{"visitor_id": "slow-visitor"}]
+    assert "Traceback" not in server.log
 
 
 # ------------------------------------------------------------------------------------------------
