@@ -4286,25 +4286,18 @@ async def generate_qrcode(request: web.Request) -> web.Response:
     return web.Response(body=buffer.getvalue(), content_type=content_type, headers=headers)
 
 
-CONNECT_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Connect WhatsApp</title>
-<style>
+CONNECT_STYLE = """
 body{font-family:system-ui,sans-serif;max-width:28rem;margin:2rem auto;padding:0 1rem;
 text-align:center;color:#1f2933}
 #qr{width:18rem;height:18rem;image-rendering:pixelated}
 .ok{color:#137333;font-size:1.3rem}.err{color:#b3261e}small{color:#52606d}
-</style></head><body>
-<h1>Connect WhatsApp</h1>
-<p id="status">Loading the QR code…</p>
-<img id="qr" alt="QR code to scan with WhatsApp" hidden>
-<p id="pairing" hidden></p>
-<p><small>On the phone: WhatsApp → Settings → Linked devices → Link a device, then scan.</small></p>
-<script>
+"""
+# The same text for every link (the link's QR URL is in the body's data-qr-url): its hash in the
+# page's Content-Security-Policy lets it run, and nothing else.
+CONNECT_SCRIPT = """
 (function () {
   "use strict";
-  var url = __QR_URL__, statusEl = document.getElementById("status"),
+  var url = document.body.getAttribute("data-qr-url"), statusEl = document.getElementById("status"),
       img = document.getElementById("qr"), pairing = document.getElementById("pairing");
   function show(text, cls) { statusEl.textContent = text; statusEl.className = cls || ""; }
   function poll() {
@@ -4332,16 +4325,50 @@ text-align:center;color:#1f2933}
   }
   poll();
 })();
-</script></body></html>
+"""
+CONNECT_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Connect WhatsApp</title>
+<style>""" + CONNECT_STYLE + """</style></head><body data-qr-url="__QR_URL__">
+<h1>Connect WhatsApp</h1>
+<p id="status">Loading the QR code…</p>
+<img id="qr" alt="QR code to scan with WhatsApp" hidden>
+<p id="pairing" hidden></p>
+<p><small>On the phone: WhatsApp → Settings → Linked devices → Link a device, then scan.</small></p>
+<script>""" + CONNECT_SCRIPT + """</script></body></html>
 """
 
+CONNECT_ERROR_STYLE = """body{font-family:system-ui,sans-serif;max-width:28rem;margin:2rem auto;
+padding:0 1rem;text-align:center;color:#b3261e}"""
 CONNECT_ERROR_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>Link problem</title>
-<style>body{font-family:system-ui,sans-serif;max-width:28rem;margin:2rem auto;padding:0 1rem;
-text-align:center;color:#b3261e}</style></head>
+<style>""" + CONNECT_ERROR_STYLE + """</style></head>
 <body><h1>__MESSAGE__</h1><p>Ask whoever sent you this link for a new one.</p></body></html>
 """
+
+
+def csp_hash(text: str) -> str:
+    """A CSP source allowing the inline <script> or <style> whose content is exactly `text`."""
+    return f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+
+
+def page_headers(policy: str, **extra: str) -> dict[str, str]:
+    """An HTML page's headers: its Content-Security-Policy, and no framing by other sites
+    (frame-ancestors for today's browsers, X-Frame-Options for older ones)."""
+    return {"Content-Security-Policy": f"{policy}; base-uri 'none'; frame-ancestors 'none'",
+            "X-Frame-Options": "DENY", **extra}
+
+
+# The link's signature is in the page's URL: no Referer may carry it elsewhere.
+CONNECT_HEADERS = page_headers(
+    f"default-src 'none'; script-src {csp_hash(CONNECT_SCRIPT)}; style-src "
+    f"{csp_hash(CONNECT_STYLE)}; img-src data:; connect-src 'self'; form-action 'none'",
+    **{"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+CONNECT_ERROR_HEADERS = page_headers(
+    f"default-src 'none'; style-src {csp_hash(CONNECT_ERROR_STYLE)}; form-action 'none'",
+    **{"Referrer-Policy": "no-referrer"})
 
 
 @routes.get("/connect/{connection_id}")
@@ -4360,13 +4387,13 @@ async def connect_page(request: web.Request) -> web.Response:
         if "text/html" not in request.headers.get("Accept", "text/html"):
             raise http_error(exc.status, exc.message) from None
         page = CONNECT_ERROR_PAGE.replace("__MESSAGE__", html.escape(exc.message))
-        return web.Response(status=exc.status, text=page, content_type="text/html")
+        return web.Response(status=exc.status, text=page, content_type="text/html",
+                            headers=CONNECT_ERROR_HEADERS)
     query = urllib.parse.urlencode({"instanceId": connection_id, "format": "json",
                                     "c": request.query["c"], "exp": request.query["exp"],
                                     "sig": request.query["sig"]})
-    page = CONNECT_PAGE.replace("__QR_URL__", json.dumps("/qrcode/generate-qrcode?" + query))
-    return web.Response(text=page, content_type="text/html",
-                        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+    page = CONNECT_PAGE.replace("__QR_URL__", html.escape("/qrcode/generate-qrcode?" + query))
+    return web.Response(text=page, content_type="text/html", headers=CONNECT_HEADERS)
 
 
 @routes.get("/public/get-connection")
@@ -4588,6 +4615,9 @@ async def google_ads_export(request: web.Request) -> web.Response:
 
 REPORT_DEFAULT_DAYS = 30
 DASHBOARD_PATH = HERE / "dashboard.html"
+DASHBOARD_HEADERS = page_headers(
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'", **{"Cache-Control": "no-cache"})
 
 
 @routes.get("/api/report")
@@ -4606,12 +4636,8 @@ async def report(request: web.Request) -> web.Response:
 
 @routes.get("/dashboard")
 async def dashboard(request: web.Request) -> web.Response:
-    headers = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY",
-               "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-                                          "style-src 'self' 'unsafe-inline'; "
-                                          "script-src 'self' 'unsafe-inline'"}
     return web.Response(body=shipped_file(DASHBOARD_PATH), content_type="text/html",
-                        charset="utf-8", headers=headers)
+                        charset="utf-8", headers=DASHBOARD_HEADERS)
 
 
 # ##################################################################################################
