@@ -99,6 +99,8 @@ ROLLUP_BUCKET = 900  # seconds: the report's time grain (every timezone offset d
 # Seconds a stop (SIGTERM, Ctrl-C) waits for the requests under way, bodies still arriving
 # included, before closing their connections (Docker's `stop` sends SIGKILL after 10 s).
 SHUTDOWN_TIMEOUT = 10
+WEBHOOK_NOTE_KEYS = 10_000  # connections (or refused names) whose last note time is remembered
+REJECTION_LINES_PER_MINUTE = 30  # log lines about refused webhooks that name no connection
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 CODE_BODY_LEN = 6  # random characters; a check character follows
@@ -648,6 +650,13 @@ CREATE INDEX leads_report ON leads (company_id, created_at, match_method, utm_so
 DROP INDEX leads_company_time;
 CREATE INDEX lead_events_report ON lead_events (company_id, occurred_at, name, value, lead_id);
 DROP INDEX lead_events_company_time;
+"""),
+    # What a connection last heard, so "no leads arrive" can be diagnosed: an accepted delivery
+    # (to the minute), and a refused one with its reason.
+    (7, """
+ALTER TABLE connections ADD COLUMN last_delivery_at {real};
+ALTER TABLE connections ADD COLUMN last_rejected_at {real};
+ALTER TABLE connections ADD COLUMN last_rejection TEXT;
 """),
 ]
 
@@ -3384,6 +3393,9 @@ class InFlight:
 METRICS = web.AppKey("metrics", Metrics)
 LIMITS = web.AppKey("limits", dict)  # kind → RateLimiter
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
+# Once a minute per key (a RateLimiter of one a minute): "delivered" and "rejected" notes on a
+# connection, keyed by it; "lines": the log lines about rejections naming no connection.
+WEBHOOK_NOTES = web.AppKey("webhook_notes", dict)
 
 
 async def read_json(request: web.Request, limit: int) -> Any:
@@ -3746,6 +3758,51 @@ async def webhook_batch(tx, items: list[WebhookInput]) -> list:
     return results
 
 
+def envelope_instance(envelope: Any) -> str | None:
+    return envelope_parts(envelope)[1] if isinstance(envelope, dict) else None
+
+
+async def note_delivery(app: web.Application, company_id: str, envelope: Any) -> None:
+    """Keep the time of the connection's last accepted delivery, to the minute: one UPDATE a
+    minute per connection and process at most, none per message (an existing row only)."""
+    instance = envelope_instance(envelope)
+    if instance is None or app[WEBHOOK_NOTES]["delivered"].retry_after((company_id, instance)):
+        return
+    ts = now()
+    await app[DB].transact(lambda tx: tx.execute(
+        "UPDATE connections SET last_delivery_at = ? WHERE company_id = ? AND id = ? AND "
+        "(last_delivery_at IS NULL OR last_delivery_at < ?)", ts, company_id, instance, ts))
+
+
+async def note_rejection(app: web.Application, item: WebhookInput, status: int) -> None:
+    """A refused delivery (401, or 404 for an unknown company): once a minute at most per
+    reason, company and instance, its time and reason go on the connection it names (an
+    existing row of that company: unauthenticated input never makes rows) and in one log line.
+    The instance name is the sender's choice: lines about no connection share a budget."""
+    if status == 401:
+        given = item.secret or (isinstance(item.envelope, dict)
+                                and isinstance(item.envelope.get("apikey"), str))
+        reason = "wrong secret" if given else "missing secret"
+    elif status == 404:
+        reason = "unknown company"
+    else:
+        return
+    instance, notes = envelope_instance(item.envelope), app[WEBHOOK_NOTES]
+    if notes["rejected"].retry_after((reason, item.company_id, instance)):
+        return
+    recorded = 0
+    if status == 401 and instance is not None:
+        ts = now()
+        recorded = await app[DB].transact(lambda tx: tx.execute(
+            "UPDATE connections SET last_rejected_at = ?, last_rejection = ? "
+            "WHERE company_id = ? AND id = ?", ts, reason, item.company_id, instance))
+    if recorded or not notes["lines"].retry_after(""):
+        log.warning("Webhook refused (%s, %s): company %r, instance %r. Evolution does not retry "
+                    "it; see the README's \"No leads arrive\". (At most once a minute.)",
+                    status, reason, item.company_id[:64], instance, extra={"fields": {
+                        "event": "webhook_rejected", "status": status, "reason": reason}})
+
+
 @routes.post("/webhook/{company_id}")
 @routes.post("/webhook/{company_id}/{suffix}")
 async def evolution_webhook(request: web.Request) -> web.Response:
@@ -3758,9 +3815,14 @@ async def evolution_webhook(request: web.Request) -> web.Response:
                         request.headers, request.headers.get("X-Webhook-Secret") or bearer(request),
                         request.match_info.get("suffix", ""))
     started = time.perf_counter()
-    result = await request.app[DB].submit(webhook_batch, item, spread=True)
+    try:
+        result = await request.app[DB].submit(webhook_batch, item, spread=True)
+    except web.HTTPException as exc:
+        await note_rejection(request.app, item, exc.status)
+        raise
     if result.get("bad_json"):
         raise http_error(400, "Body is not valid JSON", delivery_id=result["delivery_id"])
+    await note_delivery(request.app, item.company_id, item.envelope)
     request.app[METRICS].observe_webhook(time.perf_counter() - started)
     if result.get("failed"):
         raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
@@ -3958,7 +4020,9 @@ def connection_json(row: Mapping[str, Any]) -> dict:
             "phone": row["phone"], "profileName": row["profile_name"],
             "pictureUrl": row["picture_url"], "instanceId": row["instance_id"],
             "qrAt": iso(row["qr_at"]), "createdAt": iso(row["created_at"]),
-            "updatedAt": iso(row["updated_at"]), "deletedAt": iso(row["deleted_at"])}
+            "updatedAt": iso(row["updated_at"]), "deletedAt": iso(row["deleted_at"]),
+            "lastDeliveryAt": iso(row["last_delivery_at"]),
+            "lastRejectedAt": iso(row["last_rejected_at"]), "lastRejection": row["last_rejection"]}
 
 
 def evolution_for(request: web.Request, company: Company) -> EvolutionClient:
@@ -4442,6 +4506,7 @@ async def webhook_ingest(request: web.Request) -> web.Response:
     if evolution:
         result = await db.transact(lambda tx: ingest_envelope(
             tx, company, raw, payload, request.headers, source))
+        await note_delivery(request.app, company.id, payload)
         if result.get("failed"):
             raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
         if "lead_id" in result:
@@ -4910,6 +4975,9 @@ def create_app(config: Config | None = None) -> web.Application:
     app.cleanup_ctx.append(retention_ctx)
     app[METRICS] = Metrics()
     app[IN_FLIGHT] = InFlight()
+    app[WEBHOOK_NOTES] = {"delivered": RateLimiter(1, WEBHOOK_NOTE_KEYS),
+                          "rejected": RateLimiter(1, WEBHOOK_NOTE_KEYS),
+                          "lines": RateLimiter(REJECTION_LINES_PER_MINUTE)}
     app[LIMITS] = {"tracking": RateLimiter(config.rate_limit_tracking),
                    "public": RateLimiter(config.rate_limit_public)}
     app.add_routes(routes)
