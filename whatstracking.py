@@ -3779,10 +3779,8 @@ async def note_rejection(app: web.Application, item: WebhookInput, status: int) 
     reason, company and instance, its time and reason go on the connection it names (an
     existing row of that company: unauthenticated input never makes rows) and in one log line.
     The instance name is the sender's choice: lines about no connection share a budget."""
-    if status == 401:
-        given = item.secret or (isinstance(item.envelope, dict)
-                                and isinstance(item.envelope.get("apikey"), str))
-        reason = "wrong secret" if given else "missing secret"
+    if status == 401:  # (Evolution puts an apikey in every envelope: it says nothing here)
+        reason = "wrong secret" if item.secret else "missing secret"
     elif status == 404:
         reason = "unknown company"
     else:
