@@ -5130,8 +5130,11 @@ async def run_server(app: web.Application, config: Config) -> None:
         await site.stop()
         log.info("Stopping: no new connections; finishing %d request(s) under way (at most "
                  "%d s).", flight.count, SHUTDOWN_TIMEOUT)
-        with contextlib.suppress(asyncio.TimeoutError):
+        try:
             await asyncio.wait_for(flight.idle.wait(), SHUTDOWN_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("%d request(s) still under way after %d s: closing their connections "
+                        "unanswered.", flight.count, SHUTDOWN_TIMEOUT)
     finally:
         await runner.cleanup()
 
