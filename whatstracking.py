@@ -3762,6 +3762,16 @@ def envelope_instance(envelope: Any) -> str | None:
     return envelope_parts(envelope)[1] if isinstance(envelope, dict) else None
 
 
+async def note_on_connection(app: web.Application, sql: str, *args: Any) -> int:
+    """Run a diagnostic UPDATE of a connection; returns the rows it changed. A note: its failure
+    is logged, never the request's answer."""
+    try:
+        return await app[DB].transact(lambda tx: tx.execute(sql, *args))
+    except Exception:  # noqa: BLE001 - the delivery's own outcome stands
+        log.exception("could not note a webhook delivery on its connection")
+        return 0
+
+
 async def note_delivery(app: web.Application, company_id: str, envelope: Any) -> None:
     """Keep the time of the connection's last accepted delivery, to the minute: one UPDATE a
     minute per connection and process at most, none per message (an existing row only)."""
@@ -3769,9 +3779,9 @@ async def note_delivery(app: web.Application, company_id: str, envelope: Any) ->
     if instance is None or app[WEBHOOK_NOTES]["delivered"].retry_after((company_id, instance)):
         return
     ts = now()
-    await app[DB].transact(lambda tx: tx.execute(
-        "UPDATE connections SET last_delivery_at = ? WHERE company_id = ? AND id = ? AND "
-        "(last_delivery_at IS NULL OR last_delivery_at < ?)", ts, company_id, instance, ts))
+    await note_on_connection(
+        app, "UPDATE connections SET last_delivery_at = ? WHERE company_id = ? AND id = ? AND "
+        "(last_delivery_at IS NULL OR last_delivery_at < ?)", ts, company_id, instance, ts)
 
 
 async def note_rejection(app: web.Application, item: WebhookInput, status: int) -> None:
@@ -3790,10 +3800,9 @@ async def note_rejection(app: web.Application, item: WebhookInput, status: int) 
         return
     recorded = 0
     if status == 401 and instance is not None:
-        ts = now()
-        recorded = await app[DB].transact(lambda tx: tx.execute(
-            "UPDATE connections SET last_rejected_at = ?, last_rejection = ? "
-            "WHERE company_id = ? AND id = ?", ts, reason, item.company_id, instance))
+        recorded = await note_on_connection(
+            app, "UPDATE connections SET last_rejected_at = ?, last_rejection = ? "
+            "WHERE company_id = ? AND id = ?", now(), reason, item.company_id, instance)
     if recorded or not notes["lines"].retry_after(""):
         log.warning("Webhook refused (%s, %s): company %r, instance %r. Evolution does not retry "
                     "it; see the README's \"No leads arrive\". (At most once a minute.)",
