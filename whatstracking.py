@@ -5,16 +5,17 @@ code in the WhatsApp message; Evolution API posts the incoming message to this s
 matched and a lead is recorded with its campaign.
 
 Run:
-    python whatstracking.py                 # serve (SQLite at ./whatstracking.db by default)
+    python whatstracking.py                 # serve (SQLite: whatstracking.db beside this file)
     python whatstracking.py migrate         # create / upgrade the database schema
     python whatstracking.py purge           # delete raw data older than RETENTION_DAYS now
     python whatstracking.py company add ID --name NAME [--evolution-url URL --evolution-key KEY]
     python whatstracking.py token add COMPANY_ID [--name NAME]
 
-Environment (also read from ``.env``; the real environment wins), see ``config.example.env``:
+Environment (also read from ``.env`` in the working directory, then beside this file; the real
+environment wins), see ``config.example.env``:
     HOST, PORT, DATABASE_URL (sqlite:///whatstracking.db | postgresql://...), PUBLIC_URL,
     ADMIN_TOKEN, WEBHOOK_SHARED_TOKEN, EVOLUTION_API_URL, EVOLUTION_API_KEY, LOG_LEVEL,
-    LOG_FORMAT (json|text), TRUST_PROXY, RETENTION_DAYS, META_GRAPH_URL, GA4_MP_URL,
+    LOG_FORMAT (json|text), METRICS_TOKEN, TRUST_PROXY, RETENTION_DAYS, META_GRAPH_URL, GA4_MP_URL,
     SQLITE_SYNCHRONOUS (FULL|NORMAL), EVOLUTION_TIMEOUT, META_API_VERSION, DELIVERY_TIMEOUT,
     DELIVERY_RETRY_SECONDS, DELIVERY_POLL_SECONDS, DELIVERY_CONCURRENCY, DELIVERY_PER_COMPANY,
     ALLOW_PRIVATE_URLS, RATE_LIMIT_TRACKING, RATE_LIMIT_PUBLIC
@@ -33,6 +34,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import errno
 import functools
 import gzip
 import hashlib
@@ -46,6 +48,7 @@ import os
 import random
 import re
 import secrets
+import signal
 import socket
 import sqlite3
 import sys
@@ -82,6 +85,9 @@ FIRST_MESSAGE_MAX = 1000  # characters kept of a lead's first message
 TRACKER_MAX_AGE = 3600  # seconds, Cache-Control of the served script
 SQLITE_BATCH_MAX = 512  # units of work committed together at most
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's write lock
+# The database holds webhook secrets and signing keys: only its owner may read it. SQLite gives
+# the -wal and -shm files it creates beside it the database file's mode.
+SQLITE_FILE_MODE = 0o600
 # seconds: how soon a thread waiting for the GIL gets it from the busy event loop (Python's
 # default is 5 ms). The SQLite writer thread's COMMIT must hand its result back to the loop, and
 # every request of a group waits for that hand-over.
@@ -92,6 +98,11 @@ BATCH_MAX = 256  # items of one batched kind (e.g. tracking requests) run togeth
 # item; measured on 2 CPUs, 2 beat 4 for tracking and webhooks alike (throughput and p99).
 POSTGRES_BATCHES_IN_FLIGHT = 2
 ROLLUP_BUCKET = 900  # seconds: the report's time grain (every timezone offset divides it)
+# Seconds a stop (SIGTERM, Ctrl-C) waits for the requests under way, bodies still arriving
+# included, before closing their connections (Docker's `stop` sends SIGKILL after 10 s).
+SHUTDOWN_TIMEOUT = 10
+WEBHOOK_NOTE_KEYS = 10_000  # connections (or refused names) whose last note time is remembered
+REJECTION_LINES_PER_MINUTE = 30  # log lines about refused webhooks that name no connection
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 CODE_BODY_LEN = 6  # random characters; a check character follows
@@ -152,6 +163,7 @@ class Config:
     database_url: str = DEFAULT_DATABASE_URL
     public_url: str = ""
     admin_token: str = ""
+    metrics_token: str = ""  # a bearer for GET /metrics alone (ADMIN_TOKEN works there too)
     webhook_shared_token: str = ""
     evolution_api_url: str = ""
     evolution_api_key: str = ""
@@ -248,6 +260,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         database_url=database_url,
         public_url=urls["PUBLIC_URL"],
         admin_token=get("ADMIN_TOKEN"),
+        metrics_token=get("METRICS_TOKEN"),
         webhook_shared_token=get("WEBHOOK_SHARED_TOKEN"),
         evolution_api_url=urls["EVOLUTION_API_URL"],
         evolution_api_key=get("EVOLUTION_API_KEY"),
@@ -692,6 +705,13 @@ CREATE INDEX lead_events_report ON lead_events (company_id, occurred_at, name, v
 DROP INDEX lead_events_company_time;
 """),
     (6, verify_connections_hash_secrets),
+    # What a connection last heard, so "no leads arrive" can be diagnosed: an accepted delivery
+    # (to the minute), and a refused one with its reason.
+    (7, """
+ALTER TABLE connections ADD COLUMN last_delivery_at {real};
+ALTER TABLE connections ADD COLUMN last_rejected_at {real};
+ALTER TABLE connections ADD COLUMN last_rejection TEXT;
+"""),
 ]
 
 DIALECT_TYPES = {
@@ -728,6 +748,10 @@ class Storage:
     def blob_contains(self, column: str) -> str:
         """SQL: the binary `column` contains the bytes given as the next parameter."""
         return f"instr({column}, ?) > 0"
+
+    def location(self) -> str:
+        """Which database this is, for the operator's eyes: never a password."""
+        raise NotImplementedError
 
     async def connect(self) -> None:
         raise NotImplementedError
@@ -987,6 +1011,43 @@ class SqliteTx(DeferredWrites):
             self._depth -= 1
 
 
+def sqlite_path(path: str) -> str:
+    """The file a DATABASE_URL's SQLite path names. A relative path is beside whatstracking.py
+    (where its .env is), whatever the working directory: a CLI command run from elsewhere must not
+    quietly make a second, empty database. Until 0.1.0 it was the working directory; a file found
+    only there is still used, with a warning."""
+    given = Path(path)
+    if given.is_absolute():
+        return path
+    beside, before = HERE / given, Path.cwd() / given
+    if not beside.exists() and before.exists() and before.resolve() != beside.resolve():
+        log.warning("Using the SQLite database %s in the working directory; a relative "
+                    "DATABASE_URL now means beside whatstracking.py (%s): move the file there or "
+                    "give an absolute path.", before, beside)
+        return str(before)
+    return str(beside)
+
+
+def _user_name() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return "this user"
+
+
+def sqlite_open_error(path: str, exc: BaseException) -> str:
+    """One sentence for a database file that cannot be opened; permissions named as such."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "read-only file system" if exc.errno == errno.EROFS else "permission denied"
+        user, directory = _user_name(), Path(path).parent
+        return (f"DATABASE_URL: {reason} for user {user} on {exc.filename or path} (SQLite "
+                f"writes {path} and its -wal and -shm files in {directory}: give this user the "
+                f"directory, e.g. `chown -R {user} {directory}`, or choose another path).")
+    return f"DATABASE_URL: cannot open the SQLite database {path} ({exc})."
+
+
 class SqliteStorage(Storage):
     """SQLite: one writer connection fed by a group-commit loop, one reader (aiosqlite).
 
@@ -1006,7 +1067,7 @@ class SqliteStorage(Storage):
         if not path or path == ":memory:":
             raise ConfigError("DATABASE_URL for SQLite must name a file, e.g. "
                               "sqlite:///whatstracking.db.")
-        self.path = path
+        self.path = sqlite_path(path)
         self.synchronous = synchronous
         self._writer = None
         self._writer_thread = None  # a one-thread executor: BEGIN, COMMIT, open, close
@@ -1015,8 +1076,20 @@ class SqliteStorage(Storage):
         self._loop_task: asyncio.Task | None = None
         self._read_lock = asyncio.Lock()
 
+    def location(self) -> str:
+        return f"sqlite:///{Path(self.path).resolve()}"
+
+    def _create_file(self) -> None:
+        """Make the database file (owner only) or check it can be written, and that SQLite can
+        make its -wal and -shm files beside it: its own error would only say "unable to open"."""
+        directory = Path(self.path).parent
+        directory.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, SQLITE_FILE_MODE))
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(directory))
+
     def _open_writer(self) -> Any:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._create_file()
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.row_factory = sqlite3.Row
@@ -1042,8 +1115,7 @@ class SqliteStorage(Storage):
             self._writer = await self._in_writer_thread(self._open_writer)
         except (OSError, aiosqlite.Error) as exc:
             self._writer_thread.shutdown(wait=False)
-            raise ConfigError(f"DATABASE_URL: cannot open the SQLite database {self.path} "
-                              f"({exc}).") from None
+            raise ConfigError(sqlite_open_error(self.path, exc)) from None
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         self._reader.row_factory = aiosqlite.Row
         await self._reader.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -1318,6 +1390,12 @@ class PostgresStorage(Storage):
         self._spread: dict[Any, bool] = {}  # batched kind → share the waiting items out
         self._idle: dict[Any, int] = {}  # batched kind → its flushes between two batches
         self._flushes: set[asyncio.Task] = set()
+
+    def location(self) -> str:
+        parts = urllib.parse.urlsplit(self.dsn)  # no password, no query (it may hold one)
+        user = f"{parts.username}@" if parts.username else ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{user}{parts.hostname or ''}{port}{parts.path}"
 
     async def connect(self) -> None:
         import asyncpg
@@ -3708,8 +3786,23 @@ def rate_limit(request: web.Request, kind: str) -> None:
         raise exc
 
 
+class InFlight:
+    """The requests this process is handling (headers read; the body may still be arriving),
+    so that a stop can wait for them (see `run_server`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.stopping = False
+
+
 METRICS = web.AppKey("metrics", Metrics)
 LIMITS = web.AppKey("limits", dict)  # kind → RateLimiter
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
+# Once a minute per key (a RateLimiter of one a minute): "delivered" and "rejected" notes on a
+# connection, keyed by it; "lines": the log lines about rejections naming no connection.
+WEBHOOK_NOTES = web.AppKey("webhook_notes", dict)
 
 
 async def read_json(request: web.Request, limit: int) -> Any:
@@ -3815,10 +3908,16 @@ def company_chose(config: Config, company: Company, field: str, url: str | None)
     return not operator_set(company, field, url)
 
 
-def require_admin(request: web.Request) -> None:
-    config = request.app[CONFIG]
-    if not config.admin_token or not same_secret(bearer(request), config.admin_token):
+def require_bearer(request: web.Request, *accepted: str) -> None:
+    """401 unless the request's bearer is one of the `accepted` operator tokens (an unset,
+    empty one accepts nothing)."""
+    given = bearer(request)
+    if not any(same_secret(given, token) for token in accepted):
         raise http_error(401, "Unauthorized")
+
+
+def require_admin(request: web.Request) -> None:
+    require_bearer(request, request.app[CONFIG].admin_token)
 
 
 # ##################################################################################################
@@ -4090,6 +4189,58 @@ async def webhook_batch(tx, items: list[WebhookInput]) -> list:
     return results
 
 
+def envelope_instance(envelope: Any) -> str | None:
+    return envelope_parts(envelope)[1] if isinstance(envelope, dict) else None
+
+
+async def note_on_connection(app: web.Application, sql: str, *args: Any) -> int:
+    """Run a diagnostic UPDATE of a connection; returns the rows it changed. A note: its failure
+    is logged, never the request's answer."""
+    try:
+        return await app[DB].transact(lambda tx: tx.execute(sql, *args))
+    except Exception:  # noqa: BLE001 - the delivery's own outcome stands
+        log.exception("could not note a webhook delivery on its connection")
+        return 0
+
+
+async def note_delivery(app: web.Application, company_id: str, envelope: Any) -> None:
+    """Keep the time of the connection's last accepted delivery, to the minute: one UPDATE a
+    minute per connection and process at most, none per message (an existing row only)."""
+    instance = envelope_instance(envelope)
+    if instance is None or app[WEBHOOK_NOTES]["delivered"].retry_after((company_id, instance)):
+        return
+    ts = now()
+    await note_on_connection(
+        app, "UPDATE connections SET last_delivery_at = ? WHERE company_id = ? AND id = ? AND "
+        "(last_delivery_at IS NULL OR last_delivery_at < ?)", ts, company_id, instance, ts)
+
+
+async def note_rejection(app: web.Application, item: WebhookInput, status: int) -> None:
+    """A refused delivery (401, or 404 for an unknown company): once a minute at most per
+    reason, company and instance, its time and reason go on the connection it names (an
+    existing row of that company: unauthenticated input never makes rows) and in one log line.
+    The instance name is the sender's choice: lines about no connection share a budget."""
+    if status == 401:  # (Evolution puts an apikey in every envelope: it says nothing here)
+        reason = "wrong secret" if item.secret else "missing secret"
+    elif status == 404:
+        reason = "unknown company"
+    else:
+        return
+    instance, notes = envelope_instance(item.envelope), app[WEBHOOK_NOTES]
+    if notes["rejected"].retry_after((reason, item.company_id, instance)):
+        return
+    recorded = 0
+    if status == 401 and instance is not None:
+        recorded = await note_on_connection(
+            app, "UPDATE connections SET last_rejected_at = ?, last_rejection = ? "
+            "WHERE company_id = ? AND id = ?", now(), reason, item.company_id, instance)
+    if recorded or not notes["lines"].retry_after(""):
+        log.warning("Webhook refused (%s, %s): company %r, instance %r. Evolution does not retry "
+                    "it; see the README's \"No leads arrive\". (At most once a minute.)",
+                    status, reason, item.company_id[:64], instance, extra={"fields": {
+                        "event": "webhook_rejected", "status": status, "reason": reason}})
+
+
 @routes.post("/webhook/{company_id}")
 @routes.post("/webhook/{company_id}/{suffix}")
 async def evolution_webhook(request: web.Request) -> web.Response:
@@ -4102,9 +4253,14 @@ async def evolution_webhook(request: web.Request) -> web.Response:
                         request.headers, request.headers.get("X-Webhook-Secret") or bearer(request),
                         request.match_info.get("suffix", ""))
     started = time.perf_counter()
-    result = await request.app[DB].submit(webhook_batch, item, spread=True)
+    try:
+        result = await request.app[DB].submit(webhook_batch, item, spread=True)
+    except web.HTTPException as exc:
+        await note_rejection(request.app, item, exc.status)
+        raise
     if result.get("bad_json"):
         raise http_error(400, "Body is not valid JSON", delivery_id=result["delivery_id"])
+    await note_delivery(request.app, item.company_id, item.envelope)
     request.app[METRICS].observe_webhook(time.perf_counter() - started)
     if result.get("failed"):
         raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
@@ -4321,7 +4477,8 @@ def connection_json(row: Mapping[str, Any]) -> dict:
             "pictureUrl": row["picture_url"], "instanceId": row["instance_id"],
             "qrAt": iso(row["qr_at"]), "createdAt": iso(row["created_at"]),
             "updatedAt": iso(row["updated_at"]), "deletedAt": iso(row["deleted_at"]),
-            "verified": bool(row["verified"])}
+            "verified": bool(row["verified"]), "lastDeliveryAt": iso(row["last_delivery_at"]),
+            "lastRejectedAt": iso(row["last_rejected_at"]), "lastRejection": row["last_rejection"]}
 
 
 def evolution_for(request: web.Request, company: Company) -> EvolutionClient:
@@ -4757,25 +4914,18 @@ async def generate_qrcode(request: web.Request) -> web.Response:
     return web.Response(body=buffer.getvalue(), content_type=content_type, headers=headers)
 
 
-CONNECT_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Connect WhatsApp</title>
-<style>
+CONNECT_STYLE = """
 body{font-family:system-ui,sans-serif;max-width:28rem;margin:2rem auto;padding:0 1rem;
 text-align:center;color:#1f2933}
 #qr{width:18rem;height:18rem;image-rendering:pixelated}
 .ok{color:#137333;font-size:1.3rem}.err{color:#b3261e}small{color:#52606d}
-</style></head><body>
-<h1>Connect WhatsApp</h1>
-<p id="status">Loading the QR code…</p>
-<img id="qr" alt="QR code to scan with WhatsApp" hidden>
-<p id="pairing" hidden></p>
-<p><small>On the phone: WhatsApp → Settings → Linked devices → Link a device, then scan.</small></p>
-<script>
+"""
+# The same text for every link (the link's QR URL is in the body's data-qr-url): its hash in the
+# page's Content-Security-Policy lets it run, and nothing else.
+CONNECT_SCRIPT = """
 (function () {
   "use strict";
-  var url = __QR_URL__, statusEl = document.getElementById("status"),
+  var url = document.body.getAttribute("data-qr-url"), statusEl = document.getElementById("status"),
       img = document.getElementById("qr"), pairing = document.getElementById("pairing");
   function show(text, cls) { statusEl.textContent = text; statusEl.className = cls || ""; }
   function poll() {
@@ -4803,16 +4953,50 @@ text-align:center;color:#1f2933}
   }
   poll();
 })();
-</script></body></html>
+"""
+CONNECT_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Connect WhatsApp</title>
+<style>""" + CONNECT_STYLE + """</style></head><body data-qr-url="__QR_URL__">
+<h1>Connect WhatsApp</h1>
+<p id="status">Loading the QR code…</p>
+<img id="qr" alt="QR code to scan with WhatsApp" hidden>
+<p id="pairing" hidden></p>
+<p><small>On the phone: WhatsApp → Settings → Linked devices → Link a device, then scan.</small></p>
+<script>""" + CONNECT_SCRIPT + """</script></body></html>
 """
 
+CONNECT_ERROR_STYLE = """body{font-family:system-ui,sans-serif;max-width:28rem;margin:2rem auto;
+padding:0 1rem;text-align:center;color:#b3261e}"""
 CONNECT_ERROR_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>Link problem</title>
-<style>body{font-family:system-ui,sans-serif;max-width:28rem;margin:2rem auto;padding:0 1rem;
-text-align:center;color:#b3261e}</style></head>
+<style>""" + CONNECT_ERROR_STYLE + """</style></head>
 <body><h1>__MESSAGE__</h1><p>Ask whoever sent you this link for a new one.</p></body></html>
 """
+
+
+def csp_hash(text: str) -> str:
+    """A CSP source allowing the inline <script> or <style> whose content is exactly `text`."""
+    return f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+
+
+def page_headers(policy: str, **extra: str) -> dict[str, str]:
+    """An HTML page's headers: its Content-Security-Policy, and no framing by other sites
+    (frame-ancestors for today's browsers, X-Frame-Options for older ones)."""
+    return {"Content-Security-Policy": f"{policy}; base-uri 'none'; frame-ancestors 'none'",
+            "X-Frame-Options": "DENY", **extra}
+
+
+# The link's signature is in the page's URL: no Referer may carry it elsewhere.
+CONNECT_HEADERS = page_headers(
+    f"default-src 'none'; script-src {csp_hash(CONNECT_SCRIPT)}; style-src "
+    f"{csp_hash(CONNECT_STYLE)}; img-src data:; connect-src 'self'; form-action 'none'",
+    **{"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+CONNECT_ERROR_HEADERS = page_headers(
+    f"default-src 'none'; style-src {csp_hash(CONNECT_ERROR_STYLE)}; form-action 'none'",
+    **{"Referrer-Policy": "no-referrer"})
 
 
 @routes.get("/connect/{connection_id}")
@@ -4831,13 +5015,13 @@ async def connect_page(request: web.Request) -> web.Response:
         if "text/html" not in request.headers.get("Accept", "text/html"):
             raise http_error(exc.status, exc.message) from None
         page = CONNECT_ERROR_PAGE.replace("__MESSAGE__", html.escape(exc.message))
-        return web.Response(status=exc.status, text=page, content_type="text/html")
+        return web.Response(status=exc.status, text=page, content_type="text/html",
+                            headers=CONNECT_ERROR_HEADERS)
     query = urllib.parse.urlencode({"instanceId": connection_id, "format": "json",
                                     "c": request.query["c"], "exp": request.query["exp"],
                                     "sig": request.query["sig"]})
-    page = CONNECT_PAGE.replace("__QR_URL__", json.dumps("/qrcode/generate-qrcode?" + query))
-    return web.Response(text=page, content_type="text/html",
-                        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+    page = CONNECT_PAGE.replace("__QR_URL__", html.escape("/qrcode/generate-qrcode?" + query))
+    return web.Response(text=page, content_type="text/html", headers=CONNECT_HEADERS)
 
 
 @routes.get("/public/get-connection")
@@ -4886,6 +5070,7 @@ async def webhook_ingest(request: web.Request) -> web.Response:
     if evolution:
         result = await db.transact(lambda tx: ingest_envelope(
             tx, company, raw, payload, request.headers, source))
+        await note_delivery(request.app, company.id, payload)
         if result.get("failed"):
             raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
         if "lead_id" in result:
@@ -5059,6 +5244,9 @@ async def google_ads_export(request: web.Request) -> web.Response:
 
 REPORT_DEFAULT_DAYS = 30
 DASHBOARD_PATH = HERE / "dashboard.html"
+DASHBOARD_HEADERS = page_headers(
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'", **{"Cache-Control": "no-cache"})
 
 
 @routes.get("/api/report")
@@ -5077,12 +5265,8 @@ async def report(request: web.Request) -> web.Response:
 
 @routes.get("/dashboard")
 async def dashboard(request: web.Request) -> web.Response:
-    headers = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY",
-               "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-                                          "style-src 'self' 'unsafe-inline'; "
-                                          "script-src 'self' 'unsafe-inline'"}
     return web.Response(body=shipped_file(DASHBOARD_PATH), content_type="text/html",
-                        charset="utf-8", headers=headers)
+                        charset="utf-8", headers=DASHBOARD_HEADERS)
 
 
 # ##################################################################################################
@@ -5098,13 +5282,19 @@ def _prometheus_labels(**labels: Any) -> str:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format. Leads and deliveries come from the database (every process's);
-    requests, tracking events and webhook timings are this process's since it started."""
+    requests, tracking events and webhook timings are this process's since it started. Lead
+    counts span every company, so only the operator's METRICS_TOKEN or ADMIN_TOKEN reads them."""
+    config = request.app[CONFIG]
+    require_bearer(request, config.metrics_token, config.admin_token)
     m, db = request.app[METRICS], request.app[DB]
     lines = ["# HELP whatstracking_http_requests_total HTTP requests by route, method and status.",
              "# TYPE whatstracking_http_requests_total counter"]
     for (route, method, status), n in sorted(m.requests.items()):
         lines.append("whatstracking_http_requests_total"
                      f"{_prometheus_labels(route=route, method=method, status=status)} {n}")
+    lines += ["# HELP whatstracking_http_requests_in_flight Requests being handled (headers read, "
+              "this one included).", "# TYPE whatstracking_http_requests_in_flight gauge",
+              f"whatstracking_http_requests_in_flight {request.app[IN_FLIGHT].count}"]
     lines += ["# HELP whatstracking_tracking_events_total Tracking events stored, by event.",
               "# TYPE whatstracking_tracking_events_total counter"]
     for event, n in sorted(m.tracking.items()):
@@ -5212,6 +5402,24 @@ async def delete_contact(request: web.Request) -> web.Response:
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _STATUS_MESSAGES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
                     405: "Method not allowed", 413: "Request body too large"}
+
+
+@web.middleware
+async def in_flight_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Counts the requests under way for a stop to wait for; once stopping, each answer asks
+    its client to close the connection (its next request goes to a process that stays)."""
+    flight = request.app[IN_FLIGHT]
+    flight.count += 1
+    flight.idle.clear()
+    try:
+        response = await handler(request)
+    finally:
+        flight.count -= 1
+        if not flight.count:
+            flight.idle.set()
+    if flight.stopping:
+        response.force_close()
+    return response
 
 
 @web.middleware
@@ -5324,7 +5532,8 @@ async def retention_ctx(app: web.Application):
 def create_app(config: Config | None = None) -> web.Application:
     """The WhatsTracking application; nothing connects until it starts."""
     config = config or load_config({})
-    app = web.Application(middlewares=[error_middleware], client_max_size=WEBHOOK_BODY_MAX)
+    app = web.Application(middlewares=[in_flight_middleware, error_middleware],
+                          client_max_size=WEBHOOK_BODY_MAX)
     app[CONFIG] = config
     app[DB] = Storage.from_url(config.database_url, config)
     app[TRACKER] = load_tracker()
@@ -5334,6 +5543,10 @@ def create_app(config: Config | None = None) -> web.Application:
     app.cleanup_ctx.append(delivery_worker_ctx)
     app.cleanup_ctx.append(retention_ctx)
     app[METRICS] = Metrics()
+    app[IN_FLIGHT] = InFlight()
+    app[WEBHOOK_NOTES] = {"delivered": RateLimiter(1, WEBHOOK_NOTE_KEYS),
+                          "rejected": RateLimiter(1, WEBHOOK_NOTE_KEYS),
+                          "lines": RateLimiter(REJECTION_LINES_PER_MINUTE)}
     app[LIMITS] = {"tracking": RateLimiter(config.rate_limit_tracking),
                    "public": RateLimiter(config.rate_limit_public)}
     app.add_routes(routes)
@@ -5348,9 +5561,16 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
 
 
-async def _with_storage(config: Config, fn: Callable[[Storage], Awaitable[Any]]) -> Any:
+async def _connect(config: Config) -> Storage:
     db = Storage.from_url(config.database_url, config)
     await db.connect()
+    # Every command names its database: a token made against the wrong file is noticed.
+    print(f"database: {db.location()}", file=sys.stderr)
+    return db
+
+
+async def _with_storage(config: Config, fn: Callable[[Storage], Awaitable[Any]]) -> Any:
+    db = await _connect(config)
     try:
         await db.migrate()
         return await fn(db)
@@ -5359,8 +5579,7 @@ async def _with_storage(config: Config, fn: Callable[[Storage], Awaitable[Any]])
 
 
 async def cli_migrate(config: Config, args: argparse.Namespace) -> Any:
-    db = Storage.from_url(config.database_url, config)
-    await db.connect()
+    db = await _connect(config)
     try:
         applied = await db.migrate()
     finally:
@@ -5431,24 +5650,84 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(config: Config) -> None:
-    async def announce(app: web.Application) -> None:
-        row = await app[DB].fetchone("SELECT COUNT(*) AS n FROM companies")
-        log.info("WhatsTracking %s on http://%s:%s (database: %s)", VERSION, config.host,
-                 config.port, app[DB].dialect)
-        if row["n"] == 0:
-            print("No company yet. Create one with:\n"
-                  "  python whatstracking.py company add my-company --name \"My Company\"",
-                  file=sys.stderr)
+def listen_error(config: Config, exc: OSError) -> str:
+    """One sentence for an address the server cannot listen on, the usual causes named."""
+    if isinstance(exc, socket.gaierror):
+        return (f"HOST {config.host!r} is not an address or name this machine can listen on "
+                f"({exc.strerror}).")
+    if exc.errno == errno.EADDRINUSE:
+        return (f"PORT {config.port} is already in use on {config.host} (is WhatsTracking "
+                f"already running?): stop the other program or set another PORT.")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"HOST {config.host} is not an address of this machine: use 0.0.0.0 (every "
+                f"address), 127.0.0.1 (behind a proxy on this machine) or one of its addresses.")
+    if exc.errno == errno.EACCES:
+        return (f"Permission denied listening on port {config.port}: ports below 1024 need root; "
+                f"use e.g. 8080 behind a reverse proxy.")
+    return f"Cannot listen on {config.host}:{config.port} ({exc.strerror or exc})."
 
+
+async def announce(app: web.Application, site: web.TCPSite) -> None:
+    """Said once the address is bound, not before: the first line claims nothing untrue."""
+    row = await app[DB].fetchone("SELECT COUNT(*) AS n FROM companies")
+    log.info("WhatsTracking %s listening on %s (database: %s)", VERSION, site.name,
+             app[DB].location())
+    if row["n"] == 0:
+        print("No company yet. Create one with:\n"
+              "  python whatstracking.py company add my-company --name \"My Company\"",
+              file=sys.stderr)
+
+
+async def run_server(app: web.Application, config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then stop: no new connections; the requests under way
+    finish, their bodies still arriving included (at most SHUTDOWN_TIMEOUT); then connections
+    close, the delivery in flight finishes, queued writes commit and the database closes.
+    (aiohttp's own shutdown stops reading bodies at once, so the drain comes first.)"""
+    # The short timeout is for a request that slips in between the drain and the close.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await runner.setup()  # connects and migrates the database
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(listen_error(config, exc)) from None
+        await announce(app, site)
+        await stop.wait()
+        flight = app[IN_FLIGHT]
+        flight.stopping = True
+        await site.stop()
+        log.info("Stopping: no new connections; finishing %d request(s) under way (at most "
+                 "%d s).", flight.count, SHUTDOWN_TIMEOUT)
+        try:
+            await asyncio.wait_for(flight.idle.wait(), SHUTDOWN_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("%d request(s) still under way after %d s: closing their connections "
+                        "unanswered.", flight.count, SHUTDOWN_TIMEOUT)
+    finally:
+        await runner.cleanup()
+
+
+def serve(config: Config) -> None:
     app = create_app(config)
-    app.on_startup.append(announce)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     # No access log: it would sit on the hot path of every tracked page view.
     loop = new_event_loop()
     log.debug("event loop: %s", type(loop).__module__.split(".")[0])
-    web.run_app(app, host=config.host, port=config.port, access_log=None, print=None,
-                shutdown_timeout=30, loop=loop)
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(run_server(app, config))
+    finally:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -5457,8 +5736,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # optional at run time: plain environment variables still work
         pass
     else:
-        # The working directory's .env (like ./whatstracking.db), not the one next to this file.
+        # The working directory's .env first (as before), then the one beside this file; a
+        # variable keeps the first value it gets, the real environment's above all.
         load_dotenv(find_dotenv(usecwd=True), override=False)
+        load_dotenv(HERE / ".env", override=False)
     args = build_parser().parse_args(argv)
     try:
         config = load_config()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +25,8 @@ import whatstracking
 from conftest import ADMIN_TOKEN, upsert
 
 SCRIPT = str(Path(whatstracking.__file__).resolve())
-CONFIG_VARS = ("HOST", "PORT", "DATABASE_URL", "PUBLIC_URL", "ADMIN_TOKEN", "WEBHOOK_SHARED_TOKEN",
+CONFIG_VARS = ("HOST", "PORT", "DATABASE_URL", "PUBLIC_URL", "ADMIN_TOKEN", "METRICS_TOKEN",
+               "WEBHOOK_SHARED_TOKEN",
                "EVOLUTION_API_URL", "EVOLUTION_API_KEY", "LOG_LEVEL", "LOG_FORMAT", "TRUST_PROXY",
                "RETENTION_DAYS", "META_GRAPH_URL", "GA4_MP_URL", "SQLITE_SYNCHRONOUS")
 EVERY_MIGRATION = [version for version, _sql in whatstracking.MIGRATIONS]
@@ -34,13 +39,14 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def cli(*args: str, cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=clean_env(**env),
+def cli(*args: str, cwd: Path, timeout: float = 60, script: Path | str = SCRIPT,
+        **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=clean_env(**env),
                           capture_output=True, text=True, timeout=timeout)
 
 
-def cli_json(*args: str, cwd: Path, **env: str) -> dict:
-    proc = cli(*args, cwd=cwd, **env)
+def cli_json(*args: str, cwd: Path, script: Path | str = SCRIPT, **env: str) -> dict:
+    proc = cli(*args, cwd=cwd, script=script, **env)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     return json.loads(proc.stdout)
@@ -64,16 +70,27 @@ def http(method: str, url: str, body: dict | None = None, headers: dict | None =
         return exc.code, json.loads(exc.read())
 
 
+@pytest.fixture
+def program(tmp_path) -> Path:
+    """A copy of whatstracking.py (with tracker.js) in a directory of its own, tmp_path/app:
+    what is "beside the program" then stays out of the checkout."""
+    app = tmp_path / "app"
+    app.mkdir()
+    for name in ("whatstracking.py", "tracker.js"):
+        (app / name).write_bytes((Path(SCRIPT).parent / name).read_bytes())
+    return app / "whatstracking.py"
+
+
 class Server:
     """`python whatstracking.py` running in its own process."""
 
-    def __init__(self, cwd: Path, **env: str) -> None:
+    def __init__(self, cwd: Path, script: Path | str = SCRIPT, **env: str) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.stderr_path = cwd / f"server-{self.port}.log"
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, SCRIPT], cwd=cwd, stdout=subprocess.DEVNULL, stderr=self._stderr,
+            [sys.executable, str(script)], cwd=cwd, stdout=subprocess.DEVNULL, stderr=self._stderr,
             env=clean_env(HOST="127.0.0.1", PORT=str(self.port), ADMIN_TOKEN=ADMIN_TOKEN, **env))
         deadline = time.monotonic() + 30
         while True:
@@ -253,23 +270,94 @@ def test_unknown_command_fails(tmp_path):
 # Configuration: .env and bad settings
 # ------------------------------------------------------------------------------------------------
 
-def test_dotenv_in_the_working_directory_is_read(tmp_path):
+def test_dotenv_in_the_working_directory_is_read(tmp_path, program):
     (tmp_path / ".env").write_text("DATABASE_URL=sqlite:///from-dotenv.db\n")
-    cli_json("migrate", cwd=tmp_path)
-    assert (tmp_path / "from-dotenv.db").exists()
-    assert not (tmp_path / "whatstracking.db").exists()
+    cli_json("migrate", cwd=tmp_path, script=program)
+    # A relative SQLite path is beside the program, wherever it is started from.
+    assert (program.parent / "from-dotenv.db").exists()
+    assert not (program.parent / "whatstracking.db").exists()
+    assert not list(tmp_path.glob("*.db"))
 
 
-def test_real_environment_wins_over_dotenv(tmp_path):
+def test_real_environment_wins_over_dotenv(tmp_path, program):
     (tmp_path / ".env").write_text("DATABASE_URL=sqlite:///from-dotenv.db\nLOG_FORMAT=xml\n")
     # .env alone: its bad LOG_FORMAT is refused, which shows it was read.
-    proc = cli("migrate", cwd=tmp_path)
+    proc = cli("migrate", cwd=tmp_path, script=program)
     assert proc.returncode != 0
     assert "LOG_FORMAT" in proc.stderr
     # The real environment overrides both values.
-    cli_json("migrate", cwd=tmp_path, DATABASE_URL="sqlite:///from-env.db", LOG_FORMAT="json")
-    assert (tmp_path / "from-env.db").exists()
-    assert not (tmp_path / "from-dotenv.db").exists()
+    cli_json("migrate", cwd=tmp_path, script=program, DATABASE_URL="sqlite:///from-env.db",
+             LOG_FORMAT="json")
+    assert (program.parent / "from-env.db").exists()
+    assert not (program.parent / "from-dotenv.db").exists()
+
+
+def test_dotenv_beside_the_program_is_read_from_any_working_directory(tmp_path, program):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (program.parent / ".env").write_text("DATABASE_URL=sqlite:///beside.db\n")
+    proc = cli("migrate", cwd=elsewhere, script=program)
+    assert proc.returncode == 0, proc.stderr
+    assert (program.parent / "beside.db").exists()
+    assert not list(elsewhere.iterdir())
+    assert f"database: sqlite:///{program.parent / 'beside.db'}" in proc.stderr.splitlines()
+
+
+def test_working_directory_dotenv_wins_over_the_one_beside_the_program(tmp_path, program):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (program.parent / ".env").write_text("DATABASE_URL=sqlite:///beside.db\nLOG_FORMAT=xml\n")
+    (elsewhere / ".env").write_text("DATABASE_URL=sqlite:///here.db\n")
+    # Each file fills what the other leaves unset: the bad LOG_FORMAT comes from beside.
+    proc = cli("migrate", cwd=elsewhere, script=program)
+    assert proc.returncode != 0 and "LOG_FORMAT" in proc.stderr
+    (program.parent / ".env").write_text("DATABASE_URL=sqlite:///beside.db\n")
+    cli_json("migrate", cwd=elsewhere, script=program)
+    assert (program.parent / "here.db").exists()
+    assert not (program.parent / "beside.db").exists()
+
+
+async def test_every_command_names_its_database_on_stderr_never_a_password(tmp_path,
+                                                                           database_url):
+    if database_url.startswith("postgres"):  # the test server trusts 127.0.0.1: any password
+        url = database_url.replace("postgresql://postgres@", "postgresql://postgres:s3cret@")
+        named = "database: postgresql://postgres@127.0.0.1:5432/test"
+    else:
+        url, named = database_url, f"database: {database_url}"
+    for command in (("migrate",), ("company", "add", "acme"), ("token", "add", "acme"),
+                    ("rollup",), ("token", "add", "nobody-here")):
+        proc = cli(*command, cwd=tmp_path, DATABASE_URL=url)
+        assert named in proc.stderr.splitlines(), (command, proc.stderr)
+        assert "s3cret" not in proc.stderr + proc.stdout
+    assert "Company not found" in proc.stderr  # the last one failed, naming where it looked
+
+
+def test_a_token_made_from_another_directory_lands_in_the_servers_database(tmp_path, program,
+                                                                          servers):
+    """The newcomer's case: the server runs from the program's directory, the CLI from home."""
+    home = tmp_path / "home"
+    home.mkdir()
+    server = servers(program.parent, script=program)
+    created = cli_json("company", "add", "acme", cwd=home, script=program)
+    assert not list(home.iterdir())
+    status, data = http("GET", server.url("/api/company"),
+                        headers={"Authorization": f"Bearer {created['token']}"})
+    assert (status, data["company_id"]) == (200, "acme")
+    assert f"database: sqlite:///{program.parent / 'whatstracking.db'}" in server.log
+    assert server.stop() == 0
+
+
+def test_a_database_left_in_the_working_directory_is_still_used_with_a_warning(tmp_path,
+                                                                                program):
+    old = tmp_path / "old"
+    old.mkdir()
+    cli_json("company", "add", "acme", cwd=old, script=program,
+             DATABASE_URL=f"sqlite:///{old / 'whatstracking.db'}")
+    proc = cli("token", "add", "acme", cwd=old, script=program)
+    assert proc.returncode == 0, proc.stderr
+    assert "working directory" in proc.stderr and "absolute path" in proc.stderr
+    assert f"database: sqlite:///{old / 'whatstracking.db'}" in proc.stderr.splitlines()
+    assert not (program.parent / "whatstracking.db").exists()
 
 
 @pytest.mark.parametrize("env,name", [
@@ -305,6 +393,82 @@ def test_unreachable_database_exits_with_one_readable_sentence(tmp_path, command
         assert "s3cret" not in proc.stderr
 
 
+# Runs the CLI as the user `nobody`, as the systemd unit's dedicated user would be (root writes
+# anywhere, so a directory without write permission proves nothing to it). The modules are
+# imported first, while still root: the interpreter lives under /root.
+AS_NOBODY = """
+import os, sys
+sys.path.insert(0, sys.argv.pop(1))
+import concurrent.futures.thread, aiosqlite, asyncpg, dotenv, whatstracking
+if os.geteuid() == 0:
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+sys.exit(whatstracking.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def root_owned_dir():
+    """A directory under /tmp that only root may write (and `nobody` may enter)."""
+    base = Path(tempfile.mkdtemp(prefix="wt-perm-"))
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("blocked", ["directory", "file"])
+@pytest.mark.parametrize("command", [(), ("migrate",), ("company", "add", "acme")])
+def test_a_database_the_user_cannot_write_says_permission_denied_with_the_path(
+        root_owned_dir, blocked, command):
+    if blocked == "directory":  # nobody may not create a file there
+        target = root_owned_dir / "locked" / "wt.db"
+        target.parent.mkdir(mode=0o755)
+        if os.geteuid() != 0:
+            os.chmod(target.parent, 0o555)
+    else:  # the file exists but belongs to root
+        target = root_owned_dir / "wt.db"
+        sqlite3.connect(target).close()
+        os.chmod(target, 0o600 if os.geteuid() == 0 else 0o400)
+    proc = subprocess.run(
+        [sys.executable, "-c", AS_NOBODY, str(Path(SCRIPT).parent), *command],
+        cwd=root_owned_dir, capture_output=True, text=True, timeout=60,
+        env=clean_env(DATABASE_URL=f"sqlite:///{target}", PORT=str(free_port()),
+                      HOST="127.0.0.1"))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "permission denied" in lines[0]
+    assert str(target if blocked == "file" else target.parent) in lines[0]
+    assert "listening" not in proc.stderr
+
+
+def db_files_modes(directory: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+
+
+async def test_the_sqlite_database_and_its_wal_and_shm_are_created_owner_only(tmp_path):
+    old = os.umask(0)  # the mode must not depend on a careful umask
+    try:
+        storage = whatstracking.Storage.from_url(f"sqlite:///{tmp_path / 'new' / 'wt.db'}")
+        await storage.connect()
+    finally:
+        os.umask(old)
+    try:
+        await storage.migrate()  # writes: the -wal and -shm files exist while it is open
+        assert db_files_modes(tmp_path / "new") == {
+            "wt.db": 0o600, "wt.db-wal": 0o600, "wt.db-shm": 0o600}
+    finally:
+        await storage.close()
+
+
+def test_a_database_made_by_the_cli_is_owner_only(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "company", "add", "acme"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.umask(0),
+                          env=clean_env(DATABASE_URL=f"sqlite:///{tmp_path / 'db' / 'wt.db'}"))
+    assert proc.returncode == 0, proc.stderr
+    assert db_files_modes(tmp_path / "db")["wt.db"] == 0o600
+
+
 # ------------------------------------------------------------------------------------------------
 # serve
 # ------------------------------------------------------------------------------------------------
@@ -330,12 +494,86 @@ async def test_serve_gives_no_hint_once_a_company_exists(tmp_path, database_url,
     assert server.stop() == 0
 
 
-def test_serve_defaults_to_sqlite_in_the_working_directory(tmp_path, servers):
-    server = servers(tmp_path)
+def test_serve_defaults_to_sqlite_beside_the_program(tmp_path, program, servers):
+    server = servers(tmp_path, script=program)
     status, data = http("GET", server.url("/readyz"))
     assert status == 200 and data["database"] == "sqlite"
-    assert (tmp_path / "whatstracking.db").exists()
+    assert (program.parent / "whatstracking.db").exists()
+    assert not (tmp_path / "whatstracking.db").exists()
     assert server.stop() == 0
+
+
+def test_a_port_in_use_or_a_bad_host_exits_with_one_sentence_and_claims_nothing(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for env, words in (({"HOST": "127.0.0.1", "PORT": port}, f"PORT {port} is already in use"),
+                           ({"HOST": "1.2.3.4.5"}, "HOST '1.2.3.4.5'"),
+                           ({"HOST": "192.0.2.123"}, "HOST 192.0.2.123 is not an address")):
+            proc = cli(cwd=tmp_path, DATABASE_URL=f"sqlite:///{tmp_path / 'wt.db'}",
+                       **{"PORT": str(free_port()), **env})
+            assert proc.returncode != 0
+            assert "Traceback" not in proc.stderr
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1, proc.stderr  # nothing said "listening" before the failure
+            assert words in lines[0] and lines[0].endswith(".")
+
+
+def send_slowly(port: int, body: bytes) -> socket.socket:
+    """A POST /tracking whose headers and first bytes of body have arrived, the rest not yet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"POST /tracking HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
+    return sock
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict, dict]:
+    raw = b""
+    while b"\r\n\r\n" not in raw or len(raw.split(b"\r\n\r\n", 1)[1]) < int(
+            re.search(rb"Content-Length: (\d+)", raw).group(1)):
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection: {raw!r}"
+        raw += chunk
+    head, body = raw.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+async def test_sigterm_finishes_a_request_whose_body_is_still_arriving(tmp_path, database_url,
+                                                                        servers):
+    server = servers(tmp_path, DATABASE_URL=database_url)
+    _create_company_over_http(server)
+    body = json.dumps({"company_id": "acme", "visitor_id": "slow-visitor",
+                       "page_url": "https://seusite.com/?utm_source=google"}).encode()
+    sock = send_slowly(server.port, body)
+    # Its handler runs once the server has read the headers: wait for that (the gauge counts
+    # the metrics request too), not for a time.
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(urllib.request.Request(
+                server.url("/metrics"), headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})) as r:
+            if "whatstracking_http_requests_in_flight 2" in r.read().decode().splitlines():
+                break
+        assert time.monotonic() < deadline, server.log
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while "Stopping" not in server.log:
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.02)
+    assert "finishing 1 request(s) under way" in server.log
+    with pytest.raises(OSError):  # no new connections once stopping
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+    sock.sendall(body[10:])
+    status, headers, answer = read_answer(sock)
+    sock.close()
+    assert status == 200, answer
+    assert headers["Connection"] == "close"
+    assert server.stop() == 0
+    rows = await db_rows(database_url, "SELECT visitor_id FROM visits WHERE company_id = ?", "acme")
+    assert rows == [{"visitor_id": "slow-visitor"}]
+    assert "Traceback" not in server.log
 
 
 # ------------------------------------------------------------------------------------------------

@@ -93,6 +93,9 @@ async def page(browser):
 
     await context.route("**/*", local_only)
     page = await context.new_page()
+    page.csp_refusals = []  # what the Content-Security-Policy blocked, as Chromium reports it
+    page.on("console", lambda msg: "Content Security Policy" in msg.text
+            and page.csp_refusals.append(msg.text))
     yield page
     await context.close()
 
@@ -133,6 +136,10 @@ async def test_connect_page_shows_the_qr_then_connected_with_the_number(server, 
     await expect(page.locator("body")).to_have_attribute("data-state", "connected")
     assert server.evolution.calls("GET", f"/instance/connect/{CONN}")
     await page.screenshot(path=str(ARTIFACTS / "connect-page.png"), full_page=True)
+    # The page's own script and style ran under its CSP; nothing was refused.
+    assert response.headers["content-security-policy"].startswith("default-src 'none'")
+    assert await page.evaluate("getComputedStyle(document.body).textAlign") == "center"
+    assert page.csp_refusals == []
 
 
 async def test_connect_page_of_an_expired_link_shows_the_expired_page(server, page):
@@ -147,6 +154,8 @@ async def test_connect_page_of_an_expired_link_shows_the_expired_page(server, pa
     assert response.status == 410
     await expect(page.locator("h1")).to_contain_text("expired")
     await expect(page.locator("#qr")).to_have_count(0)
+    assert await page.evaluate("getComputedStyle(document.body).color") == "rgb(179, 38, 30)"
+    assert page.csp_refusals == []
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "connect-page-expired.png"), full_page=True)
 

@@ -9,9 +9,11 @@ path, `apikey` header, body).
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import logging
+import re
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
@@ -962,7 +964,17 @@ async def test_connect_page_of_a_link_is_html_with_its_qr_url(api, evolution):
     assert resp.status == 200
     assert resp.content_type == "text/html"
     assert resp.headers["Referrer-Policy"] == "no-referrer"
+    assert resp.headers["X-Frame-Options"] == "DENY"
+    policy = dict(part.strip().split(" ", 1) for part in
+                  resp.headers["Content-Security-Policy"].split(";"))
+    assert policy["default-src"] == "'none'"
+    assert policy["frame-ancestors"] == "'none'"
+    assert policy["connect-src"] == "'self'" and policy["img-src"] == "data:"
     page = await resp.text()
+    # Only the page's own script runs: its hash is the only script source, and it is its script.
+    script = re.search(r"<script>(.*)</script>", page, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert policy["script-src"] == f"'sha256-{digest}'"
     assert "<!doctype html>" in page.lower()
     assert "/qrcode/generate-qrcode?" in page
     assert "instanceId=loja-centro" in page and "format=json" in page
@@ -980,6 +992,10 @@ async def test_connect_page_of_a_tampered_or_expired_link_says_so(api, evolution
     resp = await api.client.get(path, params=bad_query, headers=html_accept)
     assert resp.status == 401
     assert resp.content_type == "text/html"
+    assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+    assert "script-src" not in resp.headers["Content-Security-Policy"]  # none: default-src 'none'
+    assert resp.headers["X-Frame-Options"] == "DENY"
+    assert resp.headers["Referrer-Policy"] == "no-referrer"
     assert "This link is not valid" in await resp.text()
     resp = await api.client.get(path, params=bad_query, headers={"Accept": "application/json"})
     assert resp.status == 401

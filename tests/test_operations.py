@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import whatstracking
-from conftest import ROOT, Api, create_company, upsert
+from conftest import ADMIN_TOKEN, ROOT, Api, create_company, upsert
 
 
 async def count(api: Api, table: str) -> int:
@@ -33,7 +33,7 @@ async def test_metrics_count_requests_tracking_leads_deliveries_and_webhook_time
     await code_lead(api, "5511911110001", "m1")
     await api.webhook(upsert("oi", phone="5511911110002"))
     await api.client.get("/nowhere")
-    resp = await api.client.get("/metrics")
+    resp = await api.client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert resp.status == 200
     assert resp.content_type == "text/plain"
     text = await resp.text()
@@ -49,6 +49,33 @@ async def test_metrics_count_requests_tracking_leads_deliveries_and_webhook_time
     assert 'whatstracking_webhook_processing_seconds_bucket{le="+Inf"} 2' in text
     assert "whatstracking_webhook_processing_seconds_count 2" in text
     assert "# TYPE whatstracking_deliveries gauge" in text
+
+
+async def test_metrics_need_the_metrics_or_admin_token_and_health_stays_open(
+        aiohttp_client, make_config):
+    client = await aiohttp_client(whatstracking.create_app(make_config(
+        METRICS_TOKEN="metrics-test-token")))
+    api = Api(client, await create_company(client))
+    for headers in ({}, {"Authorization": f"Bearer {api.token}"},  # a company's token: no
+                    {"Authorization": "Bearer metrics-test-token-"},
+                    {"Authorization": "Basic metrics-test-token"}):
+        resp = await client.get("/metrics", headers=headers)
+        assert resp.status == 401, headers
+        assert await resp.json() == {"error": "Unauthorized"}
+    for token in ("metrics-test-token", ADMIN_TOKEN):
+        resp = await client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status == 200
+        assert "whatstracking_leads" in await resp.text()
+    for path in ("/healthz", "/readyz"):
+        assert (await client.get(path)).status == 200
+
+
+async def test_metrics_without_any_operator_token_configured_answer_401(aiohttp_client,
+                                                                         make_config):
+    client = await aiohttp_client(whatstracking.create_app(make_config(ADMIN_TOKEN="")))
+    for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer x"}):
+        resp = await client.get("/metrics", headers=headers)
+        assert resp.status == 401
 
 
 # ---- rate limits -------------------------------------------------------------------------------

@@ -280,7 +280,8 @@ def test_from_url_picks_the_backend(tmp_path):
     assert isinstance(Storage.from_url(f"sqlite:///{tmp_path / 'a.db'}"), SqliteStorage)
     assert isinstance(Storage.from_url("postgresql://u@h/db"), PostgresStorage)
     assert isinstance(Storage.from_url("postgres://u@h/db"), PostgresStorage)
-    assert Storage.from_url("sqlite:///relative.db").path == "relative.db"
+    # A relative path is beside whatstracking.py, not in the working directory.
+    assert Storage.from_url("sqlite:///relative.db").path == str(whatstracking.HERE / "relative.db")
     assert Storage.from_url(f"sqlite:///{tmp_path}/abs.db").path == f"{tmp_path}/abs.db"
 
 
