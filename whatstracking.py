@@ -5667,15 +5667,25 @@ def listen_error(config: Config, exc: OSError) -> str:
     return f"Cannot listen on {config.host}:{config.port} ({exc.strerror or exc})."
 
 
-async def announce(app: web.Application, site: web.TCPSite) -> None:
-    """Said once the address is bound, not before: the first line claims nothing untrue."""
-    row = await app[DB].fetchone("SELECT COUNT(*) AS n FROM companies")
+def announce(app: web.Application, site: web.TCPSite, companies: int) -> None:
+    """Said once the address is bound, not before: the first line claims nothing untrue. Nothing
+    is awaited between the bind and this, so whoever sees /healthz answer can read the hint."""
     log.info("WhatsTracking %s listening on %s (database: %s)", VERSION, site.name,
              app[DB].location())
-    if row["n"] == 0:
+    if companies == 0:
         print("No company yet. Create one with:\n"
-              "  python whatstracking.py company add my-company --name \"My Company\"",
+              f"  {command_hint()} company add my-company --name \"My Company\"",
               file=sys.stderr)
+
+
+def command_hint() -> str:
+    """How this program was started, for hints: `.venv/bin/python whatstracking.py` in a venv
+    (a stock VPS has no `python`), shortened to a path relative to the working directory."""
+    def short(path: str) -> str:
+        relative = os.path.relpath(path)
+        return path if relative.startswith("..") else relative
+    python = short(sys.executable) if sys.prefix != sys.base_prefix else "python3"
+    return f"{python} {short(sys.argv[0])}"
 
 
 async def run_server(app: web.Application, config: Config) -> None:
@@ -5690,12 +5700,13 @@ async def run_server(app: web.Application, config: Config) -> None:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await runner.setup()  # connects and migrates the database
     try:
+        companies = (await app[DB].fetchone("SELECT COUNT(*) AS n FROM companies"))["n"]
         site = web.TCPSite(runner, config.host, config.port)
         try:
             await site.start()
         except OSError as exc:
             raise ConfigError(listen_error(config, exc)) from None
-        await announce(app, site)
+        announce(app, site, companies)
         await stop.wait()
         flight = app[IN_FLIGHT]
         flight.stopping = True
