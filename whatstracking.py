@@ -81,9 +81,10 @@ FIRST_MESSAGE_MAX = 1000  # characters kept of a lead's first message
 # are about 12 levels; a structure we keep (an ad's context) must also read back and serialise at
 # any stack depth, which thousands of levels cannot (RecursionError).
 JSON_DEPTH_MAX = 64  # levels
-# A WhatsApp QR string is about 240 characters (ref, noise key, identity key, ADV secret); segno's
-# cost grows with the square of the QR's size (4096 characters: 0.6-0.9 s of CPU per render), so
-# anything longer than a few real ones is no QR and is not kept.
+# A WhatsApp QR string is about 240 characters (ref, noise key, identity key, ADV secret). A render
+# costs more the longer it is: measured, 240 characters 24 ms, 1024 100 ms, 2900 280 ms (4096 took
+# 0.6-0.9 s in the attack report, or fails to fit a QR at all). Four times a real one leaves room for
+# a longer ref while any webhook's QR stays cheap; a longer string is no QR and is not kept.
 QR_CODE_MAX = 1024  # characters
 ID_MAX = 2 ** 63 - 1  # the largest row id: a 64-bit BIGINT (Postgres) and INTEGER (SQLite)
 # Event times (a message's, a conversion's) before 1970 are no WhatsApp conversion, and a time past
