@@ -86,8 +86,8 @@ async def test_non_finite_numbers_are_refused_on_every_route_that_reads_json(api
     lead_id = await new_lead(api)
     before = await counts(api)
     cases = [
-        ("/tracking", tracking(first_touch={"ts": 0}).replace(b'"ts": 0', f'"ts": {number}'.encode()),
-         {}),
+        ("/tracking", tracking(first_touch={"ts": 0}).replace(
+            b'"ts": 0', f'"ts": {number}'.encode()), {}),
         (f"/webhook/{api.company_id}", envelope_bytes(upsert("Oi", phone="5511955550002")).replace(
             b'"messageTimestamp": 1761057639', f'"messageTimestamp": {number}'.encode()),
          {"X-Webhook-Secret": api.webhook_secret}),
