@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +136,13 @@ async def test_a_nan_stored_before_the_fix_reads_back_as_null(api):
                                                                           "ts": None}
     with pytest.raises(ValueError):
         whatstracking.json_dumps({"value": float("nan")})
+
+
+def test_every_json_answer_goes_through_the_strict_encoder():
+    """aiohttp's web.json_response writes NaN; the module's json_response uses json_dumps
+    (allow_nan=False). A route added with the former would slip past the rule."""
+    source = Path(whatstracking.__file__).read_text("utf-8")
+    assert "web.json_response(" not in source
 
 
 async def test_outgoing_crm_payloads_are_strict_json(api):
