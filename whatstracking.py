@@ -380,6 +380,8 @@ def parse_json(raw: bytes, scrub: bool = False) -> Any:
     JSON_DEPTH_MAX levels deep, and no string with a NUL character or an unpaired surrogate
     (Postgres and UTF-8 refuse them), or with `scrub` such strings cleaned (clean_text). Costs a
     few scans of the bytes; the decoded value is walked only when an escape of those is there."""
+    if raw[:3] == b"\xef\xbb\xbf":  # a UTF-8 byte order mark, which RFC 8259 lets us ignore
+        raw = raw[3:]
     try:
         text = raw.decode("utf-8")
         value = _JSON_DECODER.decode(text)
@@ -387,7 +389,9 @@ def parse_json(raw: bytes, scrub: bool = False) -> Any:
         raise NotJson(f"nested more than {JSON_DEPTH_MAX} levels deep") from None
     except NotJson:
         raise
-    except ValueError:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+    except UnicodeDecodeError:
+        raise NotJson("it is not UTF-8") from None
+    except ValueError:  # the JSONDecodeError, whose position would be noise to a client
         raise NotJson("") from None
     if raw.count(b"[") + raw.count(b"{") > JSON_DEPTH_MAX and _deeper_than(raw, JSON_DEPTH_MAX):
         raise NotJson(f"nested more than {JSON_DEPTH_MAX} levels deep")
