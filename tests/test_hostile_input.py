@@ -156,6 +156,16 @@ async def test_outgoing_crm_payloads_are_strict_json(api):
                                                            {**event, "value": float("inf")}))
 
 
+async def test_bytes_that_are_not_utf8_are_400_and_a_byte_order_mark_is_ignored(api):
+    for bad in (b"loj\xe1", b"\xed\xa0\x80"):  # Latin-1; a surrogate encoded as UTF-8 would be
+        raw = tracking().replace(b"loja", bad)
+        status, body = await post_raw(api, "/tracking", raw)
+        assert status == 400 and body["error"] == "Body is not valid JSON: it is not UTF-8", body
+    assert await count(api, "visits") == 0
+    status, body = await post_raw(api, "/tracking", b"\xef\xbb\xbf" + tracking())
+    assert status == 200, body
+
+
 # ------------------------------------------------------------------------------------------------
 # D5: deep nesting
 # ------------------------------------------------------------------------------------------------
