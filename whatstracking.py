@@ -44,6 +44,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -82,6 +83,22 @@ WEBHOOK_BODY_MAX = 1024 * 1024  # bytes; also the most of a raw body we store
 FIELD_MAX = 2048  # characters, one attribution value
 URL_FIELD_MAX = 4096  # characters, page_url / referrer / landing_page
 FIRST_MESSAGE_MAX = 1000  # characters kept of a lead's first message
+# JSON nesting accepted in a body. Evolution's deepest envelopes (a quoted message in a wrapper)
+# are about 12 levels; a structure we keep (an ad's context) must also read back and serialise at
+# any stack depth, which thousands of levels cannot (RecursionError).
+JSON_DEPTH_MAX = 64  # levels
+# A WhatsApp QR string is about 240 characters (ref, noise key, identity key, ADV secret). A render
+# costs more the longer it is: measured, 240 characters 24 ms, 1024 100 ms, 2900 280 ms (4096
+# took 0.6-0.9 s in the attack report, or does not fit a QR at all). Four times a real one leaves
+# room for a longer ref while any webhook's QR stays cheap; longer is no QR and is not kept.
+QR_CODE_MAX = 1024  # characters
+ID_MAX = 2 ** 63 - 1  # the largest row id: a 64-bit BIGINT (Postgres) and INTEGER (SQLite)
+# Event times (a message's, a conversion's) before 1970 are no WhatsApp conversion, and a time past
+# a few minutes ahead of now is a wrong clock; both would break what reads them back.
+EVENT_TIME_MIN = 0.0  # unix seconds: 1970-01-01
+CLOCK_SKEW_MAX = 300  # seconds an event time may be ahead of ours
+TIME_MIN = -62135596800.0  # unix seconds of 0001-01-01T00:00:00Z, the first time an answer shows
+TIME_MAX = 253402300799.0  # unix seconds of 9999-12-31T23:59:59Z, the last
 TRACKER_MAX_AGE = 3600  # seconds, Cache-Control of the served script
 SQLITE_BATCH_MAX = 512  # units of work committed together at most
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's write lock
@@ -324,7 +341,99 @@ def setup_logging(config: Config) -> None:
 # ##################################################################################################
 
 # One encoder for all: json.dumps with any non-default argument builds a new encoder per call.
-json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# Strict: NaN and Infinity are no JSON, so a non-finite number raises instead of going out.
+json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def json_response(data: Any, status: int = 200,
+                  headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON answer through the strict encoder; a stray surrogate (a header echoed back) becomes
+    '?' rather than a 500."""
+    return web.Response(body=json_dumps(data).encode("utf-8", "replace"), status=status,
+                        headers=headers, content_type="application/json", charset="utf-8")
+
+
+class NotJson(ValueError):
+    """A body that is not JSON we accept; the message says why, for a 400."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise NotJson("NaN and Infinity are not numbers in JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):  # e.g. 1e999: Python reads it as infinity
+        raise NotJson(f"{text[:20]} is too large a number")
+    return value
+
+
+_JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+_BAD_ESCAPE_RE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")  # a NUL or surrogate, as a JSON escape
+_BAD_CHAR_RE = re.compile("[\x00\ud800-\udfff]")  # after decoding, a surrogate is always unpaired
+_JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[{]}")
+
+
+def clean_text(value: str) -> str:
+    """`value` without NUL characters, each unpaired surrogate replaced by U+FFFD: text every
+    database stores (Postgres refuses NUL; no UTF-8 encodes a lone surrogate)."""
+    if value.isascii():
+        return value.replace("\x00", "") if "\x00" in value else value
+    return _BAD_CHAR_RE.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", value)
+
+
+def _scrub(value: Any, strict: bool) -> Any:
+    """`value` (decoded JSON) with clean strings, keys too; `strict`: NotJson at the first bad
+    one."""
+    if isinstance(value, str):
+        if _BAD_CHAR_RE.search(value) is None:
+            return value
+        if strict:
+            raise NotJson("a string holds a NUL character or an unpaired surrogate")
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {_scrub(k, strict): _scrub(v, strict) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, strict) for v in value]
+    return value
+
+
+def _deeper_than(raw: bytes, limit: int) -> bool:
+    """Whether the JSON text `raw` (valid: its strings end) nests deeper than `limit`: with the
+    strings left out, each round takes away the innermost level of brackets."""
+    brackets = _JSON_STRING_RE.sub(b"", raw).translate(_BRACKETS, _NOT_BRACKETS)
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"()", b"")
+    return bool(brackets)
+
+
+def parse_json(raw: bytes, scrub: bool = False) -> Any:
+    """`raw` as strict JSON, or NotJson saying why: UTF-8, no NaN or Infinity, at most
+    JSON_DEPTH_MAX levels deep, and no string with a NUL character or an unpaired surrogate
+    (Postgres and UTF-8 refuse them), or with `scrub` such strings cleaned (clean_text). Costs a
+    few scans of the bytes; the decoded value is walked only when an escape of those is there."""
+    if raw[:3] == b"\xef\xbb\xbf":  # a UTF-8 byte order mark, which RFC 8259 lets us ignore
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+        value = _JSON_DECODER.decode(text)
+    except RecursionError:
+        raise NotJson(f"nested more than {JSON_DEPTH_MAX} levels deep") from None
+    except NotJson:
+        raise
+    except UnicodeDecodeError:
+        raise NotJson("it is not UTF-8") from None
+    except ValueError:  # the JSONDecodeError, whose position would be noise to a client
+        raise NotJson("") from None
+    if raw.count(b"[") + raw.count(b"{") > JSON_DEPTH_MAX and _deeper_than(raw, JSON_DEPTH_MAX):
+        raise NotJson(f"nested more than {JSON_DEPTH_MAX} levels deep")
+    if "\\u" in text and _BAD_ESCAPE_RE.search(text):
+        value = _scrub(value, strict=not scrub)
+    return value
 
 
 def http_error(status: int, message: str, **extra: Any) -> web.HTTPException:
@@ -351,28 +460,55 @@ def now() -> float:
 
 
 def iso(ts: float | None) -> str | None:
+    """ISO 8601 UTC; None also for a time no answer can show (a row stored before times were
+    checked: NaN, or past year 9999)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
+            "+00:00", "Z")
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def plausible_time(value: Any) -> float | None:
+    """A number as the unix seconds of an event that can have happened (EVENT_TIME_MIN to
+    CLOCK_SKEW_MAX ahead of now), else None (NaN, 1e308, -1e18, an int past a float's range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        ts = float(value)
+    except OverflowError:
+        return None
+    return ts if EVENT_TIME_MIN <= ts <= now() + CLOCK_SKEW_MAX else None
 
 
 def parse_time(value: Any, field: str) -> float:
-    """ISO 8601 (``Z`` or offset) or unix seconds → unix seconds."""
+    """ISO 8601 (``Z`` or offset) or unix seconds → unix seconds, from year 1 to 9999 (400
+    outside: no answer could show it)."""
+    ts = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and re.fullmatch(r"\d{9,11}(\.\d+)?", value.strip()):
-        return float(value)  # unix seconds written as text (query strings)
-    if isinstance(value, str):
+        try:
+            ts = float(value)
+        except OverflowError:  # an int past a float's range
+            raise http_error(400, f"{field} is out of range") from None
+    elif isinstance(value, str) and re.fullmatch(r"\d{9,11}(\.\d+)?", value.strip()):
+        ts = float(value)  # unix seconds written as text (query strings)
+    elif isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
-            pass
-        else:
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=timezone.utc)
-            return parsed.timestamp()
-    raise http_error(400, f"{field} must be an ISO 8601 time or unix seconds")
+            ts = parsed.timestamp()
+        except ValueError:
+            pass
+        except OverflowError:  # year 1 at a positive offset is year 0 in UTC
+            raise http_error(400, f"{field} is out of range") from None
+    if ts is None:
+        raise http_error(400, f"{field} must be an ISO 8601 time or unix seconds")
+    if not TIME_MIN <= ts <= TIME_MAX:
+        raise http_error(400, f"{field} is out of range")
+    return ts
 
 
 def parse_range(query: Mapping[str, str], zone: zoneinfo.ZoneInfo | None = None
@@ -390,17 +526,21 @@ def parse_range(query: Mapping[str, str], zone: zoneinfo.ZoneInfo | None = None
                 day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=zone or timezone.utc)
             except ValueError:
                 raise http_error(400, f"{field} must be a date or an ISO 8601 time") from None
-            if field == "to":
-                day = (day.replace(tzinfo=None) + timedelta(days=1)).replace(
-                    tzinfo=zone or timezone.utc)
-            bounds.append(day.timestamp())
+            try:
+                if field == "to":
+                    day = (day.replace(tzinfo=None) + timedelta(days=1)).replace(
+                        tzinfo=zone or timezone.utc)
+                bounds.append(min(max(day.timestamp(), TIME_MIN), TIME_MAX))
+            except OverflowError:  # the day after 9999-12-31, or year 1 east of UTC: the end
+                bounds.append(TIME_MAX if field == "to" else TIME_MIN)
         else:
             bounds.append(parse_time(value, field))
     return bounds[0], bounds[1]
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    # surrogateescape: the bytes of a header that is not UTF-8, as sent (no match, not a 500)
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_secret(prefix: str) -> str:
@@ -410,18 +550,33 @@ def new_secret(prefix: str) -> str:
 def same_secret(given: str | None, expected: str | None) -> bool:
     if not given or not expected:
         return False
-    return hmac.compare_digest(given.encode(), expected.encode())
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                               expected.encode("utf-8", "surrogateescape"))
 
 
 _NON_DIGITS = re.compile(r"\D+")
+_ID_RE = re.compile(r"[0-9]{1,19}")
+
+
+def parse_id(text: str | None) -> int | None:
+    """A row id written in a path or query, or None when it cannot be one (not plain digits, or
+    past 64 bits, which the databases refuse)."""
+    if text and _ID_RE.fullmatch(text):
+        value = int(text)
+        return value if value <= ID_MAX else None
+    return None
 
 
 def digits(value: str | None) -> str:
     return _NON_DIGITS.sub("", value or "")
 
 
+# Stored JSON read back: a NaN or Infinity kept before bodies were strict reads as null.
+_STORED_JSON_DECODER = json.JSONDecoder(parse_constant=lambda name: None)
+
+
 def loads_or(value: str | None, default: Any) -> Any:
-    return json.loads(value) if value else default
+    return _STORED_JSON_DECODER.decode(value) if value else default
 
 
 # ##################################################################################################
@@ -2221,8 +2376,9 @@ def parse_upsert(data: Any) -> InboundMessage | str:
         return "unknown sender"
     name = data.get("pushName")
     name = name[:200] if isinstance(name, str) and name else None
-    timestamp = data.get("messageTimestamp")
-    timestamp = float(timestamp) if isinstance(timestamp, (int, float)) else None
+    # Out of range (1e308, -1e18, years ahead): the receipt time is used; the stored raw body
+    # keeps the value sent.
+    timestamp = plausible_time(data.get("messageTimestamp"))
     return InboundMessage(message_id, phone, lid, name, extract_text(data.get("message")) or "",
                           find_ad_context(data), timestamp)
 
@@ -2659,21 +2815,29 @@ async def apply_connection_update(tx, company_id: str, connection_id: str, data:
     return {"state": state}
 
 
+def qr_string(value: Any) -> str | None:
+    """A QR string worth keeping and drawing: text of at most QR_CODE_MAX characters."""
+    return value if isinstance(value, str) and 0 < len(value) <= QR_CODE_MAX else None
+
+
 async def apply_qrcode_update(tx, company_id: str, connection_id: str, data: Any) -> dict:
     qr = data.get("qrcode") if isinstance(data, dict) else None
     await ensure_connection(tx, company_id, connection_id)
     tx.memo.pop(("connection", company_id, connection_id))  # changed below
-    if not isinstance(qr, dict) or not isinstance(qr.get("code"), str):
-        # "QR code limit reached": Evolution gave up waiting for a scan.
+    if not isinstance(qr, dict) or qr_string(qr.get("code")) is None:
+        # "QR code limit reached": Evolution gave up waiting for a scan. (Or no QR at all: longer
+        # than QR_CODE_MAX. Either way the QR shown until now is stale.)
         await tx.execute("UPDATE connections SET qr_code = NULL, qr_pairing_code = NULL, "
                          "updated_at = ? WHERE company_id = ? AND id = ?",
                          now(), company_id, connection_id)
-        return {"ignored": "no qr code"}
+        too_long = isinstance(qr, dict) and isinstance(qr.get("code"), str) and qr["code"]
+        return {"ignored": f"qr code longer than {QR_CODE_MAX} characters" if too_long
+                else "no qr code"}
     pairing = qr.get("pairingCode") if isinstance(qr.get("pairingCode"), str) else None
     ts = now()
     await tx.execute("UPDATE connections SET qr_code = ?, qr_pairing_code = ?, qr_at = ?, "
                      "updated_at = ? WHERE company_id = ? AND id = ?",
-                     qr["code"][:4096], pairing, ts, ts, company_id, connection_id)
+                     qr["code"], pairing, ts, ts, company_id, connection_id)
     return {"qrcode": True}
 
 
@@ -2737,7 +2901,7 @@ def lead_json(row: Mapping[str, Any]) -> dict:
         "clicked_at": iso(row["clicked_at"]), "created_at": iso(row["created_at"]),
     }
     if row.get("context_info"):
-        out["context_info"] = json.loads(row["context_info"])
+        out["context_info"] = loads_or(row["context_info"], None)
     return out
 
 
@@ -3061,8 +3225,8 @@ class EvolutionClient:
                 502, f"Evolution API is unreachable at {self.base_url} "
                      f"({exc.__class__.__name__})") from None
         try:
-            return status, json.loads(raw) if raw else None
-        except (UnicodeDecodeError, ValueError):
+            return status, parse_json(raw, scrub=True) if raw else None
+        except NotJson:
             raise self.unreachable() or EvolutionError(
                 502, f"Evolution API answered {method} {path} with something that is not JSON "
                      f"(HTTP {status})", status) from None
@@ -3380,8 +3544,8 @@ def _documented(source: Any, fields: tuple[str, ...]) -> dict:
 
 def _json_answer(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        return parse_json(raw, scrub=True)
+    except NotJson:
         return None
 
 
@@ -3805,13 +3969,18 @@ IN_FLIGHT = web.AppKey("in_flight", InFlight)
 WEBHOOK_NOTES = web.AppKey("webhook_notes", dict)
 
 
+def not_json_error(exc: NotJson, **extra: Any) -> web.HTTPException:
+    return http_error(400, "Body is not valid JSON" + (f": {exc}" if str(exc) else ""), **extra)
+
+
 async def read_json(request: web.Request, limit: int) -> Any:
-    """The request body as JSON (any content type), or 400/413 with the reason."""
+    """The request body as strict JSON (any content type; see parse_json), or 400/413 with the
+    reason. API input: a NUL or unpaired surrogate in a string is refused, not cleaned."""
     raw = await read_body(request, limit)
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise http_error(400, "Body is not valid JSON") from None
+        return parse_json(raw)
+    except NotJson as exc:
+        raise not_json_error(exc) from None
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -3926,7 +4095,7 @@ def require_admin(request: web.Request) -> None:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True, "version": VERSION})
+    return json_response({"ok": True, "version": VERSION})
 
 
 OPENAPI_PATH = HERE / "openapi.json"
@@ -3946,7 +4115,7 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception:  # noqa: BLE001 - any failure means not ready
         log.warning("readiness check failed", exc_info=True)
         raise http_error(503, "Database unreachable") from None
-    return web.json_response({"ok": True, "database": db.dialect})
+    return json_response({"ok": True, "database": db.dialect})
 
 
 def load_tracker() -> dict:
@@ -4000,7 +4169,7 @@ async def track(request: web.Request) -> web.Response:
     body = await read_json(request, TRACKING_BODY_MAX)
     t = parse_tracking(body)
     headers = request.headers
-    t.user_agent = headers.get("User-Agent", "")[:512] or None
+    t.user_agent = clean_text(headers.get("User-Agent", "")[:512]) or None
     t.origin = headers.get("Origin")
     # Batched with the concurrent requests: the company is read, the origin checked and the
     # visit written for all of them at once; answered after the commit. A refusal stores nothing.
@@ -4010,12 +4179,26 @@ async def track(request: web.Request) -> web.Response:
     tracked[t.event] = tracked.get(t.event, 0) + 1
     result = {"ok": True, **result, "message": {"mode": company.settings["code_mode"],
                                                 "template": company.settings["code_template"]}}
-    return web.json_response(result, headers=headers)
+    return json_response(result, headers=headers)
 
 
 # ##################################################################################################
 # HTTP handlers: Evolution webhooks
 # ##################################################################################################
+
+_APIKEY_RE = re.compile(rb'"apikey"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")')
+
+
+def redact_apikey(raw: bytes) -> bytes:
+    """`raw` with the value of its `apikey` (the instance's token, which authenticates deliveries)
+    replaced, the JSON kept valid: stored bodies are read by people and backups that must not get
+    it. (A key inside a JSON string has escaped quotes: no match.)"""
+    parts, start = [], 0
+    for match in _APIKEY_RE.finditer(raw):  # (a splice: 3x faster than re.sub's template)
+        parts += (raw[start:match.start(1)], b'"[redacted]"')
+        start = match.end()
+    return b"".join(parts) + raw[start:] if parts else raw
+
 
 async def _store_delivery(tx, company_id: str | None, source: str, raw: bytes,
                           headers: Mapping[str, str], envelope: Any, status: str = "received",
@@ -4027,12 +4210,12 @@ async def _store_delivery(tx, company_id: str | None, source: str, raw: bytes,
     if isinstance(envelope, dict):
         instance = envelope.get("instance") if isinstance(envelope.get("instance"), str) else None
         event = normalize_event(envelope.get("event")) or None
-    kept = {k: v for k, v in headers.items()
+    kept = {k: clean_text(v) for k, v in headers.items()  # (bytes not UTF-8 come surrogates)
             if k.lower() in ("content-type", "user-agent", "x-request-id", "x-instance-id",
                              "x-instance-name", "x-event-type", "x-timestamp")}
     ts = now()
     values = (company_id, source, instance and instance[:128], event and event[:64],
-              json_dumps(kept), raw[:WEBHOOK_BODY_MAX], 0, status,
+              json_dumps(kept), redact_apikey(raw[:WEBHOOK_BODY_MAX]), 0, status,
               None if result is None else json_dumps(result), error, ts,
               None if status == "received" else ts)
     columns = ("company_id, source, instance, event, headers, body, truncated, status, result, "
@@ -4098,6 +4281,26 @@ async def ingest_envelope(tx, company: Company, raw: bytes, envelope: Any,
     return {"delivery_id": delivery_id, **result}
 
 
+async def store_failed_delivery(db: Storage, company_id: str, source: str, raw: bytes,
+                                headers: Mapping[str, str], envelope: Any,
+                                exc: Exception) -> dict:
+    """Keep a delivery whose own transaction failed after processing (a deferred write, the
+    commit), status failed with the error, in a transaction of its own: it is not lost and can
+    be replayed once the cause is fixed."""
+    log.error("webhook delivery failed; storing its body as failed", exc_info=exc)
+    delivery_id = await db.transact(lambda tx: _store_delivery(
+        tx, company_id, source, raw, headers, envelope, "failed", error=repr(exc)[:2000]))
+    return {"delivery_id": delivery_id, "failed": True}
+
+
+def failed_delivery_answer(request: web.Request, delivery_id: int) -> web.Response:
+    """202, not 500, for a delivery stored but not processed: a sender retries a 500 into the same
+    failure, a stored copy each time. The log has the traceback under the request id."""
+    return json_response({"ok": False, "delivery_id": delivery_id, "status": "failed",
+                          "error": "Processing failed; the delivery is stored",
+                          "request_id": request[REQUEST_ID]}, status=202)
+
+
 @dataclasses.dataclass(slots=True)
 class WebhookInput:
     """One `POST /webhook` delivery, read and parsed, waiting for its batch."""
@@ -4109,6 +4312,7 @@ class WebhookInput:
     secret: str | None  # what the request authenticated with (header or bearer)
     hint: str  # the event named by the URL's suffix
     wake: bool = False  # set by the batch: deliveries to send may wait now
+    accepted: bool = False  # set by the batch: authenticated, so its body may be stored
 
 
 async def prefetch_messages(tx, inbound: list[tuple[str, str, InboundMessage]],
@@ -4168,6 +4372,7 @@ async def webhook_batch(tx, items: list[WebhookInput]) -> list:
                 continue
             log.warning("unauthenticated webhook accepted: company %s turned authentication "
                         "off", company.id)
+        t.accepted = True
         accepted.append((n, t, company))
     inbound = [(company.id, *found) for _, t, company in accepted
                if (found := inbound_message(t.envelope, t.hint))]
@@ -4245,28 +4450,34 @@ async def note_rejection(app: web.Application, item: WebhookInput, status: int) 
 @routes.post("/webhook/{company_id}/{suffix}")
 async def evolution_webhook(request: web.Request) -> web.Response:
     raw = await read_body(request, WEBHOOK_BODY_MAX)
-    try:
-        envelope, bad_json = json.loads(raw), False
-    except (UnicodeDecodeError, ValueError):
-        envelope, bad_json = None, True
-    item = WebhookInput(request.match_info["company_id"], raw, envelope, bad_json,
+    try:  # Evolution's text may hold a NUL or lone surrogate: cleaned, the lead is not lost
+        envelope, refused = parse_json(raw, scrub=True), None
+    except NotJson as exc:
+        envelope, refused = None, exc
+    item = WebhookInput(request.match_info["company_id"], raw, envelope, refused is not None,
                         request.headers, request.headers.get("X-Webhook-Secret") or bearer(request),
                         request.match_info.get("suffix", ""))
     started = time.perf_counter()
+    db = request.app[DB]
     try:
-        result = await request.app[DB].submit(webhook_batch, item, spread=True)
+        result = await db.submit(webhook_batch, item, spread=True)
     except web.HTTPException as exc:
         await note_rejection(request.app, item, exc.status)
         raise
+    except Exception as exc:
+        if not item.accepted:
+            raise
+        result = await store_failed_delivery(db, item.company_id, "evolution", raw,
+                                             request.headers, envelope, exc)
     if result.get("bad_json"):
-        raise http_error(400, "Body is not valid JSON", delivery_id=result["delivery_id"])
+        raise not_json_error(refused, delivery_id=result["delivery_id"])
     await note_delivery(request.app, item.company_id, item.envelope)
     request.app[METRICS].observe_webhook(time.perf_counter() - started)
     if result.get("failed"):
-        raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
+        return failed_delivery_answer(request, result["delivery_id"])
     if item.wake:
         request.app[DELIVERY_WAKE].set()
-    return web.json_response({"ok": True, **result})
+    return json_response({"ok": True, **result})
 
 
 # ##################################################################################################
@@ -4292,13 +4503,13 @@ async def create_company_route(request: web.Request) -> web.Response:
                                    evolution.get("evolution_url"), evolution.get("evolution_key"))
     company = await get_company(request.app[DB], company_id)
     log.info("company created: %s", company_id)
-    return web.json_response({**company.public(), **created}, status=201)
+    return json_response({**company.public(), **created}, status=201)
 
 
 @routes.get("/api/company")
 async def show_company(request: web.Request) -> web.Response:
     company = await authenticate(request)
-    return web.json_response(company.public())
+    return json_response(company.public())
 
 
 @routes.patch("/api/company")
@@ -4334,7 +4545,7 @@ async def update_company(request: web.Request) -> web.Response:
     out = updated.public()
     if rotate:
         out["webhook_secret"] = secret
-    return web.json_response(out)
+    return json_response(out)
 
 
 async def check_outbound_urls(request: web.Request, company: Company, settings: dict,
@@ -4439,17 +4650,17 @@ async def list_leads(request: web.Request) -> web.StreamResponse:
     if not 1 <= limit <= 1000:
         raise http_error(400, "limit must be from 1 to 1000")
     if query.get("cursor"):
-        try:
-            args.append(int(query["cursor"]))
-        except ValueError:
-            raise http_error(400, "cursor is not valid") from None
+        cursor = parse_id(query["cursor"])
+        if cursor is None:
+            raise http_error(400, "cursor is not valid")
+        args.append(cursor)
         where += " AND id < ?"
     args.append(limit + 1)
     rows = await request.app[DB].fetchall(
         f"SELECT * FROM leads WHERE {where} ORDER BY id DESC LIMIT ?", *args)
     more = len(rows) > limit
     rows = rows[:limit]
-    return web.json_response({"leads": [lead_json(r) for r in rows],
+    return json_response({"leads": [lead_json(r) for r in rows],
                               "next_cursor": str(rows[-1]["id"]) if more else None})
 
 
@@ -4581,7 +4792,7 @@ async def list_connections(request: web.Request) -> web.Response:
     company = await authenticate(request)
     rows = await request.app[DB].fetchall(
         "SELECT * FROM connections WHERE company_id = ? ORDER BY created_at, id", company.id)
-    return web.json_response({"connections": [connection_json(r) for r in rows]})
+    return json_response({"connections": [connection_json(r) for r in rows]})
 
 
 def adoption_request(body: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -4666,7 +4877,7 @@ async def adopt_connection(request: web.Request) -> web.Response:
     row = await store_adopted(request.app[DB], company, connection_id, found,
                               found["token"] or given_token, secret)
     log.info("connection adopted: %s/%s", company.id, connection_id)
-    return web.json_response({"ok": True, "connection": connection_json(row)}, status=201)
+    return json_response({"ok": True, "connection": connection_json(row)}, status=201)
 
 
 @routes.post("/api/create-instance")
@@ -4693,7 +4904,7 @@ async def create_instance(request: web.Request) -> web.Response:
     if isinstance(token, dict):  # Evolution v1: {"apikey": ...}
         token = token.get("apikey")
     qr = created.get("qrcode") if isinstance(created.get("qrcode"), dict) else {}
-    code = qr.get("code") if isinstance(qr.get("code"), str) else None
+    code = qr_string(qr.get("code"))
     pairing = qr.get("pairingCode") if isinstance(qr.get("pairingCode"), str) else None
     ts = now()
 
@@ -4718,7 +4929,7 @@ async def create_instance(request: web.Request) -> web.Response:
     log.info("connection created: %s/%s", company.id, connection_id)
     out = {"ok": True, "connection": connection_json(row),
            "qrcode": qr_payload(code, pairing, row["state"]) if code else None}
-    return web.json_response(out, status=201)
+    return json_response(out, status=201)
 
 
 @routes.get("/api/instance-status")
@@ -4741,7 +4952,7 @@ async def instance_status(request: web.Request) -> web.Response:
     if fields:
         await update_connection(db, company.id, connection_id, **fields)
     row = await get_connection(db, company.id, connection_id)
-    return web.json_response(connection_json(row))
+    return json_response(connection_json(row))
 
 
 @routes.delete("/api/delete-instance")
@@ -4754,7 +4965,7 @@ async def delete_instance(request: web.Request) -> web.Response:
     ts = now()
     await update_connection(db, company.id, connection_id, state="deleted", deleted_at=ts,
                             qr_code=None, qr_pairing_code=None)
-    return web.json_response({"ok": True, "connectionId": connection_id, "deleted": True,
+    return json_response({"ok": True, "connectionId": connection_id, "deleted": True,
                               "existedOnEvolution": existed})
 
 
@@ -4772,7 +4983,7 @@ async def delete_instance_completely(request: web.Request) -> web.Response:
                          company.id, connection_id)
 
     await db.transact(run)
-    return web.json_response({"ok": True, "connectionId": connection_id, "deleted": True,
+    return json_response({"ok": True, "connectionId": connection_id, "deleted": True,
                               "existedOnEvolution": existed})
 
 
@@ -4784,7 +4995,7 @@ async def restart_instance(request: web.Request) -> web.Response:
     body = await evolution_call(evolution_for(request, company).restart(connection_id))
     instance = body.get("instance") if isinstance(body.get("instance"), dict) else {}
     state = instance.get("state") or instance.get("status")
-    return web.json_response({"ok": True, "connectionId": connection_id,
+    return json_response({"ok": True, "connectionId": connection_id,
                               "state": state if isinstance(state, str) else None})
 
 
@@ -4795,7 +5006,7 @@ async def logout_instance(request: web.Request) -> web.Response:
     await get_connection(db, company.id, connection_id)
     await evolution_call(evolution_for(request, company).logout(connection_id))
     await update_connection(db, company.id, connection_id, state="close")
-    return web.json_response({"ok": True, "connectionId": connection_id, "state": "close"})
+    return json_response({"ok": True, "connectionId": connection_id, "state": "close"})
 
 
 def link_signature(key: str, company_id: str, connection_id: str, expires: int) -> str:
@@ -4856,7 +5067,7 @@ async def create_connection_link(request: web.Request) -> web.Response:
     query = urllib.parse.urlencode({"c": company.id, "exp": expires,
                                     "sig": link_signature(key, company.id, connection_id, expires)})
     path = f"/connect/{urllib.parse.quote(connection_id)}?{query}"
-    return web.json_response({"ok": True, "connectionId": connection_id,
+    return json_response({"ok": True, "connectionId": connection_id,
                               "url": public_base(request) + path, "expires_at": iso(expires)},
                              status=201)
 
@@ -4866,7 +5077,7 @@ async def current_qr(request: web.Request, company: Company, connection_id: str)
     409 (with the state) when the number is already connected."""
     db = request.app[DB]
     row = await get_connection(db, company.id, connection_id)
-    if row["qr_code"] and row["qr_at"] and now() - row["qr_at"] < QR_FRESH_SECONDS \
+    if qr_string(row["qr_code"]) and row["qr_at"] and now() - row["qr_at"] < QR_FRESH_SECONDS \
             and row["state"] != "open":
         return qr_payload(row["qr_code"], row["qr_pairing_code"], row["state"])
     body = await evolution_call(evolution_for(request, company).connect(connection_id))
@@ -4880,6 +5091,9 @@ async def current_qr(request: web.Request, company: Company, connection_id: str)
     code = body.get("code")
     if not isinstance(code, str) or not code:
         raise http_error(503, "Evolution API has no QR code yet; try again in a few seconds")
+    if qr_string(code) is None:
+        raise http_error(502, f"Evolution API answered a QR code longer than {QR_CODE_MAX} "
+                              "characters, which is no WhatsApp QR code")
     pairing = body.get("pairingCode") if isinstance(body.get("pairingCode"), str) else None
     await update_connection(db, company.id, connection_id, state="connecting", qr_code=code,
                             qr_pairing_code=pairing, qr_at=now())
@@ -4907,7 +5121,7 @@ async def generate_qrcode(request: web.Request) -> web.Response:
     qr = await current_qr(request, company, connection_id)
     headers = {"Cache-Control": "no-store"}
     if fmt == "json":
-        return web.json_response(qr, headers=headers)
+        return json_response(qr, headers=headers)
     buffer = io.BytesIO()
     segno.make_qr(qr["code"]).save(buffer, kind=fmt, scale=8, border=4)
     content_type = "image/png" if fmt == "png" else "image/svg+xml"
@@ -5036,7 +5250,7 @@ async def public_connection(request: web.Request) -> web.Response:
         "WHERE c.id = ? AND c.verified = 1 AND c.deleted_at IS NULL", connection_id)
     if row is None:
         raise http_error(404, "Connection not found")
-    return web.json_response({"connectionId": row["id"], "company": row["company_name"],
+    return json_response({"connectionId": row["id"], "company": row["company_name"],
                               "state": row["state"], "phone": mask_phone(row["phone"]),
                               "profileName": row["profile_name"]})
 
@@ -5053,11 +5267,11 @@ async def webhook_ingest(request: web.Request) -> web.Response:
         raise http_error(401, "Unauthorized")
     raw = await read_body(request, WEBHOOK_BODY_MAX)
     try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise http_error(400, "Body is not valid JSON") from None
-    source = (request.query.get("source") or request.headers.get("X-Webhook-Source")
-              or "ingest")[:64]
+        payload = parse_json(raw, scrub=True)
+    except NotJson as exc:
+        raise not_json_error(exc) from None
+    source = clean_text(request.query.get("source") or request.headers.get("X-Webhook-Source")
+                        or "ingest")[:64]
     company = None
     company_id = request.query.get("company_id")
     if company_id:
@@ -5068,11 +5282,15 @@ async def webhook_ingest(request: web.Request) -> web.Response:
                  and isinstance(payload.get("event"), str) and "instance" in payload
                  and "data" in payload)
     if evolution:
-        result = await db.transact(lambda tx: ingest_envelope(
-            tx, company, raw, payload, request.headers, source))
+        try:
+            result = await db.transact(lambda tx: ingest_envelope(
+                tx, company, raw, payload, request.headers, source))
+        except Exception as exc:  # noqa: BLE001 - the body is kept (and the error logged)
+            result = await store_failed_delivery(db, company.id, source, raw, request.headers,
+                                                 payload, exc)
         await note_delivery(request.app, company.id, payload)
         if result.get("failed"):
-            raise http_error(500, "Internal server error", delivery_id=result["delivery_id"])
+            return failed_delivery_answer(request, result["delivery_id"])
         if "lead_id" in result:
             request.app[DELIVERY_WAKE].set()
     else:
@@ -5084,7 +5302,7 @@ async def webhook_ingest(request: web.Request) -> web.Response:
         "delivery_id": result["delivery_id"], "bytes": len(raw),
         "payload_event": payload.get("event") if isinstance(payload, dict) else None,
         "processed": evolution, "request_id": request[REQUEST_ID]}})
-    return web.json_response({"ok": True, "id": result["delivery_id"], **result}, status=202)
+    return json_response({"ok": True, "id": result["delivery_id"], **result}, status=202)
 
 
 # ##################################################################################################
@@ -5096,10 +5314,9 @@ def wake_worker(request: web.Request) -> None:
 
 
 async def company_lead(request: web.Request, company: Company) -> dict:
-    try:
-        lead_id = int(request.match_info["lead_id"])
-    except ValueError:
-        raise http_error(404, "Lead not found") from None
+    lead_id = parse_id(request.match_info["lead_id"])
+    if lead_id is None:
+        raise http_error(404, "Lead not found")
     lead = await request.app[DB].fetchone("SELECT * FROM leads WHERE company_id = ? AND id = ?",
                                           company.id, lead_id)
     if lead is None:
@@ -5125,8 +5342,10 @@ async def add_lead_event(request: web.Request) -> web.Response:
     occurred_at = now()
     if body.get("occurred_at") is not None:
         occurred_at = parse_time(body["occurred_at"], "occurred_at")
-        if occurred_at > now() + 300:
+        if occurred_at > now() + CLOCK_SKEW_MAX:
             raise http_error(400, "occurred_at is in the future")
+        if occurred_at < EVENT_TIME_MIN:
+            raise http_error(400, "occurred_at is before 1970")
     event_id = body.get("event_id")
     if event_id is None:
         event_id = f"{name}-{lead['id']}-{uuid.uuid4().hex[:12]}"
@@ -5139,7 +5358,7 @@ async def add_lead_event(request: web.Request) -> web.Response:
         raise http_error(409, "event_id is already used by another lead's event")
     if created:
         wake_worker(request)
-    return web.json_response({"ok": True, "event": event_json(event), "duplicate": not created},
+    return json_response({"ok": True, "event": event_json(event), "duplicate": not created},
                              status=201 if created else 200)
 
 
@@ -5149,7 +5368,7 @@ async def list_lead_events(request: web.Request) -> web.Response:
     lead = await company_lead(request, company)
     rows = await request.app[DB].fetchall("SELECT * FROM lead_events WHERE lead_id = ? "
                                           "ORDER BY occurred_at, id", lead["id"])
-    return web.json_response({"events": [event_json(r) for r in rows]})
+    return json_response({"events": [event_json(r) for r in rows]})
 
 
 @routes.get("/api/deliveries")
@@ -5164,20 +5383,22 @@ async def list_deliveries(request: web.Request) -> web.Response:
             raise http_error(400, "status must be pending, sending, delivered, failed or skipped")
         sql += " AND d.status = ?"
         args.append(status)
-    if request.query.get("lead_id", "").isdigit():
+    if "lead_id" in request.query:
+        lead_id = parse_id(request.query["lead_id"])
+        if lead_id is None:
+            raise http_error(400, "lead_id must be a lead's id")
         sql += " AND d.lead_id = ?"
-        args.append(int(request.query["lead_id"]))
+        args.append(lead_id)
     rows = await request.app[DB].fetchall(sql + " ORDER BY d.id DESC LIMIT 500", *args)
-    return web.json_response({"deliveries": [delivery_json(r) for r in rows]})
+    return json_response({"deliveries": [delivery_json(r) for r in rows]})
 
 
 @routes.post("/api/deliveries/{delivery_id}/retry")
 async def retry_delivery(request: web.Request) -> web.Response:
     company = await authenticate(request)
-    try:
-        delivery_id = int(request.match_info["delivery_id"])
-    except ValueError:
-        raise http_error(404, "Not found") from None
+    delivery_id = parse_id(request.match_info["delivery_id"])
+    if delivery_id is None:
+        raise http_error(404, "Not found")
 
     async def run(tx) -> dict | None:
         row = await tx.fetchone("SELECT * FROM deliveries WHERE id = ? AND company_id = ?",
@@ -5198,7 +5419,7 @@ async def retry_delivery(request: web.Request) -> web.Response:
         raise http_error(409, f"Only failed deliveries can be retried (this one is "
                               f"{row['status']})")
     wake_worker(request)
-    return web.json_response({"ok": True, "delivery": delivery_json(row)})
+    return json_response({"ok": True, "delivery": delivery_json(row)})
 
 
 @routes.get("/api/exports/google-ads.csv")
@@ -5260,7 +5481,7 @@ async def report(request: web.Request) -> web.Response:
     start = start if start is not None else end - REPORT_DEFAULT_DAYS * 86400
     if start >= end:
         raise http_error(400, "from must be before to")
-    return web.json_response(await build_report(request.app[DB], company, group_by, start, end))
+    return json_response(await build_report(request.app[DB], company, group_by, start, end))
 
 
 @routes.get("/dashboard")
@@ -5392,7 +5613,7 @@ async def delete_contact(request: web.Request) -> web.Response:
     log.info("contact erased", extra={"fields": {
         "event": "contact_erased", "company_id": company.id, **erased,
         "request_id": request[REQUEST_ID]}})
-    return web.json_response({"ok": True, "phone": phone, "erased": erased})
+    return json_response({"ok": True, "phone": phone, "erased": erased})
 
 
 # ##################################################################################################
@@ -5430,6 +5651,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     request_id = given if _REQUEST_ID_RE.match(given) else f"{random.getrandbits(128):032x}"
     request[REQUEST_ID] = request_id
     try:
+        if "%00" in request.raw_path:  # (the HTTP parser refuses a raw NUL or bytes not UTF-8)
+            raise http_error(400, "The address holds a NUL character (%00)")
         response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -5443,7 +5666,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
                                                          "access-control-allow-origin")})
         else:
             message = _STATUS_MESSAGES.get(exc.status, exc.reason)
-            response = web.json_response({"error": message}, status=exc.status)
+            response = json_response({"error": message}, status=exc.status)
             if "Allow" in exc.headers:
                 response.headers["Allow"] = exc.headers["Allow"]
     except asyncio.CancelledError:
@@ -5451,7 +5674,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except Exception:
         log.exception("unhandled error on %s %s (request %s)", request.method, request.path,
                       request_id)
-        response = web.json_response({"error": "Internal server error",
+        response = json_response({"error": "Internal server error",
                                       "request_id": request_id}, status=500)
     response.headers["X-Request-Id"] = request_id
     resource = request.match_info.route.resource
