@@ -3923,10 +3923,10 @@ async def create_company_route(request: web.Request) -> web.Response:
     company_id = given.get("company_id", given.get("id"))
     if company_id is None:
         raise http_error(400, "company_id is required")
-    name = body.pop("name", None)
-    name = company_id if name is None or name == "" else name
+    name = body.pop("name", "")
     if not isinstance(name, str) or len(name) > 200:
         raise http_error(400, "name must be text of at most 200 characters")
+    name = name or company_id
     evolution = validate_evolution(body)
     body.pop("evolution_url", None)
     body.pop("evolution_key", None)
