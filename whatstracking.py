@@ -4663,7 +4663,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
            "JOIN lead_events e ON e.id = d.event_row_id WHERE d.company_id = ?")
     args: list[Any] = [company.id]
     status = request.query.get("status")
-    if status:
+    if status is not None:
         if status not in ("pending", "sending", "delivered", "failed", "skipped"):
             raise http_error(400, "status must be pending, sending, delivered, failed or skipped")
         sql += " AND d.status = ?"
