@@ -7,12 +7,13 @@ the same questions every time. It passes with 0 failures of any check: no 5xx, e
 the schema (status, content type, body), every schema-valid request accepted and every invalid
 one refused.
 
-The server under test is the real app on 127.0.0.1 with rate limits off, a seeded company
-(a connection made through the fake Evolution, a lead with its purchase and delivery, a link)
-and the fake Evolution of tests/fake_evolution.py behind it. Operations are authenticated by the
-schemes openapi.json declares: the company's token for `bearerAuth`, its webhook secret and the
-shared token for the webhooks. A second, smaller pass uses ADMIN_TOKEN for `bearerAuth`, which
-reaches the admin-only routes (a company token gets 401 there).
+The server under test is `python whatstracking.py` on 127.0.0.1 (its own process) with rate
+limits off, a seeded company (a connection made through the fake Evolution, a lead with its
+purchase and delivery, a signed link) and the fake Evolution of tests/fake_evolution.py behind it.
+Each operation is authenticated by the scheme openapi.json declares for it: the company's token
+for `bearerAuth`, ADMIN_TOKEN for `adminToken` (creating companies), the webhook secret and the
+shared token for the webhooks, the seeded link's signature for `signedLink`; the public routes
+go without.
 
 Outbound URLs the fuzzer writes (`evolution_url`, `crm_webhook.url`) are pinned to the fakes and
 `evolution_key` to the fake's key, so no request leaves 127.0.0.1 and Evolution answers as
@@ -36,7 +37,7 @@ from fake_evolution import GLOBAL_KEY, FakeEvolution
 schemathesis = pytest.importorskip("schemathesis")
 
 FUZZ_SEED = 1
-MAX_EXAMPLES = 6  # per operation in the fuzzing phase: bounded, so both backends run in about a minute
+MAX_EXAMPLES = 6  # per operation in the fuzzing phase; with the rest, about a minute for both
 SHARED_TOKEN = "shared-fuzz-token"
 CONNECTION = "loja-centro"
 
