@@ -4636,7 +4636,9 @@ async def add_lead_event(request: web.Request) -> web.Response:
     if body.get("occurred_at") is not None:
         # Ahead of our clock is taken as now (as Meta takes event_time): no static schema can
         # say "not in the future", and a client whose clock runs ahead still records the sale.
-        occurred_at = parse_time(body["occurred_at"], "occurred_at", clamp=True)
+        # So is a time text past 9999-12-31 by its offset; a number past it is out of range.
+        given = body["occurred_at"]
+        occurred_at = parse_time(given, "occurred_at", clamp=isinstance(given, str))
         if occurred_at > now() + CLOCK_SKEW_MAX:
             occurred_at = now()
         if occurred_at < EVENT_TIME_MIN:
