@@ -483,16 +483,19 @@ def plausible_time(value: Any) -> float | None:
     return ts if EVENT_TIME_MIN <= ts <= now() + CLOCK_SKEW_MAX else None
 
 
-def parse_time(value: Any, field: str) -> float:
+def parse_time(value: Any, field: str, clamp: bool = False) -> float:
     """ISO 8601 (``Z`` or offset) or unix seconds → unix seconds, from year 1 to 9999 (400
-    outside: no answer could show it)."""
+    outside: no answer could show it; or, with `clamp`, the nearer end of that range, for a
+    bound that only has to be before or after everything)."""
     ts = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             ts = float(value)
         except OverflowError:  # an int past a float's range
-            raise http_error(400, f"{field} is out of range") from None
-    elif isinstance(value, str) and re.fullmatch(r"\d{9,11}(\.\d+)?", value.strip()):
+            if not clamp:
+                raise http_error(400, f"{field} is out of range") from None
+            ts = TIME_MAX if value > 0 else TIME_MIN
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]{9,11}(\.[0-9]+)?", value.strip()):
         ts = float(value)  # unix seconds written as text (query strings)
     elif isinstance(value, str):
         try:
@@ -503,11 +506,15 @@ def parse_time(value: Any, field: str) -> float:
         except ValueError:
             pass
         except OverflowError:  # year 1 at a positive offset is year 0 in UTC
-            raise http_error(400, f"{field} is out of range") from None
+            if not clamp:
+                raise http_error(400, f"{field} is out of range") from None
+            ts = TIME_MIN
     if ts is None:
         raise http_error(400, f"{field} must be an ISO 8601 time or unix seconds")
     if not TIME_MIN <= ts <= TIME_MAX:
-        raise http_error(400, f"{field} is out of range")
+        if not clamp:
+            raise http_error(400, f"{field} is out of range")
+        ts = min(max(ts, TIME_MIN), TIME_MAX)
     return ts
 
 
@@ -534,7 +541,7 @@ def parse_range(query: Mapping[str, str], zone: zoneinfo.ZoneInfo | None = None
             except OverflowError:  # the day after 9999-12-31, or year 1 east of UTC: the end
                 bounds.append(TIME_MAX if field == "to" else TIME_MIN)
         else:
-            bounds.append(parse_time(value, field))
+            bounds.append(parse_time(value, field, clamp=True))
     return bounds[0], bounds[1]
 
 
@@ -554,7 +561,7 @@ def same_secret(given: str | None, expected: str | None) -> bool:
                                expected.encode("utf-8", "surrogateescape"))
 
 
-_NON_DIGITS = re.compile(r"\D+")
+_NON_DIGITS = re.compile(r"[^0-9]+")  # ASCII: "³" or "٣" is no digit of a phone number
 _ID_RE = re.compile(r"[0-9]{1,19}")
 
 
@@ -565,6 +572,15 @@ def parse_id(text: str | None) -> int | None:
         value = int(text)
         return value if value <= ID_MAX else None
     return None
+
+
+def whole_number(value: Any) -> int | None:
+    """A JSON number that is whole (``235`` or ``235.0``, as JSON Schema's integer), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) else None
 
 
 def digits(value: str | None) -> str:
@@ -1666,7 +1682,7 @@ class PostgresStorage(Storage):
 # Domain: companies and tokens
 # ##################################################################################################
 
-COMPANY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+COMPANY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1740,7 +1756,7 @@ def _validate_destination(name: str, value: Any, current: Any) -> dict | None:
                 raise http_error(400, f"{where} must map event names to platform event names")
             merged[key] = field
         elif key == "url":
-            if not isinstance(field, str) or not re.match(r"^https?://\S+$", field) \
+            if not isinstance(field, str) or not re.match(r"^https?://\S+\Z", field) \
                     or len(field) > 1024:
                 raise http_error(400, f"{where} must be an http(s) URL")
             merged[key] = field
@@ -1780,7 +1796,7 @@ def validate_settings(patch: Mapping[str, Any], current: Mapping[str, Any] | Non
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise http_error(400, "allowed_origins must be a list of origins")
             for origin in value:
-                if origin != "*" and not re.match(r"^https?://[^/\s]+/?$", origin):
+                if origin != "*" and not re.match(r"^https?://[^/\s]+/?\Z", origin):
                     raise http_error(400, f"allowed_origins: {origin!r} is not an origin "
                                           "like https://example.com")
             out[key] = [o.rstrip("/") for o in value]
@@ -1795,7 +1811,8 @@ def validate_settings(patch: Mapping[str, Any], current: Mapping[str, Any] | Non
             out[key] = value
         elif key in ("attribution_window_days", "window_minutes"):
             high = 365 if key == "attribution_window_days" else 1440
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+            value = whole_number(value)
+            if value is None or not 1 <= value <= high:
                 raise http_error(400, f"{key} must be a whole number from 1 to {high}")
             out[key] = value
         elif key in ("store_first_message", "window_match", "webhook_auth_required"):
@@ -1810,7 +1827,7 @@ def validate_settings(patch: Mapping[str, Any], current: Mapping[str, Any] | Non
                     from None
             out[key] = value
         elif key == "currency":
-            if not isinstance(value, str) or not re.match(r"^[A-Za-z]{3}$", value):
+            if not isinstance(value, str) or not re.match(r"^[A-Za-z]{3}\Z", value):
                 raise http_error(400, "currency must be a three-letter ISO 4217 code")
             out[key] = value.upper()
         else:
@@ -1823,7 +1840,7 @@ def validate_evolution(patch: Mapping[str, Any]) -> dict:
     if "evolution_url" in patch:
         url = patch["evolution_url"]
         if url is not None and (not isinstance(url, str)
-                                or not re.match(r"^https?://\S+$", url) or len(url) > 512):
+                                or not re.match(r"^https?://\S+\Z", url) or len(url) > 512):
             raise http_error(400, "evolution_url must be an http(s) URL or null")
         out["evolution_url"] = url.rstrip("/") if url else None
     if "evolution_key" in patch:
@@ -1961,10 +1978,11 @@ def find_codes(text: str) -> list[str]:
 # Domain: website tracking
 # ##################################################################################################
 
-def _clean(value: Any, field: str, limit: int = FIELD_MAX) -> str | None:
+def _clean(value: Any, field: str, limit: int = FIELD_MAX, numbers: bool = True) -> str | None:
+    """Trimmed text or None; a number becomes text where `numbers` (attribution values)."""
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
         raise http_error(400, f"{field} must be a string")
@@ -1986,7 +2004,7 @@ def _touch_from(source: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 _CAMPAIGN_KEY_SET = frozenset(CAMPAIGN_KEYS)
-_VISITOR_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_VISITOR_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")
 
 
 def _url_params(url: str | None, known: Mapping[str, str] = {}) -> dict[str, str]:
@@ -2021,16 +2039,21 @@ class TrackingInput:
 def parse_tracking(body: Any) -> TrackingInput:
     if not isinstance(body, dict):
         raise http_error(400, "Body must be a JSON object")
+    for key in ("company_id", "companie_id"):  # the second: the tracker's original spelling
+        if key in body and (not isinstance(body[key], str) or not body[key].strip()):
+            raise http_error(400, f"{key} is required")
     company_id = body.get("company_id", body.get("companie_id"))
-    if not isinstance(company_id, str) or not company_id.strip():
+    if company_id is None:
         raise http_error(400, "company_id is required")
-    event = body.get("event") or "pageview"
-    if event not in ("pageview", "whatsapp_click"):
+    event = body.get("event")
+    if event is None:
+        event = "pageview"
+    elif event not in ("pageview", "whatsapp_click"):
         raise http_error(400, "event must be pageview or whatsapp_click")
-    visitor_id = _clean(body.get("visitor_id"), "visitor_id", 64)
+    visitor_id = _clean(body.get("visitor_id"), "visitor_id", 64, numbers=False)
     if visitor_id is not None and not _VISITOR_ID_RE.match(visitor_id):
         raise http_error(400, "visitor_id may only hold letters, digits, '-', '_' and '.'")
-    raw_code = _clean(body.get("code"), "code", 64)
+    raw_code = _clean(body.get("code"), "code", 64, numbers=False)
     touch = _touch_from(body)
     if "page_url" in touch:
         touch.update(_url_params(touch["page_url"], touch))
@@ -3159,7 +3182,7 @@ def record_operator_urls(settings: Mapping[str, Any], urls: Mapping[str, str]) -
 EVOLUTION_EVENTS = ["MESSAGES_UPSERT", "CONNECTION_UPDATE", "QRCODE_UPDATED", "LABELS_EDIT",
                     "LABELS_ASSOCIATION"]
 WEBHOOK_SECRET_HEADER = "x-webhook-secret"
-CONNECTION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CONNECTION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 class EvolutionError(Exception):
@@ -4050,7 +4073,7 @@ async def object_body(request: web.Request) -> dict:
 async def acting_company(request: web.Request, body: Mapping[str, Any]) -> Company:
     """The company a call with a JSON body acts for (an admin names it with `company_id`)."""
     company_id = body.get("company_id")
-    if company_id is not None and not isinstance(company_id, str):
+    if "company_id" in body and not isinstance(company_id, str):
         raise http_error(400, "company_id must be a string")
     return await authenticate(request, company_id)
 
@@ -4488,12 +4511,17 @@ async def evolution_webhook(request: web.Request) -> web.Response:
 async def create_company_route(request: web.Request) -> web.Response:
     require_admin(request)
     body = await object_body(request)
-    company_id = body.pop("company_id", None) or body.pop("id", None)
-    if not isinstance(company_id, str) or not COMPANY_ID_RE.match(company_id):
-        raise http_error(400, "company_id must be 1-64 letters, digits, '-', '_' or '.'")
-    name = body.pop("name", None) or company_id
+    given = {key: body.pop(key) for key in ("company_id", "id") if key in body}
+    for key, value in given.items():  # `id`: the same, for older clients; company_id wins
+        if not isinstance(value, str) or not COMPANY_ID_RE.match(value):
+            raise http_error(400, f"{key} must be 1-64 letters, digits, '-', '_' or '.'")
+    company_id = given.get("company_id", given.get("id"))
+    if company_id is None:
+        raise http_error(400, "company_id is required")
+    name = body.pop("name", "")
     if not isinstance(name, str) or len(name) > 200:
         raise http_error(400, "name must be text of at most 200 characters")
+    name = name or company_id
     evolution = validate_evolution(body)
     body.pop("evolution_url", None)
     body.pop("evolution_key", None)
@@ -4574,8 +4602,6 @@ def lead_filters(query: Mapping[str, str], company: Company) -> tuple[str, list[
     sql = "company_id = ?"
     args: list[Any] = [company.id]
     start, end = parse_range(query, zoneinfo.ZoneInfo(company.settings["timezone"]))
-    if start is not None and end is not None and start >= end:
-        raise http_error(400, "from must be before to")
     if start is not None:
         sql += " AND created_at >= ?"
         args.append(start)
@@ -4640,6 +4666,8 @@ async def list_leads(request: web.Request) -> web.StreamResponse:
     company = await authenticate(request)
     query = request.query
     where, args = lead_filters(query, company)
+    if query.get("format") not in (None, "json", "csv"):
+        raise http_error(400, "format must be json or csv")
     if query.get("format") == "csv" or (
             "text/csv" in request.headers.get("Accept", "") and query.get("format") != "json"):
         return await leads_csv(request, where, args)
@@ -4649,7 +4677,7 @@ async def list_leads(request: web.Request) -> web.StreamResponse:
         raise http_error(400, "limit must be a whole number") from None
     if not 1 <= limit <= 1000:
         raise http_error(400, "limit must be from 1 to 1000")
-    if query.get("cursor"):
+    if "cursor" in query:
         cursor = parse_id(query["cursor"])
         if cursor is None:
             raise http_error(400, "cursor is not valid")
@@ -4750,10 +4778,16 @@ async def update_connection(db: Storage, company_id: str, connection_id: str, **
     await db.transact(run)
 
 
-async def connection_request(request: web.Request) -> tuple[Company, str]:
-    """The company and connectionId of a management call (JSON body or query)."""
+async def connection_request(request: web.Request, place: str = "body"
+                             ) -> tuple[Company, str]:
+    """The company and connectionId of a management call. `connectionId` is read where the
+    route documents it (`place`: "query" or "body"); the other place is looked at only when it
+    is missing there, for clients of either habit, so an invalid value is never passed over."""
     body = await object_body(request) if request.can_read_body else {}
-    connection_id = body.get("connectionId") or request.query.get("connectionId")
+    places = {"query": request.query, "body": body}
+    where = place if "connectionId" in places[place] else ("body" if place == "query"
+                                                           else "query")
+    connection_id = places[where].get("connectionId")
     if not isinstance(connection_id, str) or not connection_id:
         raise http_error(400, "connectionId is required")
     if not CONNECTION_ID_RE.match(connection_id):
@@ -4934,7 +4968,7 @@ async def create_instance(request: web.Request) -> web.Response:
 
 @routes.get("/api/instance-status")
 async def instance_status(request: web.Request) -> web.Response:
-    company, connection_id = await connection_request(request)
+    company, connection_id = await connection_request(request, "query")
     db = request.app[DB]
     await get_connection(db, company.id, connection_id)
     evolution = evolution_for(request, company)
@@ -4958,7 +4992,7 @@ async def instance_status(request: web.Request) -> web.Response:
 @routes.delete("/api/delete-instance")
 async def delete_instance(request: web.Request) -> web.Response:
     """Delete the Evolution instance; keep the connection's history, marked deleted."""
-    company, connection_id = await connection_request(request)
+    company, connection_id = await connection_request(request, "query")
     db = request.app[DB]
     await get_connection(db, company.id, connection_id, include_deleted=True)
     existed = await evolution_call(evolution_for(request, company).delete(connection_id))
@@ -5057,8 +5091,8 @@ async def create_connection_link(request: web.Request) -> web.Response:
     connection_id = body.get("connectionId")
     if not isinstance(connection_id, str) or not connection_id:
         raise http_error(400, "connectionId is required")
-    ttl = body.get("ttl", LINK_TTL_DEFAULT)
-    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 60 <= ttl <= LINK_TTL_MAX:
+    ttl = whole_number(body.get("ttl", LINK_TTL_DEFAULT))
+    if ttl is None or not 60 <= ttl <= LINK_TTL_MAX:
         raise http_error(400, f"ttl must be seconds from 60 to {LINK_TTL_MAX}")
     db = request.app[DB]
     await get_connection(db, company.id, connection_id)
@@ -5337,13 +5371,17 @@ async def add_lead_event(request: web.Request) -> web.Response:
                               or value < 0 or value > 1e12):
         raise http_error(400, "value must be a number from 0")
     currency = body.get("currency", company.settings["currency"])
-    if not isinstance(currency, str) or not re.match(r"^[A-Za-z]{3}$", currency):
+    if not isinstance(currency, str) or not re.match(r"^[A-Za-z]{3}\Z", currency):
         raise http_error(400, "currency must be a three-letter ISO 4217 code")
     occurred_at = now()
     if body.get("occurred_at") is not None:
-        occurred_at = parse_time(body["occurred_at"], "occurred_at")
+        # Ahead of our clock is taken as now (as Meta takes event_time): no static schema can
+        # say "not in the future", and a client whose clock runs ahead still records the sale.
+        # So is a time text past 9999-12-31 by its offset; a number past it is out of range.
+        given = body["occurred_at"]
+        occurred_at = parse_time(given, "occurred_at", clamp=isinstance(given, str))
         if occurred_at > now() + CLOCK_SKEW_MAX:
-            raise http_error(400, "occurred_at is in the future")
+            occurred_at = now()
         if occurred_at < EVENT_TIME_MIN:
             raise http_error(400, "occurred_at is before 1970")
     event_id = body.get("event_id")
@@ -5378,7 +5416,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
            "JOIN lead_events e ON e.id = d.event_row_id WHERE d.company_id = ?")
     args: list[Any] = [company.id]
     status = request.query.get("status")
-    if status:
+    if status is not None:
         if status not in ("pending", "sending", "delivered", "failed", "skipped"):
             raise http_error(400, "status must be pending, sending, delivered, failed or skipped")
         sql += " AND d.status = ?"
@@ -5479,8 +5517,6 @@ async def report(request: web.Request) -> web.Response:
     start, end = parse_range(request.query, zoneinfo.ZoneInfo(company.settings["timezone"]))
     end = end if end is not None else now()
     start = start if start is not None else end - REPORT_DEFAULT_DAYS * 86400
-    if start >= end:
-        raise http_error(400, "from must be before to")
     return json_response(await build_report(request.app[DB], company, group_by, start, end))
 
 

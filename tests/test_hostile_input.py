@@ -413,14 +413,21 @@ async def test_a_company_east_of_utc_can_ask_from_year_1(api):
     assert resp.status == 200, await resp.text()
 
 
-@pytest.mark.parametrize("query", [
-    "from=0001-01-01T00:00:00%2B01:00", "to=9999-12-31T23:59:59-01:00", "from=10000-01-01",
-    "from=0000-12-31", "to=9999-13-01"])
+@pytest.mark.parametrize("query", ["from=10000-01-01", "from=0000-12-31", "to=9999-13-01"])
 async def test_times_no_answer_could_show_are_400(api, query):
     for path in ("/api/report", "/api/leads", "/api/exports/google-ads.csv"):
         resp = await api.client.get(f"{path}?{query}", headers=api.auth)
         body = strict_loads(await resp.text())
         assert resp.status == 400, (path, query, body)
+
+
+@pytest.mark.parametrize("query", ["from=0001-01-01T00:00:00%2B01:00",
+                                   "to=9999-12-31T23:59:59-01:00"])
+async def test_a_valid_time_past_either_end_is_that_end(api, query):
+    # openapi.json's date-time allows them (the fuzz test sends them): a bound, so the end.
+    for path in ("/api/report", "/api/leads", "/api/exports/google-ads.csv"):
+        resp = await api.client.get(f"{path}?{query}", headers=api.auth)
+        assert resp.status == 200, (path, query, await resp.text())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,7 +462,7 @@ async def test_a_message_timestamp_in_range_is_kept(api):
 
 
 @pytest.mark.parametrize("occurred_at", [-1e18, 1e308, -1, "0001-01-01T00:00:00Z",
-                                         "9999-12-31T23:59:59Z", 10 ** 400])
+                                         253402300800, 10 ** 400])  # (the second after 9999)
 async def test_a_refused_event_stores_nothing(api, occurred_at):
     """security.md D6: `occurred_at: -1e18` answered 500 and stored the event and its delivery."""
     resp = await api.client.patch("/api/company", headers=api.auth, json={

@@ -423,11 +423,13 @@ async def test_report_range_in_unix_seconds_equals_the_iso_one(api):
     assert unix["rows"] == iso["rows"] and unix["totals"] == iso["totals"]
 
 
-async def test_leads_range_with_from_after_to_is_400(api):
+async def test_leads_range_with_from_after_to_is_empty(api):
+    # Not a 400: openapi.json cannot relate two parameters, so the fuzz test sends such ranges.
+    await seed(api)
     resp = await api.client.get("/api/leads", headers=api.auth,
                                 params={"from": "2024-11-21", "to": "2024-11-20"})
-    assert resp.status == 400
-    assert "from" in (await resp.json())["error"]
+    assert resp.status == 200
+    assert (await resp.json())["leads"] == []
 
 
 async def test_report_wide_range_and_default_range(api):
@@ -451,12 +453,12 @@ async def test_report_rejects_bad_parameters(api):
     for bad in ("campaign", "source", "utm_term", "week"):
         data = await report(api, 400, group_by=bad)
         assert "group_by" in data["error"]
-    data = await report(api, 400, group_by="day", **{"from": "2024-11-21", "to": "2024-11-20"})
-    assert "from" in data["error"]
-    data = await report(api, 400, **{"from": "2024-11-20T10:00:00Z", "to": "2024-11-20T09:00:00Z"})
-    assert "from" in data["error"]
-    data = await report(api, 400, **{"from": "2024-11-20T10:00:00Z", "to": "2024-11-20T10:00:00Z"})
-    assert "from" in data["error"]
+    # A range ending before it starts is empty (openapi.json cannot relate two parameters).
+    for start, end in (("2024-11-21", "2024-11-20"),
+                       ("2024-11-20T10:00:00Z", "2024-11-20T09:00:00Z"),
+                       ("2024-11-20T10:00:00Z", "2024-11-20T10:00:00Z")):
+        data = await report(api, group_by="day", **{"from": start, "to": end})
+        assert data["rows"] == [] and data["totals"]["leads"] == 0, data
     data = await report(api, 400, **{"from": "yesterday"})
     assert "from" in data["error"]
     data = await report(api, 400, **{"to": "2024-02-30"})
