@@ -4898,7 +4898,8 @@ async def adopt_connection(request: web.Request) -> web.Response:
     # only the instance's own token shows that it is this company's.
     if given_token is None and \
             evolution.base_url == request.app[CONFIG].evolution_api_url.rstrip("/"):
-        raise http_error(400, "instance_token is required on the shared Evolution server: "
+        # 403, not 400: the request is well formed; it has not shown the instance is the company's.
+        raise http_error(403, "instance_token is required on the shared Evolution server: "
                               "give the instance's own token (its apikey)")
     await refuse_held_name(request, company, evolution, connection_id)
     found = await evolution_call(evolution.find_instance(connection_id))

@@ -339,7 +339,7 @@ async def test_adopting_on_the_shared_server_needs_the_instances_own_token(acme,
     await acme.webhook(state_envelope(ACME_CONN))
     await other.webhook(state_envelope(ACME_CONN))  # a squatter's row blocks nothing
 
-    data = await adopt(acme, ACME_CONN, 400)
+    data = await adopt(acme, ACME_CONN, 403)
     assert "instance_token" in data["error"]
     assert evolution.requests == []
 
