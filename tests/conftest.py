@@ -7,6 +7,7 @@ skip, unless REQUIRE_POSTGRES=1 (CI), where they fail.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -197,14 +198,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-async def browser():
-    """A headless Chromium for the test (skipped, or failed with REQUIRE_BROWSER=1, without it)."""
+@contextlib.asynccontextmanager
+async def launched_browser():
+    """A headless Chromium (skipped, or failed with REQUIRE_BROWSER=1, without it)."""
     async_playwright, _ = require_browser()
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         await browser.close()
+
+
+@pytest.fixture
+async def browser():
+    """A headless Chromium for the test."""
+    async with launched_browser() as browser:
+        yield browser
 
 
 async def serve(app, port: int):
