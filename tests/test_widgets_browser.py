@@ -393,4 +393,7 @@ async def test_joinchat_desktop_qr_codes_carry_the_code(site, new_visitor, when)
     assert chatbox.startswith(WA_ME) and button.startswith(WA_ME)
     assert whatsapp_text(chatbox) == "Olá! Quero saber o preço " + message_code(code)
     assert whatsapp_text(button) == "Quero o produto 42 " + message_code(code)
+    # The README's one line for a widget or QR code of the site's own
+    own = await page.evaluate(f"whatstracking.link('{WA_ME}text=Oi%2C%2010%25%20OFF')")
+    assert own.startswith(WA_ME) and whatsapp_text(own) == "Oi, 10% OFF " + message_code(code)
     assert not visitor.page_errors
