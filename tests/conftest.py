@@ -33,6 +33,13 @@ def fixture(name: str) -> dict:
     return copy.deepcopy(json.loads((FIXTURES / f"{name}.json").read_text("utf-8")))
 
 
+def served_tracker() -> bytes:
+    """tracker.js as the server serves it: minified with rjsmin (comments and indentation gone)."""
+    import rjsmin
+
+    return rjsmin.jsmin(whatstracking.TRACKER_PATH.read_text("utf-8")).encode()
+
+
 def _require(env: str) -> bool:
     return os.environ.get(env, "").strip() not in ("", "0", "false")
 
