@@ -339,6 +339,9 @@ async def test_widget_opens_whatsapp_with_its_text_the_code_and_a_recorded_click
         assert clicks[0]["whatsapp_phone"] == PHONE
     assert clicks[0]["utm_source"] == visitor.source and clicks[0]["utm_campaign"] == "teste"
     assert await clicked_visits(api, visitor.source) == 1  # the server has it
+    for kind, selector, *typed in widget.steps:  # a page still there shows what was typed
+        if kind == "type" and device == "desktop":
+            assert await visitor.page.input_value(selector) == typed[0]
     assert not visitor.page_errors
 
 
