@@ -7,14 +7,20 @@
   const ABC = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"; // Crockford base32
   const CAMPAIGN = "utm_source utm_medium utm_campaign utm_term utm_content utm_id gclid gbraid wbraid fbclid ttclid msclkid".split(" ");
   const DEFAULT = "[ref {code}]";
-  // -> base, wa.me number, query, hash
-  const WA = /^(https?:\/\/(?:wa\.me\/\+?(\d+)|(?:api|web)\.whatsapp\.com\/send)\/?|whatsapp:\/\/send\/?)(?:\?([^#]*))?(#.*)?$/i;
+  // -> base, wa.me number, query, hash (Android's intent:// keeps "scheme=whatsapp" in its hash)
+  const WA = /^(https?:\/\/(?:wa\.me\/\+?(\d+)|(?:api|web)\.whatsapp\.com\/send)\/?|(?:whatsapp|intent):\/\/send\/?)(?:\?([^#]*))?(#.*)?$/i;
+  // Business short links and shorteners: no text can ride on them, but the click counts
+  const SHORT = /^https?:\/\/(?:wa\.me\/message|api\.whatsapp\.com\/message|wa\.link)\/\w/i;
+  const LINK = "a[*|href]"; // also SVG links, whose href may be xlink:href
   // Never throw into the host page
   const safe = f => function () { try { return f.apply(this, arguments); } catch (e) {} };
   const load = safe(k => JSON.parse(localStorage["whatstracking_" + k]));
   const save = (k, v) => (safe(() => localStorage["whatstracking_" + k] = JSON.stringify(v))(), v);
   const cookie = safe(n => decodeURIComponent(d.cookie.match(`(^|; )${n}=([^;]*)`)[2]));
-  const decode = s => decodeURIComponent(s.replace(/\+/g, " "));
+  // Widgets paste texts unencoded ("10% OFF"): decode what is valid, keep a stray "%" as it is
+  const decode = s => (s || "").replace(/\+/g, " ").replace(/(%[\da-f]{2})+/gi, m => {
+    try { return decodeURIComponent(m); } catch (e) { return unescape(m); } // Latin-1 %E9
+  });
 
   w.whatstracking = {link: url => url};
   safe(() => {
@@ -65,7 +71,7 @@
       const before = code + JSON.stringify(message);
       if (r.code) code = save("code", r.code.toUpperCase());
       if (r.message) message = save("message", r.message);
-      if (before != code + JSON.stringify(message)) scan(d);
+      if (before != code + JSON.stringify(message)) refresh();
     };
 
     // ---- Message text
@@ -87,10 +93,11 @@
     };
 
     // ---- Links
-    // WhatsApp chat URL -> {url with the code in its text, phone}
+    // WhatsApp chat URL -> {url with the code in its text, phone, done: it had the code already}
     const rewrite = url => {
+      if (SHORT.test(url)) return {url, done: 1};
       const m = WA.exec(url);
-      if (!m) return;
+      if (!m || /^i/i.test(url) && !/[#;]scheme=whatsapp;/i.test(m[4])) return;
       let phone = m[2], text = "";
       const query = (m[3] || "").split("&").filter(p => {
         const [key, value] = p.split("=");
@@ -99,15 +106,32 @@
         return p && key != "text";
       });
       phone = (phone || "").replace(/\D/g, "");
-      query.push("text=" + encodeURIComponent(compose(text)));
-      if (phone) return {url: m[1] + "?" + query.join("&") + (m[4] || ""), phone};
+      const composed = compose(text);
+      query.push("text=" + encodeURIComponent(composed));
+      if (phone) return {url: m[1] + "?" + query.join("&") + (m[4] || ""), phone, done: composed == text};
     };
     const fix = safe(a => {
-      const r = rewrite(a.href);
-      if (r && r.url != a.getAttribute("href")) a.setAttribute("href", r.url);
+      const h = a.href, svg = h.baseVal != null, r = rewrite(svg ? h.baseVal : h);
+      if (r && r.url != (svg ? h.baseVal : a.getAttribute("href"))) {
+        if (svg) h.baseVal = r.url; else a.setAttribute("href", r.url);
+      }
       return r;
     });
-    const scan = safe(root => [root, ...root.querySelectorAll("a[href]")].forEach(fix));
+    const scan = safe(root => [root, ...root.querySelectorAll(LINK)].forEach(fix));
+    const clicked = r => r && send("whatsapp_click", r.phone);
+
+    // Joinchat draws a QR code of its own link on desktop: that link gets the code too
+    const joinchat = safe(() => {
+      const j = w.joinchat_obj, f = j && j.get_wa_link;
+      if (!f) return;
+      if (!f.wt) (j.get_wa_link = function () { return link(f.apply(this, arguments)); }).wt = 1;
+      // Codes drawn before we came, or before the server's code was adopted
+      d.querySelectorAll(".joinchat__qr canvas,.joinchat-button__qr canvas").forEach(c => {
+        const q = c.parentNode.dataset;
+        c.replaceWith(j.qr(j.get_wa_link(q.phone, q.message, false)));
+      });
+    });
+    const refresh = () => (scan(d), joinchat());
 
     // ---- Events
     let lastUrl;
@@ -119,19 +143,51 @@
       send("pageview");
     });
 
-    // Rewrite the clicked link once more; never delay or cancel the click
-    d.addEventListener("click", safe(e => {
-      const r = fix(e.target.closest("a[href]"));
-      if (r) send("whatsapp_click", r.phone);
-    }), true);
+    // Rewrite the clicked link once more; never delay or cancel the click. A middle click
+    // (auxclick) or the menu's "open in new tab" (contextmenu, a long press on phones) opens it too.
+    const click = safe(e => {
+      if (e.button != 1 && e.type == "auxclick") return;
+      clicked(fix(e.target.closest(LINK)));
+    });
+    for (const type of ["click", "auxclick", "contextmenu"]) d.addEventListener(type, click, true);
 
     // Chat widgets use window.open
     const open = w.open;
     w.open = function (url, ...rest) {
       const r = safe(rewrite)(url);
-      if (r) send("whatsapp_click", r.phone);
+      clicked(r);
       return open.call(this || w, r ? r.url : url, ...rest);
     };
+
+    // GET forms submitting to WhatsApp (Chaty's welcome popup): the text field gets the code for
+    // this submission only. On window, bubbling: a widget that cancels the submit opens WhatsApp
+    // its own way (window.open), caught above.
+    w.addEventListener("submit", safe(e => {
+      const f = e.target;
+      if (e.defaultPrevented || f.method != "get") return;
+      const r = rewrite(f.action.split("?")[0] + "?" + new URLSearchParams(new FormData(f)));
+      if (!r || r.done) return;
+      let t = f.elements.text;
+      const before = t && t.value;
+      if (!t) {
+        t = f.appendChild(d.createElement("input"));
+        t.type = "hidden";
+        t.name = "text";
+      }
+      t.value = compose(before || "");
+      setTimeout(() => before == null ? t.remove() : t.value = before);
+      clicked(r);
+    }));
+
+    // Script navigations (location.href = ..., assign, replace; also a same-tab submit missed
+    // above), where the browser has the Navigation API: cancel, and go with the code
+    if (w.navigation) navigation.addEventListener("navigate", safe(e => {
+      const r = rewrite(e.destination.url);
+      if (!r || r.done || !e.cancelable || e.navigationType == "traverse") return;
+      e.preventDefault();
+      clicked(r);
+      location[e.navigationType == "replace" ? "replace" : "assign"](r.url);
+    }));
 
     // Links added or changed later
     new MutationObserver(safe(records => {
@@ -152,8 +208,10 @@
     w.addEventListener("popstate", pageview);
 
     // ---- Public API: whatstracking.link(url) adds the code
-    w.whatstracking = {v: 1, link: url => (safe(rewrite)(url) || {url}).url};
+    const link = url => (safe(rewrite)(url) || {url}).url;
+    w.whatstracking = {v: 1, link};
+    d.addEventListener("joinchat:starting", joinchat); // before Joinchat draws its QR codes
     pageview();
-    scan(d);
+    refresh();
   })();
 })(window, document);

@@ -4142,8 +4142,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def load_tracker() -> dict:
+    """tracker.js as served: minified once at start-up, so the file stays readable (with its
+    why-comments) and sites still load under 3 KB gzipped, with no build step."""
+    import rjsmin  # only here: nothing else in the server needs it
+
     try:
-        source = TRACKER_PATH.read_bytes()
+        source = rjsmin.jsmin(TRACKER_PATH.read_text("utf-8")).encode()
     except OSError:
         raise ConfigError(f"tracker.js is missing: expected it at {TRACKER_PATH}.") from None
     return {"raw": source, "gzip": gzip.compress(source, 9, mtime=0),

@@ -8,6 +8,7 @@ skip, unless REQUIRE_POSTGRES=1 (CI), where they fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -31,6 +32,13 @@ DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 def fixture(name: str) -> dict:
     """A copy of an Evolution fixture from tests/fixtures (name without .json)."""
     return copy.deepcopy(json.loads((FIXTURES / f"{name}.json").read_text("utf-8")))
+
+
+def served_tracker() -> bytes:
+    """tracker.js as the server serves it: minified with rjsmin (comments and indentation gone)."""
+    import rjsmin
+
+    return rjsmin.jsmin(whatstracking.TRACKER_PATH.read_text("utf-8")).encode()
 
 
 def _require(env: str) -> bool:
@@ -212,14 +220,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-async def browser():
-    """A headless Chromium for the test (skipped, or failed with REQUIRE_BROWSER=1, without it)."""
+@contextlib.asynccontextmanager
+async def launched_browser():
+    """A headless Chromium (skipped, or failed with REQUIRE_BROWSER=1, without it)."""
     async_playwright, _ = require_browser()
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         await browser.close()
+
+
+@pytest.fixture
+async def browser():
+    """A headless Chromium for the test."""
+    async with launched_browser() as browser:
+        yield browser
 
 
 async def serve(app, port: int):

@@ -9,6 +9,7 @@ Needs Debian's /usr/bin/chromium and the Python playwright package; without them
 skipped, or fail when REQUIRE_BROWSER=1.
 """
 import asyncio
+import contextlib
 import copy
 import gzip
 import json
@@ -22,7 +23,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from conftest import free_port, serve
+from conftest import free_port, serve, served_tracker
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent  # conftest puts it on sys.path
 
@@ -65,8 +66,9 @@ class Api:
         return leads[0]
 
 
-@pytest_asyncio.fixture
-async def api(tmp_path):
+@contextlib.asynccontextmanager
+async def running_api(tmp_path: pathlib.Path):
+    """The WhatsTracking server on SQLite in tmp_path, with the company COMPANY_ID."""
     import whatstracking
 
     port = free_port()
@@ -85,6 +87,12 @@ async def api(tmp_path):
             yield Api(base, http, company)
     finally:
         await runner.cleanup()
+
+
+@pytest_asyncio.fixture
+async def api(tmp_path):
+    async with running_api(tmp_path) as api:
+        yield api
 
 
 PAGE = """<!doctype html>
@@ -376,7 +384,7 @@ async def test_tracker_is_served_gzipped_within_3_kb(api):
             assert r.headers["Content-Encoding"] == "gzip"
             assert r.content_type == "application/javascript"
             body = await r.read()
-    assert gzip.decompress(body) == (ROOT / "tracker.js").read_bytes()
+    assert gzip.decompress(body) == served_tracker()
     assert len(body) <= 3072, f"tracker.js is {len(body)} bytes gzipped; the budget is 3072"
 
 
