@@ -399,7 +399,7 @@ def test_unreachable_database_exits_with_one_readable_sentence(tmp_path, command
 AS_NOBODY = """
 import os, sys
 sys.path.insert(0, sys.argv.pop(1))
-import concurrent.futures.thread, aiosqlite, asyncpg, dotenv, whatstracking
+import concurrent.futures.thread, aiosqlite, asyncpg, dotenv, rjsmin, whatstracking
 if os.geteuid() == 0:
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
 sys.exit(whatstracking.main(sys.argv[1:]))
