@@ -3476,7 +3476,8 @@ class Doctor:
                        "address (EVOLUTION_API_URL, or the company's evolution_url)")
             else:
                 fix = "see the Evolution server's log"
-            return failed(name, f"{client.base_url}: {exc.message}", fix)
+            where = "" if client.base_url in exc.message else f"{client.base_url}: "
+            return failed(name, where + exc.message, fix)
         return passed(name, f"{client.base_url} answers and takes the key "
                             f"({len(instances)} instance(s))")
 
