@@ -11,31 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 import whatstracking
-from conftest import ADMIN_TOKEN, ROOT, Api, create_company
-from fake_evolution import FakeEvolution, closed_port_url
+from conftest import ADMIN_TOKEN, ROOT, Api, create_company, free_port
+from fake_evolution import closed_port_url
 
 CONN = "loja-centro"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-async def evolution():
-    fake = await FakeEvolution().start()
-    yield fake
-    await fake.close()
 
 
 @pytest.fixture
