@@ -3353,8 +3353,9 @@ def webhook_problems(config: Config, company: Company, connection: Mapping[str, 
 def webhook_fix(config: Config, company: Company, connection_id: str) -> str:
     url = expected_webhook_url(config, company.id) or f"PUBLIC_URL/webhook/{company.id}"
     return (f"set the instance's webhook again with POST /webhook/set/{connection_id} on the "
-            f"Evolution server (README: Connecting Evolution API by hand): enabled, url {url}, "
-            f"header {WEBHOOK_SECRET_HEADER}, events {', '.join(EVOLUTION_EVENTS)}")
+            "Evolution server (README: Connecting an instance you made outside WhatsTracking): "
+            f"enabled, url {url}, header {WEBHOOK_SECRET_HEADER}, "
+            f"events {', '.join(EVOLUTION_EVENTS)}")
 
 
 def destination_checks(company: Company) -> list[Check]:

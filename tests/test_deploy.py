@@ -51,7 +51,7 @@ def test_unit_runs_the_venv_python_as_its_own_user_with_hardening():
                        ("ProtectHome", "yes"), ("PrivateTmp", "yes"),
                        ("Restart", "on-failure")):
         assert unit[key] == [value], key
-    # Longer than the server's own shutdown wait (30 s for requests in flight).
+    # Longer than the server's own shutdown (requests under way, then the delivery in flight).
     assert int(unit["TimeoutStopSec"][0]) > 30
     assert unit["WantedBy"] == ["multi-user.target"]
 
