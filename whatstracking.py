@@ -10,6 +10,7 @@ Run:
     python whatstracking.py purge           # delete raw data older than RETENTION_DAYS now
     python whatstracking.py company add ID --name NAME [--evolution-url URL --evolution-key KEY]
     python whatstracking.py token add COMPANY_ID [--name NAME]
+    python whatstracking.py check [--company ID] [--json]   # the doctor: exit 1 if something is wrong
 
 Environment (also read from ``.env`` in the working directory, then beside this file; the real
 environment wins), see ``config.example.env``:
@@ -2430,18 +2431,25 @@ EVENT_NAMES = ("lead", "qualified", "purchase", "refund", "lost")
 DESTINATIONS = ("meta", "ga4", "crm_webhook")
 
 
-def configured_destinations(company: Company) -> list[str]:
-    out = []
-    meta = company.settings.get("meta") or {}
-    if meta.get("dataset_id") and meta.get("access_token") and meta.get("enabled", True):
-        out.append("meta")
-    ga4 = company.settings.get("ga4") or {}
-    if ga4.get("measurement_id") and ga4.get("api_secret") and ga4.get("enabled", True):
-        out.append("ga4")
-    crm = company.settings.get("crm_webhook") or {}
-    if crm.get("url") and crm.get("secret") and crm.get("enabled", True):
-        out.append("crm_webhook")
+# The settings a destination cannot send without.
+DESTINATION_REQUIRED = {"meta": ("dataset_id", "access_token"),
+                        "ga4": ("measurement_id", "api_secret"),
+                        "crm_webhook": ("url", "secret")}
+
+
+def missing_destination_fields(settings: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Destination → its required settings still empty, for each destination set up and on."""
+    out = {}
+    for name, required in DESTINATION_REQUIRED.items():
+        given = settings.get(name)
+        if isinstance(given, dict) and given.get("enabled", True):
+            out[name] = [field for field in required if not given.get(field)]
     return out
+
+
+def configured_destinations(company: Company) -> list[str]:
+    return [name for name, missing in missing_destination_fields(company.settings).items()
+            if not missing]
 
 
 LEAD_EVENT_COLUMNS = ("company_id", "lead_id", "name", "value", "currency", "occurred_at",
@@ -3152,6 +3160,22 @@ def operator_set(company: Company, field: str, url: str | None) -> bool:
     return bool(url) and (company.settings.get(OPERATOR_URLS) or {}).get(field) == url
 
 
+def company_chose(config: Config, company: Company, field: str, url: str | None) -> bool:
+    """Whether an outbound URL is the company's own choice rather than the operator's."""
+    if field == "evolution_url" and url == config.evolution_api_url:
+        return False
+    return not operator_set(company, field, url)
+
+
+def session_for(config: Config, company: Company, field: str, url: str | None,
+                sessions: tuple[Any, Any]) -> Any:
+    """Of the two outbound sessions (open, public addresses only), the one for this URL: the
+    restricted one unless the URL is the operator's or ALLOW_PRIVATE_URLS is on."""
+    if config.allow_private_urls or not company_chose(config, company, field, url):
+        return sessions[0]
+    return sessions[1]
+
+
 def sent_urls(evolution: Mapping[str, Any], body: Mapping[str, Any]) -> dict[str, str]:
     """The outbound URLs a company create or update sets, by field name."""
     urls = {}
@@ -3379,6 +3403,24 @@ class EvolutionClient:
             return False
         self._raise_for_instance(status, body, name, "delete the instance")
         return True
+
+    async def list_instances(self) -> list:
+        """Every instance the key may see (`fetchInstances`): the cheapest call that proves the
+        server answers and takes the key."""
+        status, body = await self.call("GET", "/instance/fetchInstances")
+        if status != 200 or not isinstance(body, list):
+            raise self.fail(status, body, "list its instances")
+        return body
+
+    async def find_webhook(self, name: str) -> dict | None:
+        """The instance's webhook as Evolution stores it (`url`, `headers`, `enabled`, `events`,
+        `webhookByEvents`; CONTRACT §3.8), or None when it has none."""
+        status, body = await self.call("GET", "/webhook/find/" + urllib.parse.quote(name, safe=""))
+        if self.not_found(status, body):
+            raise EvolutionError(404, "Connection not found", status)
+        if status != 200:
+            raise self.fail(status, body, "read the instance's webhook")
+        return body if isinstance(body, dict) else None
 
     def _raise_for_instance(self, status: int, body: Any, name: str, what: str) -> None:
         if self.not_found(status, body):
@@ -3839,6 +3881,295 @@ async def delivery_worker(app: web.Application, wake: asyncio.Event,
 
 
 # ##################################################################################################
+# The doctor: `python whatstracking.py check` and GET /api/checks
+#
+# Each check answers one question asked when "no leads arrive" (is the database there and
+# migrated, does PUBLIC_URL reach this server, does each Evolution server take its key, does each
+# instance's webhook point here with our header and events, is each destination complete) with
+# one sentence, and when it fails, with what to do. The checks that call out run concurrently,
+# each bounded by CHECK_TIMEOUT; an Evolution server shared by several companies is asked once.
+# ##################################################################################################
+
+CHECK_TIMEOUT = 10.0  # seconds one outside call of a check may take
+CHECK_CONCURRENCY = 16  # outside calls of one run in flight at once
+CLI_COMMAND = ".venv/bin/python whatstracking.py"  # how the fixes name the command line
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def passed(name: str, detail: str) -> Check:
+    return Check(name, True, detail)
+
+
+def failed(name: str, detail: str, fix: str) -> Check:
+    return Check(name, False, detail, fix)
+
+
+def evolution_server(config: Config, company: Company) -> tuple[str, str] | None:
+    """(URL, key) of the company's Evolution server: its own, else the default; None if neither
+    is complete."""
+    if company.evolution_url:
+        url, key = company.evolution_url, company.evolution_key
+        if not key and url == config.evolution_api_url:  # never send the default key elsewhere
+            key = config.evolution_api_key
+    else:
+        url, key = config.evolution_api_url, config.evolution_api_key
+    return (url, key) if url and key else None
+
+
+def webhook_secret_accepted(company: Company, connection: Mapping[str, Any], value: str) -> bool:
+    """Whether our webhook accepts `value`, the secret header Evolution sends for this
+    connection: the company's secret or this connection's (both stored as their SHA-256, as
+    POST /webhook compares them)."""
+    given = hash_token(value)
+    return (same_secret(given, company.webhook_secret)
+            or same_secret(given, connection.get("webhook_secret")))
+
+
+def expected_webhook_url(config: Config, company_id: str) -> str | None:
+    return f"{config.public_url}/webhook/{company_id}" if config.public_url else None
+
+
+def webhook_problems(config: Config, company: Company, connection: Mapping[str, Any],
+                     webhook: Mapping[str, Any] | None) -> list[str]:
+    """What keeps the instance's webhook (Evolution's stored row) from delivering its messages
+    to this company, in words; empty when nothing does."""
+    if not webhook:
+        return ["no webhook is set for it on Evolution"]
+    problems = []
+    if webhook.get("enabled") is not True:
+        problems.append("its webhook is turned off")
+    url = webhook.get("url") if isinstance(webhook.get("url"), str) else ""
+    expected = expected_webhook_url(config, company.id)
+    if expected and url.rstrip("/") != expected:
+        problems.append(f"it posts to {url or 'no URL'}, not {expected}")
+    elif not expected and not url.rstrip("/").endswith(f"/webhook/{company.id}"):
+        problems.append(f"it posts to {url or 'no URL'}, not to …/webhook/{company.id}")
+    headers = webhook.get("headers") if isinstance(webhook.get("headers"), dict) else {}
+    secret = {k.lower(): v for k, v in headers.items()}.get(WEBHOOK_SECRET_HEADER)
+    if company.settings.get("webhook_auth_required", True):
+        if not isinstance(secret, str) or not secret:
+            problems.append(f"it sends no {WEBHOOK_SECRET_HEADER} header, so every delivery is "
+                            "refused (401)")
+        elif not webhook_secret_accepted(company, connection, secret):
+            problems.append(f"its {WEBHOOK_SECRET_HEADER} header holds a secret WhatsTracking "
+                            "does not accept, so every delivery is refused (401)")
+    events = webhook.get("events")
+    if isinstance(events, list) and events:  # an empty list means every event
+        missing = [e for e in EVOLUTION_EVENTS if e not in events]
+        if missing:
+            problems.append(f"its events lack {', '.join(missing)}")
+    return problems
+
+
+def webhook_fix(config: Config, company: Company, connection_id: str) -> str:
+    """Adopting the instance again sets its webhook on Evolution (URL, a new secret, events)."""
+    return (f"adopt it again: POST /api/connections {{\"type\": \"evolution\", \"connectionId\": "
+            f"\"{connection_id}\", \"adopt\": true}} (README: Connecting an instance you made "
+            "outside WhatsTracking); it points the webhook at "
+            f"{expected_webhook_url(config, company.id) or 'PUBLIC_URL/webhook/' + company.id} "
+            "with a new secret and the events needed")
+
+
+def destination_checks(company: Company) -> list[Check]:
+    checks = []
+    for name, missing in missing_destination_fields(company.settings).items():
+        label = f"{company.id}: destination {name}"
+        if missing:
+            example = json.dumps({name: {field: "…" for field in missing}}, ensure_ascii=False)
+            checks.append(failed(label, f"{', '.join(missing)} not set, so no conversion is "
+                                        "sent there", f"PATCH /api/company {example}"))
+        else:
+            checks.append(passed(label, "complete; conversions are sent there"))
+    if not checks:
+        checks.append(passed(f"{company.id}: destinations", "none set up: leads are recorded, "
+                             "no conversions are sent (optional)"))
+    return checks
+
+
+def format_checks(checks: list[Check]) -> str:
+    """The checklist for a terminal: one line per check, readable without colour."""
+    lines = []
+    for check in checks:
+        line = f"{'OK  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}"
+        lines.append(line if check.ok else f"{line}. Fix: {check.fix}")
+    bad = sum(not c.ok for c in checks)
+    lines.append(f"{bad} of {len(checks)} checks failed." if bad
+                 else f"All {len(checks)} checks passed.")
+    return "\n".join(lines)
+
+
+class Doctor:
+    """One run of the checks: the HTTP session, a bound on calls in flight, and each Evolution
+    server's answer (asked once however many companies share it)."""
+
+    def __init__(self, config: Config, db: Storage | None, sessions: tuple[Any, Any]) -> None:
+        self.config = config
+        self.db = db
+        self.sessions = sessions  # (open, public addresses only): see session_for
+        self.session = sessions[0]
+        self.gate = asyncio.Semaphore(CHECK_CONCURRENCY)
+        self.servers: dict[tuple[str, str], asyncio.Task] = {}
+
+    async def database(self) -> Check:
+        name = "database"
+        try:
+            async with self.gate:
+                await asyncio.wait_for(self.db.ping(), CHECK_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - any failure: it does not answer
+            return failed(name, f"the {self.db.dialect} database does not answer "
+                                f"({exc.__class__.__name__})",
+                          "check DATABASE_URL and that the database server runs")
+        try:
+            done = {r["version"] for r in await self.db.fetchall(
+                "SELECT version FROM schema_migrations")}
+        except Exception:  # noqa: BLE001 - no such table: never migrated
+            done = set()
+        pending = [version for version, _ in MIGRATIONS if version not in done]
+        if pending:
+            return failed(name, f"{self.db.dialect}, {len(pending)} migration(s) not applied "
+                                f"(this version needs schema {MIGRATIONS[-1][0]})",
+                          f"run `{CLI_COMMAND} migrate` (the server also migrates when it "
+                          "starts)")
+        return passed(name, f"{self.db.dialect}, schema {MIGRATIONS[-1][0]} (up to date)")
+
+    async def public_url(self) -> Check:
+        import aiohttp
+
+        name = "PUBLIC_URL"
+        if not self.config.public_url:
+            return failed(name, "not set, so Evolution is given no address to post messages to",
+                          "set PUBLIC_URL in the settings to the https:// address this server is "
+                          "reached at, e.g. https://track.example.com")
+        url = self.config.public_url + "/healthz"
+        reach = ("check the name's DNS, the reverse proxy in front (deploy/Caddyfile, "
+                 "deploy/nginx.conf) and that the server is running")
+        try:
+            async with self.gate, self.session.get(
+                    url, allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT)) as resp:
+                status, location = resp.status, resp.headers.get("Location", "")
+                body = await resp.read()
+        except asyncio.TimeoutError:
+            return failed(name, f"{url} did not answer within {CHECK_TIMEOUT:g} seconds", reach)
+        except aiohttp.ClientError as exc:
+            return failed(name, f"{url} cannot be reached from this machine ({exc})", reach)
+        if 300 <= status < 400:
+            return failed(name, f"{url} redirects to {location or 'elsewhere'}",
+                          "set PUBLIC_URL to the address it redirects to: Evolution's "
+                          "deliveries do not survive a redirect")
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if status != 200 or not isinstance(answer, dict) or answer.get("ok") is not True:
+            return failed(name, f"{url} answered HTTP {status}, not WhatsTracking's health "
+                                "answer", "point the proxy for this address at WhatsTracking "
+                                "(HOST:PORT), or correct PUBLIC_URL")
+        return passed(name, f"{url} answers from this machine")
+
+    def _server_instances(self, client: EvolutionClient) -> asyncio.Task:
+        key = (client.base_url, client.api_key)
+        if key not in self.servers:
+            async def ask() -> list:
+                async with self.gate:
+                    return await client.list_instances()
+
+            self.servers[key] = asyncio.ensure_future(ask())
+        return self.servers[key]
+
+    async def evolution(self, company: Company, client: EvolutionClient) -> Check:
+        name = f"{company.id}: Evolution server"
+        try:
+            instances = await asyncio.shield(self._server_instances(client))
+        except EvolutionError as exc:
+            if exc.upstream_status == 401:
+                fix = ("set the server's global API key (AUTHENTICATION_API_KEY on Evolution): "
+                       "EVOLUTION_API_KEY, or the company's evolution_key with PATCH /api/company")
+            elif exc.upstream_status is None:
+                fix = ("check that Evolution API runs and that this machine reaches it at that "
+                       "address (EVOLUTION_API_URL, or the company's evolution_url)")
+            else:
+                fix = "see the Evolution server's log"
+            where = "" if client.base_url in exc.message else f"{client.base_url}: "
+            return failed(name, where + exc.message, fix)
+        return passed(name, f"{client.base_url} answers and takes the key "
+                            f"({len(instances)} instance(s))")
+
+    async def webhook(self, company: Company, client: EvolutionClient,
+                      connection: Mapping[str, Any]) -> Check:
+        connection_id = connection["id"]
+        name = f"{company.id}: webhook of {connection_id}"
+        try:
+            async with self.gate:
+                webhook = await client.find_webhook(connection_id)
+        except EvolutionError as exc:
+            if exc.status == 404:
+                return failed(name, f"instance {connection_id} does not exist on "
+                                    f"{client.base_url}",
+                              "create it again (POST /api/create-instance), or delete the "
+                              "connection (DELETE /instance/delete)")
+            return failed(name, exc.message, "see the Evolution server's log")
+        problems = webhook_problems(self.config, company, connection, webhook)
+        if problems:
+            return failed(name, "; ".join(problems),
+                          webhook_fix(self.config, company, connection_id))
+        return passed(name, f"posts to {webhook['url']} with the {WEBHOOK_SECRET_HEADER} "
+                            "header and the events needed")
+
+    async def company(self, company: Company) -> list[Check]:
+        """The checks of one company: its Evolution server, then each of its connections'
+        webhooks there, and its destinations."""
+        server = evolution_server(self.config, company)
+        if server is None:
+            evolution = [failed(f"{company.id}: Evolution server", "none configured, so no "
+                                "WhatsApp number can be connected",
+                                "set EVOLUTION_API_URL and EVOLUTION_API_KEY in the settings, or "
+                                "the company's own with PATCH /api/company {\"evolution_url\": "
+                                "\"…\", \"evolution_key\": \"…\"}")]
+        else:
+            chose = company_chose(self.config, company, "evolution_url", server[0])
+            client = EvolutionClient(
+                session_for(self.config, company, "evolution_url", server[0], self.sessions),
+                *server, min(self.config.evolution_timeout, CHECK_TIMEOUT), chose)
+            evolution = [await self.evolution(company, client)]
+            if evolution[0].ok:
+                rows = await self.db.fetchall(
+                    "SELECT * FROM connections WHERE company_id = ? AND deleted_at IS NULL "
+                    "ORDER BY id", company.id)
+                evolution += await asyncio.gather(*(
+                    self.webhook(company, client, row) for row in rows if row["verified"]))
+        return evolution + destination_checks(company)
+
+    async def run(self, companies: list[Company] | None = None) -> list[Check]:
+        """The database, PUBLIC_URL and every company's checks (or only `companies`'); without
+        a database (it could not be opened) PUBLIC_URL alone."""
+        public = asyncio.ensure_future(self.public_url())
+        if self.db is None:
+            return [await public]
+        checks = [await self.database()]
+        if checks[0].ok:
+            if companies is None:
+                rows = await self.db.fetchall("SELECT * FROM companies ORDER BY id")
+                companies = [Company.from_row(row) for row in rows]
+                if not companies:
+                    checks.append(failed("companies", "none yet", f"create one: `{CLI_COMMAND} "
+                                         "company add my-company --name \"My Company\"`"))
+            for found in await asyncio.gather(*(self.company(c) for c in companies)):
+                checks += found
+        return checks[:1] + [await public] + checks[1:]
+
+
+# ##################################################################################################
 # HTTP: keys, request helpers and authentication
 # ##################################################################################################
 
@@ -4087,17 +4418,7 @@ def outbound_session(app: web.Application, company: Company, field: str, url: st
     """The HTTP session for one of a company's outbound URLs: the one restricted to public
     addresses, unless the URL is the operator's (set by the operator, or EVOLUTION_API_URL) or
     ALLOW_PRIVATE_URLS is on."""
-    config = app[CONFIG]
-    if config.allow_private_urls or not company_chose(config, company, field, url):
-        return app[HTTP]
-    return app[COMPANY_HTTP]
-
-
-def company_chose(config: Config, company: Company, field: str, url: str | None) -> bool:
-    """Whether an outbound URL is the company's own choice rather than the operator's."""
-    if field == "evolution_url" and url == config.evolution_api_url:
-        return False
-    return not operator_set(company, field, url)
+    return session_for(app[CONFIG], company, field, url, (app[HTTP], app[COMPANY_HTTP]))
 
 
 def require_bearer(request: web.Request, *accepted: str) -> None:
@@ -4726,14 +5047,10 @@ def connection_json(row: Mapping[str, Any]) -> dict:
 
 def evolution_for(request: web.Request, company: Company) -> EvolutionClient:
     config = request.app[CONFIG]
-    if company.evolution_url:
-        url, key = company.evolution_url, company.evolution_key
-        if not key and url == config.evolution_api_url:  # never send the default key elsewhere
-            key = config.evolution_api_key
-    else:
-        url, key = config.evolution_api_url, config.evolution_api_key
-    if not url or not key:
+    server = evolution_server(config, company)
+    if server is None:
         raise http_error(400, "No server configured")
+    url, key = server
     return EvolutionClient(outbound_session(request.app, company, "evolution_url", url), url, key,
                            config.evolution_timeout,
                            company_chose(config, company, "evolution_url", url))
@@ -5658,6 +5975,20 @@ async def delete_contact(request: web.Request) -> web.Response:
 
 
 # ##################################################################################################
+# HTTP handlers: the doctor
+# ##################################################################################################
+
+@routes.get("/api/checks")
+async def show_checks(request: web.Request) -> web.Response:
+    """The doctor's checks for one company (its token, or the admin's with company_id)."""
+    company = await authenticate(request)
+    found = await Doctor(request.app[CONFIG], request.app[DB],
+                         (request.app[HTTP], request.app[COMPANY_HTTP])).run([company])
+    return web.json_response({"ok": all(c.ok for c in found),
+                              "checks": [c.json() for c in found]})
+
+
+# ##################################################################################################
 # Middlewares
 # ##################################################################################################
 
@@ -5738,19 +6069,22 @@ async def storage_ctx(app: web.Application):
     await db.close()  # flushes units of work still queued
 
 
-async def http_client_ctx(app: web.Application):
+def new_http_session(public_only: bool = False) -> Any:
+    """An aiohttp.ClientSession for outbound calls (the server's, and the CLI's `check`);
+    `public_only`: it connects to public addresses only (URLs companies chose)."""
     import aiohttp
 
-    session = aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=60, connect=10),
-        headers={"User-Agent": f"WhatsTracking/{VERSION}"})
-    app[HTTP] = session
-    app[COMPANY_HTTP] = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(socket_factory=public_socket),
-        timeout=aiohttp.ClientTimeout(total=60, connect=10),
-        headers={"User-Agent": f"WhatsTracking/{VERSION}"})
+    connector = aiohttp.TCPConnector(socket_factory=public_socket) if public_only else None
+    return aiohttp.ClientSession(connector=connector,
+                                 timeout=aiohttp.ClientTimeout(total=60, connect=10),
+                                 headers={"User-Agent": f"WhatsTracking/{VERSION}"})
+
+
+async def http_client_ctx(app: web.Application):
+    app[HTTP] = new_http_session()
+    app[COMPANY_HTTP] = new_http_session(public_only=True)
     yield
-    await session.close()
+    await app[HTTP].close()
     await app[COMPANY_HTTP].close()
 
 
@@ -5881,6 +6215,43 @@ async def cli_token_add(config: Config, args: argparse.Namespace) -> Any:
     return await _with_storage(config, run)
 
 
+async def cli_check(config: Config, args: argparse.Namespace) -> int:
+    """Print the doctor's checklist (or its JSON); 1 when a check failed."""
+    db = Storage.from_url(config.database_url, config)
+    found: list[Check] = []
+    if isinstance(db, SqliteStorage) and not Path(db.path).exists():
+        # Opening it would create an empty database: say which file is missing instead.
+        found.append(failed("database", f"the SQLite file {Path(db.path).resolve()} does not "
+                                        "exist", "run the command where the server runs (its "
+                                        ".env and database are there), or set DATABASE_URL; "
+                                        f"`{CLI_COMMAND} migrate` creates a new database"))
+        db = None
+    else:
+        try:
+            await db.connect()
+        except ConfigError as exc:
+            found.append(failed("database", str(exc).rstrip("."), "check DATABASE_URL"))
+            db = None
+    try:
+        async with new_http_session() as session, new_http_session(public_only=True) as public:
+            doctor = Doctor(config, db, (session, public))
+            companies = None
+            if args.company and db is not None:
+                company = await get_company(db, args.company)
+                if company is None:
+                    raise ConfigError(f"Company {args.company} not found.")
+                companies = [company]
+            found = found[:1] + await doctor.run(companies)
+    finally:
+        if db is not None:
+            await db.close()
+    if args.json:
+        _print_json({"ok": all(c.ok for c in found), "checks": [c.json() for c in found]})
+    else:
+        print(format_checks(found))
+    return 0 if all(c.ok for c in found) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whatstracking.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
@@ -5901,6 +6272,10 @@ def build_parser() -> argparse.ArgumentParser:
     token_add = token.add_parser("add", help="create another API token for a company")
     token_add.add_argument("company_id")
     token_add.add_argument("--name")
+    check = sub.add_parser("check", help="check the set-up (database, PUBLIC_URL, Evolution "
+                           "servers and webhooks, destinations); exit 1 if something is wrong")
+    check.add_argument("--company", help="check only this company")
+    check.add_argument("--json", action="store_true", help="print the checks as JSON")
     return parser
 
 
@@ -6023,6 +6398,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "serve":
             serve(config)
             return 0
+        if command == "check":
+            return asyncio.run(cli_check(config, args))
         handler = {"migrate": cli_migrate, "purge": cli_purge, "rollup": cli_rollup,
                    "company": cli_company_add, "token": cli_token_add}[command]
         _print_json(asyncio.run(handler(config, args)))

@@ -102,6 +102,16 @@ def make_config(database_url):
 
 
 @pytest.fixture
+async def evolution():
+    """A fake Evolution API server on 127.0.0.1 (tests/fake_evolution.py)."""
+    from fake_evolution import FakeEvolution
+
+    fake = await FakeEvolution().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
 async def client(make_config, aiohttp_client):  # config first: its database outlives the app
     return await aiohttp_client(whatstracking.create_app(make_config()))
 

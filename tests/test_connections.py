@@ -42,13 +42,6 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-async def evolution():
-    fake = await FakeEvolution().start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
 def server_env(evolution) -> dict:
     return {"EVOLUTION_API_URL": evolution.url, "EVOLUTION_API_KEY": evolution.global_key,
             "EVOLUTION_TIMEOUT": "1", "WEBHOOK_SHARED_TOKEN": INGEST_TOKEN}
