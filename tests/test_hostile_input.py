@@ -616,13 +616,6 @@ async def test_a_qr_longer_than_the_cap_from_a_webhook_is_not_kept(api):
     assert (await api.webhook(envelope))["qrcode"] is True
 
 
-@pytest.fixture
-async def evolution():
-    fake = await FakeEvolution().start()
-    yield fake
-    await fake.close()
-
-
 async def test_a_qr_longer_than_the_cap_from_evolution_is_502_and_not_kept(
         make_config, evolution, aiohttp_client):
     client = await aiohttp_client(whatstracking.create_app(make_config(

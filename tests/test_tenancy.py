@@ -20,9 +20,9 @@ import whatstracking
 from conftest import ADMIN_TOKEN, Api, create_company, fixture, upsert
 from fake_evolution import FakeEvolution, closed_port_url, response
 # The server with the fake Evolution as its default, and the helpers, of the connection tests.
-from test_connections import (  # noqa: F401 - client, evolution, server_env: fixtures
-    EVENTS, OWNER, call, client, connections, create, evolution, link_query, make_link,
-    sent_secret, server_env, signing_key, stored_connection)
+from test_connections import (  # noqa: F401 - client, server_env: fixtures (evolution: conftest)
+    EVENTS, OWNER, call, client, connections, create, link_query, make_link, sent_secret,
+    server_env, signing_key, stored_connection)
 from whatstracking import hash_token
 
 ACME_CONN = "acme-conn"
