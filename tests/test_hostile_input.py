@@ -23,7 +23,6 @@ import pytest
 
 import whatstracking
 from conftest import ADMIN_TOKEN, create_company, fixture, upsert
-from fake_evolution import FakeEvolution
 
 INGEST_TOKEN = "ingest-shared-token-0123456789"
 INGEST = {"X-Webhook-Token": INGEST_TOKEN}
