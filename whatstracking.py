@@ -5984,8 +5984,8 @@ async def show_checks(request: web.Request) -> web.Response:
     company = await authenticate(request)
     found = await Doctor(request.app[CONFIG], request.app[DB],
                          (request.app[HTTP], request.app[COMPANY_HTTP])).run([company])
-    return web.json_response({"ok": all(c.ok for c in found),
-                              "checks": [c.json() for c in found]})
+    return json_response({"ok": all(c.ok for c in found),
+                         "checks": [c.json() for c in found]})
 
 
 # ##################################################################################################
