@@ -4016,7 +4016,6 @@ class Doctor:
         self.config = config
         self.db = db
         self.sessions = sessions  # (open, public addresses only): see session_for
-        self.session = sessions[0]
         self.gate = asyncio.Semaphore(CHECK_CONCURRENCY)
         self.servers: dict[tuple[str, str], asyncio.Task] = {}
 
@@ -4054,7 +4053,7 @@ class Doctor:
         reach = ("check the name's DNS, the reverse proxy in front (deploy/Caddyfile, "
                  "deploy/nginx.conf) and that the server is running")
         try:
-            async with self.gate, self.session.get(
+            async with self.gate, self.sessions[0].get(  # PUBLIC_URL: the operator's
                     url, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT)) as resp:
                 status, location = resp.status, resp.headers.get("Location", "")
@@ -4409,9 +4408,15 @@ async def acting_company(request: web.Request, body: Mapping[str, Any]) -> Compa
     return await authenticate(request, company_id)
 
 
+def bearer_is(request: web.Request, *accepted: str) -> bool:
+    """Whether the request's bearer is one of the `accepted` operator tokens (an unset, empty
+    one accepts nothing)."""
+    given = bearer(request)
+    return any(same_secret(given, token) for token in accepted)
+
+
 def is_admin(request: web.Request) -> bool:
-    config = request.app[CONFIG]
-    return bool(config.admin_token) and same_secret(bearer(request), config.admin_token)
+    return bearer_is(request, request.app[CONFIG].admin_token)
 
 
 def outbound_session(app: web.Application, company: Company, field: str, url: str | None):
@@ -4422,10 +4427,8 @@ def outbound_session(app: web.Application, company: Company, field: str, url: st
 
 
 def require_bearer(request: web.Request, *accepted: str) -> None:
-    """401 unless the request's bearer is one of the `accepted` operator tokens (an unset,
-    empty one accepts nothing)."""
-    given = bearer(request)
-    if not any(same_secret(given, token) for token in accepted):
+    """401 unless the request's bearer is one of the `accepted` operator tokens."""
+    if not bearer_is(request, *accepted):
         raise http_error(401, "Unauthorized")
 
 
