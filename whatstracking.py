@@ -5851,6 +5851,58 @@ async def dashboard(request: web.Request) -> web.Response:
                         charset="utf-8", headers=DASHBOARD_HEADERS)
 
 
+# The console's views (console/*.js) and the dictionaries (locales/<language>.json) are plain
+# files beside whatstracking.py, served as they are: no build step. A third language is one file.
+CONSOLE_DIR = HERE / "console"
+LOCALES_DIR = HERE / "locales"
+CONSOLE_FILE_RE = re.compile(r"^[a-z][a-z0-9-]{0,40}\.js\Z")
+LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(-[A-Z]{2})?\Z")
+
+
+@routes.get("/console/{name}")
+async def console_script(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if not CONSOLE_FILE_RE.match(name):
+        raise http_error(404, "Not found")
+    return web.Response(body=shipped_file(CONSOLE_DIR / name), content_type="application/javascript",
+                        charset="utf-8", headers={"Cache-Control": "no-cache"})
+
+
+def dictionary(language: str) -> dict:
+    """locales/<language>.json as a dict ({} when the install has no such file)."""
+    if not LANGUAGE_RE.match(language):
+        return {}
+    try:
+        return json.loads((LOCALES_DIR / f"{language}.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def languages() -> list[dict]:
+    """The dictionaries shipped: [{"code": "en", "name": "English"}, ...], by code."""
+    found = []
+    for path in sorted(LOCALES_DIR.glob("*.json")):
+        if LANGUAGE_RE.match(path.stem):
+            found.append({"code": path.stem, "name": dictionary(path.stem).get("language.name",
+                                                                                 path.stem)})
+    return found
+
+
+@routes.get("/locales")
+async def list_languages(request: web.Request) -> web.Response:
+    return json_response({"languages": languages()}, headers={"Cache-Control": "no-cache"})
+
+
+@routes.get("/locales/{language}.json")
+async def serve_dictionary(request: web.Request) -> web.Response:
+    language = request.match_info["language"]
+    if not LANGUAGE_RE.match(language):
+        raise http_error(404, "Not found")
+    return web.Response(body=shipped_file(LOCALES_DIR / f"{language}.json"),
+                        content_type="application/json", charset="utf-8",
+                        headers={"Cache-Control": "no-cache"})
+
+
 # ##################################################################################################
 # HTTP handlers: operations and privacy (metrics, erasure)
 # ##################################################################################################

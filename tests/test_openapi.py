@@ -20,7 +20,8 @@ HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "tra
 # Routes anyone may call without a token or a webhook secret (their operations say `security: []`).
 PUBLIC_ROUTES = {
     ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/openapi.json"),
-    ("GET", "/dashboard"), ("GET", "/scripts/whatsapp-tracker.js"),
+    ("GET", "/dashboard"), ("GET", "/console/{name}"), ("GET", "/locales"),
+    ("GET", "/locales/{language}.json"), ("GET", "/scripts/whatsapp-tracker.js"),
     ("OPTIONS", "/tracking"), ("POST", "/tracking"),
     ("GET", "/connect/{connection_id}"), ("GET", "/public/get-connection"),
 }
