@@ -884,6 +884,10 @@ ALTER TABLE connections ADD COLUMN last_delivery_at {real};
 ALTER TABLE connections ADD COLUMN last_rejected_at {real};
 ALTER TABLE connections ADD COLUMN last_rejection TEXT;
 """),
+    # When each API token was last used (to the minute: see TokenUses), for the tokens list.
+    (8, """
+ALTER TABLE api_tokens ADD COLUMN last_used_at {real};
+"""),
 ]
 
 DIALECT_TYPES = {
@@ -1878,27 +1882,94 @@ async def create_company(db: Storage, company_id: str, name: str, settings: Mapp
             "webhook_secret": webhook_secret}
 
 
-async def add_token(db: Storage, company_id: str, name: str | None = None) -> str:
+TOKEN_NAME_MAX = 100
+# Seconds: a token's last_used_at is written at most once a minute per process (see TokenUses).
+TOKEN_USE_INTERVAL = 60
+
+
+def token_json(row: Mapping[str, Any]) -> dict:
+    """An API token as it is listed: never its value (only its hash is stored)."""
+    return {"id": row["id"], "name": row["name"], "created_at": iso(row["created_at"]),
+            "last_used_at": iso(row["last_used_at"])}
+
+
+async def create_token(db: Storage, company_id: str, name: str | None = None) -> dict:
+    """Make an API token for a company: {id, name, created_at, token}, the value shown once."""
     token = new_secret("wt_")
 
-    async def run(tx) -> bool:
+    async def run(tx) -> dict | None:
         if not await tx.fetchone("SELECT id FROM companies WHERE id = ?", company_id):
-            return False
-        await tx.execute("INSERT INTO api_tokens (company_id, name, token_hash, created_at) "
-                         "VALUES (?, ?, ?, ?)", company_id, name, hash_token(token), now())
-        return True
+            return None
+        return await tx.fetchone(
+            "INSERT INTO api_tokens (company_id, name, token_hash, created_at) "
+            "VALUES (?, ?, ?, ?) RETURNING id, name, created_at", company_id, name,
+            hash_token(token), now())
 
-    if not await db.transact(run):
+    row = await db.transact(run)
+    if row is None:
         raise http_error(404, "Company not found")
-    return token
+    return {"id": row["id"], "name": row["name"], "created_at": iso(row["created_at"]),
+            "token": token}
+
+
+async def add_token(db: Storage, company_id: str, name: str | None = None) -> str:
+    return (await create_token(db, company_id, name))["token"]
+
+
+async def company_tokens(db: Storage, company_id: str) -> list[dict]:
+    rows = await db.fetchall("SELECT id, name, created_at, last_used_at FROM api_tokens "
+                             "WHERE company_id = ? ORDER BY id", company_id)
+    return [token_json(r) for r in rows]
+
+
+async def revoke_token(db: Storage, company_id: str, token_id: int) -> bool:
+    """Delete a company's token (refused at once everywhere: every request reads the tokens);
+    False when the company has no such token."""
+    return bool(await db.transact(lambda tx: tx.execute(
+        "DELETE FROM api_tokens WHERE id = ? AND company_id = ?", token_id, company_id)))
+
+
+async def token_row(db: Storage, token: str) -> dict | None:
+    """The token's {id, company_id}, read from the database on every request, so a revoked
+    token is refused at once by every process. It is compared by its SHA-256 through the unique
+    index; timing reveals nothing about the token itself."""
+    return await db.fetchone("SELECT id, company_id FROM api_tokens WHERE token_hash = ?",
+                             hash_token(token))
 
 
 async def company_for_token(db: Storage, token: str) -> str | None:
-    # The token is compared by its SHA-256 through the unique index; timing reveals nothing about
-    # the token itself.
-    row = await db.fetchone("SELECT company_id FROM api_tokens WHERE token_hash = ?",
-                            hash_token(token))
+    row = await token_row(db, token)
     return row["company_id"] if row else None
+
+
+class TokenUses:
+    """When this process last wrote each token's last_used_at (token id → monotonic seconds):
+    a use is recorded at most once per TOKEN_USE_INTERVAL, not a write per request."""
+
+    def __init__(self, interval: float = TOKEN_USE_INTERVAL, max_keys: int = 50_000) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self.written: dict[int, float] = {}
+
+    def due(self, token_id: int) -> bool:
+        """Whether this use is to be written (and if so, it counts as written from now)."""
+        t = time.monotonic()
+        last = self.written.get(token_id)
+        if last is not None and t - last < self.interval:
+            return False
+        if len(self.written) >= self.max_keys:
+            self.written.clear()  # tokens are few; this only bounds memory
+        self.written[token_id] = t
+        return True
+
+
+async def note_token_use(db: Storage, token_id: int) -> None:
+    """Record a token's use now; the UPDATE only moves last_used_at forward (another process
+    may have written a later time meanwhile)."""
+    t = now()
+    await db.transact(lambda tx: tx.execute(
+        "UPDATE api_tokens SET last_used_at = ? WHERE id = ? "
+        "AND (last_used_at IS NULL OR last_used_at < ?)", t, token_id, t))
 
 
 # ##################################################################################################
@@ -2948,6 +3019,7 @@ def lead_json(row: Mapping[str, Any]) -> dict:
 # ##################################################################################################
 
 REPORT_GROUPS = ("utm_source", "utm_medium", "utm_campaign", "ad_id", "connection", "day")
+REPORT_DEFAULT_DAYS = 30  # a report or summary without `from` covers the last 30 days
 MATCH_METHODS = ("code", "ctwa", "window", "none")
 
 
@@ -3049,6 +3121,80 @@ async def build_report(db: Storage, company: Company, group_by: str, start: floa
     return {"group_by": group_by, "from": iso(start), "to": iso(end),
             "timezone": company.settings["timezone"], "currency": company.settings["currency"],
             "rows": [_finish_row(r) for r in ordered], "totals": _finish_row(total)}
+
+
+CONNECTION_STATES = ("open", "connecting", "close")  # any other state (or none) counts as other
+
+
+async def company_summaries(db: Storage, start: float, end: float) -> list[dict]:
+    """Every company with its leads, clicks and matched clicks in [start, end), its last lead
+    ever and its connections by state: the agency's list. A few statements whatever the number
+    of companies, each reading through the company-first indexes (the counts and the last lead
+    per company are index ranges and seeks, the clicks come from visit_rollup's counters)."""
+    first, last = -int(-start // ROLLUP_BUCKET), int(end // ROLLUP_BUCKET)  # whole buckets
+    companies = await db.fetchall(
+        "SELECT c.id, c.name, c.created_at, (SELECT COUNT(*) FROM leads l "
+        "WHERE l.company_id = c.id AND l.created_at >= ? AND l.created_at < ?) AS leads, "
+        "(SELECT MAX(l.created_at) FROM leads l WHERE l.company_id = c.id) AS last_lead_at "
+        "FROM companies c ORDER BY c.name, c.id", start, end)
+    clicks: list[dict] = []
+    if first < last:
+        clicks += await db.fetchall(
+            "SELECT c.id AS company_id, CAST(SUM(r.clicks) AS BIGINT) AS clicks, "
+            "CAST(SUM(r.matched) AS BIGINT) AS matched FROM companies c JOIN visit_rollup r "
+            "ON r.company_id = c.id AND r.dimension = '' AND r.bucket >= ? AND r.bucket < ? "
+            "GROUP BY c.id", first, last)
+        edges = [(start, first * ROLLUP_BUCKET), (last * ROLLUP_BUCKET, end)]
+    else:
+        edges = [(start, end)]
+    for edge_start, edge_end in edges:
+        if edge_start < edge_end:
+            clicks += await db.fetchall(
+                "SELECT c.id AS company_id, SUM(CASE WHEN v.clicks > 0 THEN 1 ELSE 0 END) "
+                "AS clicks, SUM(CASE WHEN v.clicks > 0 AND v.lead_id IS NOT NULL THEN 1 ELSE 0 "
+                "END) AS matched FROM companies c JOIN visits v ON v.company_id = c.id "
+                "AND v.created_at >= ? AND v.created_at < ? GROUP BY c.id", edge_start, edge_end)
+    connections = await db.fetchall(
+        "SELECT company_id, state, COUNT(*) AS n FROM connections WHERE deleted_at IS NULL "
+        "GROUP BY company_id, state")
+    out = {row["id"]: {
+        "company_id": row["id"], "name": row["name"], "created_at": iso(row["created_at"]),
+        "leads": row["leads"], "matched_clicks": 0, "clicks": 0, "match_rate": None,
+        "last_lead_at": iso(row["last_lead_at"]),
+        "connections": {"total": 0, **{state: 0 for state in CONNECTION_STATES}, "other": 0},
+    } for row in companies}
+    for row in clicks:
+        if row["company_id"] in out:
+            out[row["company_id"]]["clicks"] += int(row["clicks"] or 0)
+            out[row["company_id"]]["matched_clicks"] += int(row["matched"] or 0)
+    for row in connections:
+        if row["company_id"] in out:
+            counts = out[row["company_id"]]["connections"]
+            counts["total"] += row["n"]
+            counts[row["state"] if row["state"] in CONNECTION_STATES else "other"] += row["n"]
+    for summary in out.values():
+        if summary["clicks"]:
+            summary["match_rate"] = round(summary["matched_clicks"] / summary["clicks"], 4)
+    return list(out.values())
+
+
+async def onboarding_progress(db: Storage, company_id: str) -> dict:
+    """How far a company got: its first and last visit, its visits (visit_rollup's counters,
+    not a count of the visits), its connections, its first lead and its leads, all time."""
+    row = await db.fetchone(
+        "SELECT (SELECT MIN(created_at) FROM visits WHERE company_id = ?) AS first_visit_at, "
+        "(SELECT MAX(created_at) FROM visits WHERE company_id = ?) AS last_visit_at, "
+        "(SELECT CAST(SUM(visits) AS BIGINT) FROM visit_rollup WHERE company_id = ? "
+        "AND dimension = '') AS visits, "
+        "(SELECT MIN(created_at) FROM leads WHERE company_id = ?) AS first_lead_at, "
+        "(SELECT COUNT(*) FROM leads WHERE company_id = ?) AS leads, "
+        "(SELECT COUNT(*) FROM connections WHERE company_id = ? AND deleted_at IS NULL) "
+        "AS connections, (SELECT COUNT(*) FROM connections WHERE company_id = ? "
+        "AND deleted_at IS NULL AND state = 'open') AS open_connections", *[company_id] * 7)
+    return {"first_visit_at": iso(row["first_visit_at"]),
+            "last_visit_at": iso(row["last_visit_at"]), "visits": int(row["visits"] or 0),
+            "connections": {"total": row["connections"], "open": row["open_connections"]},
+            "first_lead_at": iso(row["first_lead_at"]), "leads": row["leads"]}
 
 
 # ##################################################################################################
@@ -4317,6 +4463,7 @@ class InFlight:
 METRICS = web.AppKey("metrics", Metrics)
 LIMITS = web.AppKey("limits", dict)  # kind → RateLimiter
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
+TOKEN_USES = web.AppKey("token_uses", TokenUses)
 # Once a minute per key (a RateLimiter of one a minute): "delivered" and "rejected" notes on a
 # connection, keyed by it; "lines": the log lines about rejections naming no connection.
 WEBHOOK_NOTES = web.AppKey("webhook_notes", dict)
@@ -4380,9 +4527,15 @@ async def authenticate(request: web.Request, company_id: str | None = None) -> C
         if not company_id:
             raise http_error(400, "company_id is required with the admin token")
     else:
-        owned = await company_for_token(db, token)
-        if owned is None:
+        found = await token_row(db, token)
+        if found is None:
             raise http_error(401, "Unauthorized")
+        owned = found["company_id"]
+        if request.app[TOKEN_USES].due(found["id"]):
+            try:
+                await note_token_use(db, found["id"])
+            except Exception as exc:  # noqa: BLE001 - a bookkeeping write never fails the call
+                log.warning("could not record the use of API token %s: %s", found["id"], exc)
         if company_id is not None and company_id != owned:
             raise http_error(404, "Company not found")
         company_id = owned
@@ -4904,6 +5057,54 @@ async def update_company(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+@routes.get("/api/companies")
+async def list_companies(request: web.Request) -> web.Response:
+    """The agency's list (admin): every company with a summary over from/to (default the last
+    30 days); dates are days in `timezone` (default the product's, America/Sao_Paulo)."""
+    require_admin(request)
+    name = request.query.get("timezone", DEFAULT_SETTINGS["timezone"])
+    try:
+        zone = zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, TypeError, ValueError):
+        raise http_error(400, "timezone must be an IANA name like America/Sao_Paulo") from None
+    start, end = parse_range(request.query, zone)
+    end = end if end is not None else now()
+    start = start if start is not None else end - REPORT_DEFAULT_DAYS * 86400
+    return json_response({"companies": await company_summaries(request.app[DB], start, end),
+                          "from": iso(start), "to": iso(end), "timezone": name})
+
+
+@routes.get("/api/tokens")
+async def list_tokens(request: web.Request) -> web.Response:
+    company = await authenticate(request)
+    return json_response({"tokens": await company_tokens(request.app[DB], company.id)})
+
+
+@routes.post("/api/tokens")
+async def create_token_route(request: web.Request) -> web.Response:
+    body = await object_body(request)
+    company = await acting_company(request, body)
+    for key in body:
+        if key not in ("company_id", "name"):
+            raise http_error(400, f"Unknown field: {key}")
+    name = body.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > TOKEN_NAME_MAX):
+        raise http_error(400, f"name must be text of at most {TOKEN_NAME_MAX} characters")
+    created = await create_token(request.app[DB], company.id, (name or "").strip() or None)
+    log.info("API token %s made for company %s", created["id"], company.id)
+    return json_response(created, status=201)
+
+
+@routes.delete("/api/tokens/{token_id}")
+async def revoke_token_route(request: web.Request) -> web.Response:
+    company = await authenticate(request)
+    token_id = parse_id(request.match_info["token_id"])
+    if token_id is None or not await revoke_token(request.app[DB], company.id, token_id):
+        raise http_error(404, "Token not found")
+    log.info("API token %s of company %s revoked", token_id, company.id)
+    return json_response({"ok": True, "id": token_id})
+
+
 async def check_outbound_urls(request: web.Request, company: Company, settings: dict,
                               urls: Mapping[str, str]) -> dict:
     """The settings after outbound URLs were set: the operator's are recorded as theirs; a
@@ -5127,6 +5328,25 @@ def public_base(request: web.Request) -> str:
     if peer_is_proxy(request):
         scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
     return f"{scheme}://{request.host}"
+
+
+def tracker_snippets(base: str, company_id: str) -> dict[str, str]:
+    """The two forms of the website snippet (README, "The website snippet")."""
+    src = html.escape(f"{base}/scripts/whatsapp-tracker.js")
+    company = html.escape(company_id)
+    return {"attribute": f'<script src="{src}" data-company="{company}" async></script>',
+            "global": f"<script>window.whatsappcompanieId = '{company}';</script>\n"
+                      f'<script src="{src}"></script>'}
+
+
+@routes.get("/api/onboarding")
+async def onboarding(request: web.Request) -> web.Response:
+    """What a new company needs next: its snippets and how far it got (visits, connections,
+    leads)."""
+    company = await authenticate(request)
+    base = public_base(request)
+    return json_response({"public_url": base, "snippets": tracker_snippets(base, company.id),
+                          **await onboarding_progress(request.app[DB], company.id)})
 
 
 def instance_webhook(request: web.Request, company: Company, secret: str) -> dict:
@@ -5826,7 +6046,6 @@ async def google_ads_export(request: web.Request) -> web.Response:
 # HTTP handlers: reports and the dashboard
 # ##################################################################################################
 
-REPORT_DEFAULT_DAYS = 30
 DASHBOARD_PATH = HERE / "dashboard.html"
 DASHBOARD_HEADERS = page_headers(
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
@@ -6197,6 +6416,7 @@ def create_app(config: Config | None = None) -> web.Application:
     app.cleanup_ctx.append(retention_ctx)
     app[METRICS] = Metrics()
     app[IN_FLIGHT] = InFlight()
+    app[TOKEN_USES] = TokenUses()
     app[WEBHOOK_NOTES] = {"delivered": RateLimiter(1, WEBHOOK_NOTE_KEYS),
                           "rejected": RateLimiter(1, WEBHOOK_NOTE_KEYS),
                           "lines": RateLimiter(REJECTION_LINES_PER_MINUTE)}
@@ -6262,12 +6482,55 @@ async def cli_company_add(config: Config, args: argparse.Namespace) -> Any:
         evolution.get("evolution_key")))
 
 
+async def cli_company_list(config: Config, args: argparse.Namespace) -> Any:
+    async def run(db: Storage) -> dict:
+        rows = await db.fetchall(
+            "SELECT c.id, c.name, c.created_at, (SELECT COUNT(*) FROM api_tokens t "
+            "WHERE t.company_id = c.id) AS tokens FROM companies c ORDER BY c.id")
+        return {"companies": [{"company_id": r["id"], "name": r["name"],
+                               "created_at": iso(r["created_at"]), "tokens": r["tokens"]}
+                              for r in rows]}
+
+    return await _with_storage(config, run)
+
+
 async def cli_token_add(config: Config, args: argparse.Namespace) -> Any:
     async def run(db: Storage) -> dict:
         return {"company_id": args.company_id,
-                "token": await add_token(db, args.company_id, args.name)}
+                **await create_token(db, args.company_id, args.name)}
 
     return await _with_storage(config, run)
+
+
+async def cli_token_list(config: Config, args: argparse.Namespace) -> Any:
+    async def run(db: Storage) -> dict:
+        if await get_company(db, args.company_id) is None:
+            raise http_error(404, "Company not found")
+        return {"company_id": args.company_id,
+                "tokens": await company_tokens(db, args.company_id)}
+
+    return await _with_storage(config, run)
+
+
+async def cli_token_revoke(config: Config, args: argparse.Namespace) -> Any:
+    token_id = parse_id(args.token_id)
+    if token_id is None:
+        raise ConfigError("TOKEN_ID must be a token's id (see `token list`).")
+
+    async def run(db: Storage) -> dict:
+        if await get_company(db, args.company_id) is None:
+            raise http_error(404, "Company not found")
+        if not await revoke_token(db, args.company_id, token_id):
+            raise http_error(404, "Token not found")
+        return {"ok": True, "company_id": args.company_id, "id": token_id}
+
+    return await _with_storage(config, run)
+
+
+CLI_COMMANDS = {("migrate", None): cli_migrate, ("purge", None): cli_purge,
+                ("rollup", None): cli_rollup, ("company", "add"): cli_company_add,
+                ("company", "list"): cli_company_list, ("token", "add"): cli_token_add,
+                ("token", "list"): cli_token_list, ("token", "revoke"): cli_token_revoke}
 
 
 async def cli_check(config: Config, args: argparse.Namespace) -> int:
@@ -6327,6 +6590,13 @@ def build_parser() -> argparse.ArgumentParser:
     token_add = token.add_parser("add", help="create another API token for a company")
     token_add.add_argument("company_id")
     token_add.add_argument("--name")
+    company.add_parser("list", help="list the companies")
+    token_list = token.add_parser("list", help="list a company's API tokens (never their "
+                                  "values)")
+    token_list.add_argument("company_id")
+    token_revoke = token.add_parser("revoke", help="revoke an API token (refused at once)")
+    token_revoke.add_argument("company_id")
+    token_revoke.add_argument("token_id")
     check = sub.add_parser("check", help="check the set-up (database, PUBLIC_URL, Evolution "
                            "servers and webhooks, destinations); exit 1 if something is wrong")
     check.add_argument("--company", help="check only this company")
@@ -6455,8 +6725,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "check":
             return asyncio.run(cli_check(config, args))
-        handler = {"migrate": cli_migrate, "purge": cli_purge, "rollup": cli_rollup,
-                   "company": cli_company_add, "token": cli_token_add}[command]
+        handler = CLI_COMMANDS[command, getattr(args, "action", None)]
         _print_json(asyncio.run(handler(config, args)))
         return 0
     except ConfigError as exc:

@@ -235,6 +235,67 @@ async def test_token_add_for_an_unknown_company_fails(tmp_path, database_url):
     assert "Traceback" not in proc.stderr
 
 
+async def test_company_list_token_list_and_token_revoke(tmp_path, database_url):
+    assert cli_json("company", "list", cwd=tmp_path, DATABASE_URL=database_url) == {
+        "companies": []}
+    created = cli_json("company", "add", "acme", "--name", "Acme", cwd=tmp_path,
+                       DATABASE_URL=database_url)
+    cli_json("company", "add", "beta", cwd=tmp_path, DATABASE_URL=database_url)
+    extra = cli_json("token", "add", "acme", "--name", "zapier", cwd=tmp_path,
+                     DATABASE_URL=database_url)
+    assert extra["name"] == "zapier" and isinstance(extra["id"], int)
+    listed = cli_json("company", "list", cwd=tmp_path, DATABASE_URL=database_url)
+    assert [(c["company_id"], c["name"], c["tokens"]) for c in listed["companies"]] == [
+        ("acme", "Acme", 2), ("beta", "beta", 1)]
+    assert all(c["created_at"].endswith("Z") for c in listed["companies"])
+
+    tokens = cli_json("token", "list", "acme", cwd=tmp_path, DATABASE_URL=database_url)
+    assert tokens["company_id"] == "acme"
+    assert [(t["name"], t["last_used_at"]) for t in tokens["tokens"]] == [
+        ("default", None), ("zapier", None)]
+    assert created["token"] not in json.dumps(tokens) and extra["token"] not in json.dumps(tokens)
+
+    revoked = cli_json("token", "revoke", "acme", str(extra["id"]), cwd=tmp_path,
+                       DATABASE_URL=database_url)
+    assert revoked == {"ok": True, "company_id": "acme", "id": extra["id"]}
+    tokens = cli_json("token", "list", "acme", cwd=tmp_path, DATABASE_URL=database_url)
+    assert [t["name"] for t in tokens["tokens"]] == ["default"]
+
+    # Another company's token, an unknown one, an unknown company: one readable line each.
+    beta = cli_json("token", "list", "beta", cwd=tmp_path, DATABASE_URL=database_url)
+    for args, words in ((("token", "revoke", "acme", str(beta["tokens"][0]["id"])),
+                         "Token not found"),
+                        (("token", "revoke", "acme", str(extra["id"])), "Token not found"),
+                        (("token", "revoke", "acme", "x1"), "TOKEN_ID"),
+                        (("token", "revoke", "ghost", "1"), "Company not found"),
+                        (("token", "list", "ghost"), "Company not found")):
+        proc = cli(*args, cwd=tmp_path, DATABASE_URL=database_url)
+        assert proc.returncode != 0, args
+        assert proc.stdout == ""
+        assert words in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert len(proc.stderr.strip().splitlines()) <= 2  # (the database line,) the error
+    assert len(cli_json("token", "list", "beta", cwd=tmp_path,
+                        DATABASE_URL=database_url)["tokens"]) == 1
+
+
+async def test_a_token_revoked_by_the_cli_is_refused_at_once_by_a_running_server(
+        tmp_path, database_url, servers):
+    cli_json("company", "add", "acme", cwd=tmp_path, DATABASE_URL=database_url)
+    extra = cli_json("token", "add", "acme", cwd=tmp_path, DATABASE_URL=database_url)
+    server = servers(tmp_path, DATABASE_URL=database_url)
+    auth = {"Authorization": f"Bearer {extra['token']}"}
+    assert http("GET", server.url("/api/company"), headers=auth)[0] == 200
+    tokens = cli_json("token", "list", "acme", cwd=tmp_path, DATABASE_URL=database_url)
+    used = {t["id"]: t["last_used_at"] for t in tokens["tokens"]}
+    assert used[extra["id"]] is not None  # the server recorded its use
+    cli_json("token", "revoke", "acme", str(extra["id"]), cwd=tmp_path,
+             DATABASE_URL=database_url)
+    assert http("GET", server.url("/api/company"), headers=auth) == (
+        401, {"error": "Unauthorized"})
+    assert server.stop() == 0
+
+
 async def test_cli_tokens_authenticate_against_a_running_server(tmp_path, database_url, servers):
     created = cli_json("company", "add", "acme", "--name", "Acme", cwd=tmp_path,
                        DATABASE_URL=database_url)

@@ -1,0 +1,429 @@
+/* WhatsApp numbers (Evolution connections): state, number, last message received, refused
+   webhooks; QR that refreshes while it is shown, pairing code, client link, adoption; restart,
+   log out, delete. The pieces the onboarding reuses are on WT.connectionUI. */
+(function () {
+  "use strict";
+  var h = WT.h;
+  var QR_EVERY = 3000;  // ms: WhatsApp changes its QR every ~20 s; we ask more often
+  var TTLS = [[3600, "connections.ttl_1h"], [86400, "connections.ttl_1d"],
+              [7 * 86400, "connections.ttl_7d"], [30 * 86400, "connections.ttl_30d"]];
+
+  function stateBadge(c) {
+    var s = c.deletedAt ? "deleted" : c.state || "unknown";
+    var kind = {open: "ok", connecting: "warn", close: "bad", deleted: ""}[s];
+    var key = "connections.state." + s;
+    return h("span", {class: "badge " + (kind == null ? "" : kind), dataset: {state: s}},
+             WT.has(key) ? WT.t(key) : s);
+  }
+
+  function slug(text) {
+    return String(text).normalize("NFD").replace(/[\u0300-\u036f]/g, "").trim().toLowerCase()
+      .replace(/[^a-z0-9_.-]+/g, "-").replace(/^[-_.]+|-+$/g, "").slice(0, 64);
+  }
+
+  function pairingText(code) {
+    code = String(code || "");
+    return code.length === 8 && code.indexOf("-") < 0 ? code.slice(0, 4) + "-" + code.slice(4) : code;
+  }
+
+  /* The user's words for a connection call's error. */
+  function connectionError(e, name) {
+    var m = (e.body && e.body.error) || "";
+    if (e.status === 409 && /already exists/.test(m)) return WT.t("connections.exists", {name: name});
+    if (e.status === 409 && /connected/.test(m)) return WT.t("connections.already_connected");
+    if (e.status === 403 && /instance_token is required/.test(m)) return WT.t("connections.adopt_token_needed");
+    if (e.status === 403 && /instance_token/.test(m)) return WT.t("connections.adopt_token_wrong");
+    if (e.status === 404 && /Connection not found|Instance|instance/.test(m)) return WT.t("connections.not_on_server", {name: name});
+    if (e.status === 400 && /No server configured/.test(m)) return WT.t("connections.no_server");
+    if (e.status === 400 && /connectionId must/.test(m)) return WT.t("connections.name_invalid");
+    if (e.status === 400 && /number must/.test(m)) return WT.t("connections.number_invalid");
+    if (e.status === 503 && /no QR code yet/.test(m)) return WT.t("connections.qr_not_yet");
+    return e.message;
+  }
+
+  /* A QR that refreshes every few seconds until the number is connected (409 from the API),
+     with the pairing code when there is one. opts: {onConnected(conn), pairingCode}. Returns
+     {element, stop()}; it also stops when the view changes. */
+  function qrPanel(connectionId, opts) {
+    opts = opts || {};
+    var img = h("img", {class: "qr", alt: WT.t("connections.qr_alt"), hidden: true});
+    var status = h("p", {class: "live", role: "status"}, h("span", {class: "dot"}),
+                   h("span", {}, WT.t("connections.qr_loading")));
+    var pairing = h("div", {class: "pairing-box", hidden: true});
+    var box = h("div", {class: "qr-panel", dataset: {connection: connectionId}},
+      h("div", {class: "grid"},
+        h("div", {}, img, status),
+        h("div", {},
+          h("h3", {}, WT.t("connections.scan_title")),
+          h("ol", {class: "how"},
+            h("li", {}, WT.t("connections.scan_1")),
+            h("li", {}, WT.t("connections.scan_2")),
+            h("li", {}, WT.t("connections.scan_3")),
+            h("li", {}, WT.t("connections.scan_4"))),
+          h("p", {class: "help"}, WT.t("connections.qr_refreshes")),
+          pairing)));
+    var done = false, stop = null;
+
+    function showPairing(code) {
+      if (!code) return;
+      pairing.hidden = false;
+      pairing.replaceChildren(
+        h("h3", {}, WT.t("connections.pair_title")),
+        h("p", {class: "pairing", dataset: {pairing: code}}, pairingText(code)),
+        h("ol", {class: "how"},
+          h("li", {}, WT.t("connections.pair_1")),
+          h("li", {}, WT.t("connections.pair_2")),
+          h("li", {}, WT.t("connections.pair_3")),
+          h("li", {}, WT.t("connections.pair_4"))));
+    }
+    function setStatus(text, kind) {
+      status.className = "live " + (kind || "");
+      status.replaceChildren(h("span", {class: "dot"}), h("span", {}, text));
+    }
+    function connected(info) {
+      if (done) return;
+      done = true;
+      if (stop) stop();
+      img.hidden = true; pairing.hidden = true;
+      var phone = info && info.phone ? " " + WT.fmt.phone(info.phone) : "";
+      setStatus(WT.t("connections.connected_now") + phone, "ok");
+      box.classList.add("connected");
+      if (opts.onConnected) opts.onConnected(info || {});
+    }
+    function tick() {
+      if (done) return null;
+      return WT.api("GET", "/qrcode/generate-qrcode",
+                    {query: {instanceId: connectionId, format: "json"}}).then(function (qr) {
+        if (done) return;
+        if (qr.state === "open") { connected(qr); return; }
+        img.src = qr.base64; img.hidden = false;
+        showPairing(qr.pairingCode || opts.pairingCode);
+        setStatus(WT.t("connections.qr_waiting"));
+      }, function (e) {
+        if (e.status === 409) { connected(e.body || {}); return; }
+        setStatus(connectionError(e, connectionId), "bad");
+      });
+    }
+    if (opts.pairingCode) showPairing(opts.pairingCode);
+    if (opts.qrcode && opts.qrcode.base64) {
+      img.src = opts.qrcode.base64; img.hidden = false;
+      setStatus(WT.t("connections.qr_waiting"));
+    } else {
+      tick();
+    }
+    stop = WT.poll(tick, QR_EVERY);
+    return {element: box, stop: function () { done = true; if (stop) stop(); }};
+  }
+
+  function qrDialog(connectionId, onConnected) {
+    var panel = qrPanel(connectionId, {onConnected: onConnected});
+    WT.dialog({title: WT.t("connections.qr_title", {name: connectionId}), content: panel.element,
+               onClose: panel.stop});
+  }
+
+  function linkDialog(connectionId) {
+    var ttl = WT.field({label: WT.t("connections.link_ttl"), name: "ttl", type: "select",
+                        value: 7 * 86400,
+                        options: TTLS.map(function (x) { return {value: x[0], label: WT.t(x[1])}; })});
+    var out = h("div", {class: "link-out", "aria-live": "polite"});
+    WT.dialog({
+      title: WT.t("connections.link_title"),
+      content: [h("p", {}, WT.t("connections.link_intro")), ttl, out],
+      actions: [
+        {label: WT.t("common.close"), kind: "ghost"},
+        {label: WT.t("connections.link_make"), kind: "primary", onClick: function () {
+          return WT.api("POST", "/api/connection-link",
+                        {body: {connectionId: connectionId, ttl: Number(ttl.input.value)}})
+            .then(function (link) {
+              out.replaceChildren(
+                h("pre", {class: "code", "data-link": "client"}, link.url),
+                h("div", {class: "row"}, WT.copyButton(link.url, WT.t("connections.link_copy")),
+                  h("a", {class: "btn ghost", href: link.url, target: "_blank",
+                          rel: "noopener noreferrer"}, WT.t("connections.link_open"))),
+                h("p", {class: "help"}, WT.t("connections.link_expires",
+                                             {when: WT.fmt.datetime(link.expires_at)})));
+              return false;  // stay open: the link is what the user came for
+            }, function (e) { throw new Error(connectionError(e, connectionId)); });
+        }}
+      ]
+    });
+  }
+
+  /* The form that creates a connection: name, and QR or pairing code. onCreated(connectionId,
+     answer) gets the API's answer (with qrcode). */
+  function createForm(onCreated) {
+    var name = WT.field({label: WT.t("connections.name"), name: "connectionId", required: true,
+                         help: WT.t("connections.name_help"),
+                         attrs: {autocapitalize: "off", spellcheck: "false", maxlength: 64}});
+    var how = WT.field({label: WT.t("connections.how"), name: "how", type: "select", value: "qr",
+                        options: [{value: "qr", label: WT.t("connections.how_qr")},
+                                  {value: "pair", label: WT.t("connections.how_pair")}]});
+    var number = WT.field({label: WT.t("connections.number"), name: "number", type: "tel",
+                           help: WT.t("connections.number_help"),
+                           attrs: {autocomplete: "off", inputmode: "tel"}});
+    number.hidden = true;
+    how.input.addEventListener("change", function () { number.hidden = how.input.value !== "pair"; });
+    var error = h("p", {class: "error", role: "alert"});
+    var button = h("button", {type: "submit", class: "btn primary"}, WT.t("connections.create"));
+    var form = h("form", {class: "create-connection", novalidate: true}, name, how, number, error,
+                 h("div", {class: "row"}, button));
+    form.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      error.textContent = "";
+      var id = slug(name.input.value);
+      if (!id) { error.textContent = WT.t("connections.name_missing"); name.input.focus(); return; }
+      var body = {connectionId: id};
+      if (how.input.value === "pair") {
+        var digits = number.input.value.replace(/\D/g, "");
+        if (digits.length < 10 || digits.length > 15) {
+          error.textContent = WT.t("connections.number_invalid"); number.input.focus(); return;
+        }
+        body.number = digits;
+      }
+      button.disabled = true;
+      WT.api("POST", "/api/create-instance", {body: body}).then(function (answer) {
+        button.disabled = false;
+        name.input.value = ""; number.input.value = "";
+        onCreated(id, answer);
+      }, function (e) {
+        button.disabled = false;
+        error.textContent = connectionError(e, id);
+      });
+    });
+    return form;
+  }
+
+  function adoptForm(onAdopted) {
+    var name = WT.field({label: WT.t("connections.adopt_name"), name: "connectionId", required: true,
+                         help: WT.t("connections.adopt_name_help"),
+                         attrs: {autocapitalize: "off", spellcheck: "false", maxlength: 64}});
+    var token = WT.field({label: WT.t("connections.adopt_token"), name: "instance_token",
+                          help: WT.t("connections.adopt_token_help"),
+                          attrs: {autocomplete: "off", spellcheck: "false"}});
+    var error = h("p", {class: "error", role: "alert"});
+    var button = h("button", {type: "submit", class: "btn primary"}, WT.t("connections.adopt"));
+    var form = h("form", {class: "adopt-connection", novalidate: true}, name, token, error,
+                 h("div", {class: "row"}, button));
+    form.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      error.textContent = "";
+      var id = name.input.value.trim();
+      if (!id) { error.textContent = WT.t("connections.name_missing"); name.input.focus(); return; }
+      var body = {type: "evolution", connectionId: id, adopt: true};
+      if (token.input.value.trim()) body.instance_token = token.input.value.trim();
+      button.disabled = true;
+      WT.api("POST", "/api/connections", {body: body}).then(function (answer) {
+        button.disabled = false;
+        onAdopted(id, answer);
+      }, function (e) {
+        button.disabled = false;
+        error.textContent = connectionError(e, id);
+      });
+    });
+    return form;
+  }
+
+  WT.connectionUI = {qrPanel: qrPanel, qrDialog: qrDialog, linkDialog: linkDialog,
+                     createForm: createForm, adoptForm: adoptForm, stateBadge: stateBadge,
+                     error: connectionError};
+
+  // ---- the view --------------------------------------------------------------------------------
+
+  function rejectionText(reason) {
+    var key = "connections.rejection." + String(reason || "").replace(/\W+/g, "_");
+    return WT.has(key) ? WT.t(key) : reason;
+  }
+
+  function act(label, fn, kind) {
+    return h("button", {type: "button", class: "btn small " + (kind || "ghost"), onclick: fn}, label);
+  }
+
+  WT.view("connections", {
+    nav: "nav.connections", title: "connections.title",
+    render: function (root) {
+      var list = h("div", {class: "connection-list", "aria-live": "polite"},
+                   h("p", {class: "muted"}, WT.t("common.loading")));
+      var cards = {};
+
+      function run(promise, okText) {
+        return promise.then(function () {
+          if (okText) WT.toast(okText);
+          return load();
+        }, function (e) { WT.toast(connectionError(e, ""), "error"); });
+      }
+
+      function actions(c) {
+        var id = c.connectionId, out = [];
+        if (c.deletedAt) {
+          out.push(act(WT.t("connections.delete_all"), function () {
+            WT.confirm({title: WT.t("connections.delete_all_title", {name: id}),
+                        body: WT.t("connections.delete_all_body"),
+                        confirm: WT.t("connections.delete_all"), danger: true}).then(function (ok) {
+              if (ok) run(WT.api("DELETE", "/instance/delete", {body: {connectionId: id}}),
+                          WT.t("connections.deleted_all"));
+            });
+          }, "ghost"));
+          return out;
+        }
+        if (!c.verified) {
+          out.push(act(WT.t("connections.adopt"), function () { adoptDialog(id); }, "primary"));
+          return out;
+        }
+        if (c.state !== "open") {
+          out.push(act(WT.t("connections.show_qr"), function () {
+            qrDialog(id, function () { load(); });
+          }, "primary"));
+        }
+        out.push(act(WT.t("connections.client_link"), function () { linkDialog(id); }));
+        out.push(act(WT.t("connections.restart"), function () {
+          run(WT.api("POST", "/instance/restart", {body: {connectionId: id}}),
+              WT.t("connections.restarted"));
+        }));
+        if (c.state === "open") {
+          out.push(act(WT.t("connections.logout"), function () {
+            WT.confirm({title: WT.t("connections.logout_title", {name: id}),
+                        body: WT.t("connections.logout_body"),
+                        confirm: WT.t("connections.logout"), danger: true}).then(function (ok) {
+              if (ok) run(WT.api("POST", "/instance/logout", {body: {connectionId: id}}),
+                          WT.t("connections.logged_out"));
+            });
+          }));
+        }
+        out.push(act(WT.t("connections.delete"), function () {
+          WT.confirm({title: WT.t("connections.delete_title", {name: id}),
+                      body: WT.t("connections.delete_body"),
+                      confirm: WT.t("connections.delete"), danger: true}).then(function (ok) {
+            if (ok) run(WT.api("DELETE", "/api/delete-instance", {query: {connectionId: id}}),
+                        WT.t("connections.deleted"));
+          });
+        }, "ghost"));
+        out.push(act(WT.t("connections.delete_all"), function () {
+          WT.confirm({title: WT.t("connections.delete_all_title", {name: id}),
+                      body: WT.t("connections.delete_all_body"),
+                      confirm: WT.t("connections.delete_all"), danger: true}).then(function (ok) {
+            if (ok) run(WT.api("DELETE", "/instance/delete", {body: {connectionId: id}}),
+                        WT.t("connections.deleted_all"));
+          });
+        }, "ghost"));
+        return out;
+      }
+
+      function card(c) {
+        var facts = h("dl", {class: "facts"},
+          h("dt", {}, WT.t("connections.number_label")),
+          h("dd", {class: "phone"}, c.phone ? WT.fmt.phone(c.phone) : WT.t("connections.no_number")),
+          h("dt", {}, WT.t("connections.profile")),
+          h("dd", {}, c.profileName || "–"),
+          h("dt", {}, WT.t("connections.last_message")),
+          h("dd", {}, c.lastDeliveryAt
+            ? h("span", {title: WT.fmt.datetime(c.lastDeliveryAt)}, WT.fmt.relative(c.lastDeliveryAt))
+            : WT.t("connections.no_message_yet")));
+        var notes = [];
+        if (c.lastRejectedAt) {
+          notes.push(h("p", {class: "notice bad rejection"},
+            h("strong", {}, WT.t("connections.rejected", {when: WT.fmt.relative(c.lastRejectedAt)})),
+            " ", rejectionText(c.lastRejection), " ", WT.t("connections.rejected_fix")));
+        }
+        if (!c.verified && !c.deletedAt) {
+          notes.push(h("p", {class: "notice warn"}, WT.t("connections.unverified")));
+        }
+        return h("article", {class: "card connection", dataset: {connection: c.connectionId}},
+          h("div", {class: "spread"},
+            h("h2", {}, c.connectionId), stateBadge(c)),
+          facts, notes,
+          h("div", {class: "row", style: {"margin-top": ".8rem"}}, actions(c)));
+      }
+
+      function draw(connections) {
+        var live = connections.filter(function (c) { return !c.deletedAt; });
+        var gone = connections.filter(function (c) { return c.deletedAt; });
+        if (!connections.length) {
+          list.replaceChildren(WT.empty("connections.empty",
+            h("button", {type: "button", class: "btn primary", onclick: createDialog},
+              WT.t("connections.new"))));
+          cards = {};
+          return;
+        }
+        var seen = {}, items = [];
+        live.concat(gone).forEach(function (c) {
+          var key = JSON.stringify(c), old = cards[c.connectionId];
+          var el = old && old.key === key ? old.el : card(c);
+          if (old && old.el !== el && old.el.contains(document.activeElement)) {
+            // keep the keyboard where it was
+            setTimeout(function () { var b = el.querySelector("button"); if (b) b.focus(); }, 0);
+          }
+          seen[c.connectionId] = {key: key, el: el};
+          items.push(el);
+        });
+        cards = seen;
+        var children = items.slice(0, live.length);
+        if (gone.length) {
+          children.push(h("details", {class: "deleted-connections"},
+            h("summary", {}, WT.t("connections.deleted_list", {count: gone.length})),
+            items.slice(live.length)));
+        }
+        // Replace only when something changed (no flicker, no lost focus on a poll).
+        var same = list.children.length === children.length &&
+          children.every(function (el, i) { return list.children[i] === el; });
+        if (!same) list.replaceChildren.apply(list, children);
+      }
+
+      function load() {
+        return WT.api("GET", "/api/connections").then(function (d) {
+          draw(d.connections || []);
+          return d.connections || [];
+        }, function (e) {
+          list.replaceChildren(h("p", {class: "error", role: "alert"}, e.message));
+          return [];
+        });
+      }
+
+      function createDialog() {
+        var dlg = WT.dialog({
+          title: WT.t("connections.new"),
+          content: createForm(function (id, answer) {
+            dlg.close();
+            load();
+            var q = answer.qrcode || {};
+            var panel = qrPanel(id, {qrcode: q, pairingCode: q.pairingCode,
+                                     onConnected: function () { load(); }});
+            WT.dialog({title: WT.t("connections.qr_title", {name: id}), content: panel.element,
+                       onClose: panel.stop});
+          }),
+          actions: [{label: WT.t("common.cancel"), kind: "ghost"}]
+        });
+      }
+      function adoptDialog(prefill) {
+        var form = adoptForm(function (id) {
+          dlg.close();
+          WT.toast(WT.t("connections.adopted", {name: id}));
+          load();
+        });
+        if (prefill) form.querySelector("input[name=connectionId]").value = prefill;
+        var dlg = WT.dialog({title: WT.t("connections.adopt_title"),
+                             content: [h("p", {}, WT.t("connections.adopt_intro")), form],
+                             actions: [{label: WT.t("common.cancel"), kind: "ghost"}]});
+      }
+
+      root.appendChild(h("div", {class: "spread"},
+        h("h1", {}, WT.t("connections.title")),
+        h("div", {class: "row"},
+          h("button", {type: "button", class: "btn ghost", onclick: function () { adoptDialog(); }},
+            WT.t("connections.adopt_existing")),
+          h("button", {type: "button", class: "btn primary", onclick: createDialog},
+            WT.t("connections.new")))));
+      root.appendChild(list);
+      // Ask Evolution once for the state of every managed number, then follow the stored state
+      // (connection.update webhooks keep it current) every few seconds.
+      load().then(function (connections) {
+        var checks = connections.filter(function (c) { return c.verified && !c.deletedAt; })
+          .map(function (c) {
+            return WT.api("GET", "/api/instance-status", {query: {connectionId: c.connectionId}})
+              .catch(function () { return null; });
+          });
+        return Promise.all(checks);
+      }).then(function (checked) { if (checked.length) load(); });
+      WT.poll(load, 5000);
+    }
+  });
+})();

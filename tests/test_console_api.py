@@ -1,0 +1,373 @@
+"""The API routes the console uses (issue 15), on SQLite and on Postgres: API tokens, the
+agency's company list, onboarding progress, the lead search and a lead's page, the Google Ads
+conversion names and the report's leads with and without a click."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import whatstracking
+from conftest import ADMIN_TOKEN, Api, create_company, fixture, upsert
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def call(client, method: str, path: str, expect: int, headers: dict | None = None,
+               **kw) -> dict:
+    resp = await client.request(method, path, headers=headers or {}, **kw)
+    data = await resp.json()
+    assert resp.status == expect, (method, path, resp.status, data)
+    assert resp.headers["Content-Type"].startswith("application/json")
+    return data
+
+
+async def sql(api: Api, text: str, *args) -> None:
+    await api.db.transact(lambda tx: tx.execute(text, *args))
+
+
+@pytest.fixture
+async def other(client) -> Api:
+    return Api(client, await create_company(client, "outra", name="Outra Ltda"))
+
+
+def state_envelope(instance: str, state: str) -> dict:
+    envelope = fixture(f"connection-update-{state}")
+    envelope["instance"] = instance
+    envelope["data"]["instance"] = instance
+    return envelope
+
+
+# ------------------------------------------------------------------------------------------------
+# API tokens
+# ------------------------------------------------------------------------------------------------
+
+async def test_tokens_list_create_and_revoke(api):
+    listed = await call(api.client, "GET", "/api/tokens", 200, api.auth)
+    assert [t["name"] for t in listed["tokens"]] == ["default"]
+    first = listed["tokens"][0]
+    assert set(first) == {"id", "name", "created_at", "last_used_at"}
+    assert first["last_used_at"] is not None  # this very call used it
+    assert api.token not in str(listed)
+
+    made = await call(api.client, "POST", "/api/tokens", 201, api.auth, json={"name": " Zapier "})
+    assert set(made) == {"id", "name", "created_at", "token"}
+    assert made["name"] == "Zapier" and made["token"].startswith("wt_")
+    assert made["created_at"].endswith("Z")
+    me = await call(api.client, "GET", "/api/company", 200, bearer(made["token"]))
+    assert me["company_id"] == api.company_id
+
+    listed = await call(api.client, "GET", "/api/tokens", 200, api.auth)
+    assert [(t["id"], t["name"]) for t in listed["tokens"]] == [
+        (first["id"], "default"), (made["id"], "Zapier")]
+    assert made["token"] not in str(listed)
+    # Never the value, nor its hash, in the list.
+    hashes = await api.db.fetchall("SELECT token_hash FROM api_tokens")
+    assert not any(h["token_hash"] in str(listed) for h in hashes)
+
+    gone = await call(api.client, "DELETE", f"/api/tokens/{made['id']}", 200, api.auth)
+    assert gone == {"ok": True, "id": made["id"]}
+    assert await call(api.client, "GET", "/api/company", 401, bearer(made["token"])) == {
+        "error": "Unauthorized"}
+    await call(api.client, "DELETE", f"/api/tokens/{made['id']}", 404, api.auth)
+    listed = await call(api.client, "GET", "/api/tokens", 200, api.auth)
+    assert [t["id"] for t in listed["tokens"]] == [first["id"]]
+
+
+async def test_a_token_without_a_name_and_a_user_may_revoke_their_own(api):
+    made = await call(api.client, "POST", "/api/tokens", 201, api.auth, json={})
+    assert made["name"] is None
+    made = await call(api.client, "POST", "/api/tokens", 201, api.auth, json={"name": "  "})
+    assert made["name"] is None
+    # The token the request uses may revoke itself.
+    assert (await call(api.client, "DELETE", f"/api/tokens/{made['id']}", 200,
+                       bearer(made["token"])))["ok"] is True
+    await call(api.client, "GET", "/api/tokens", 401, bearer(made["token"]))
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"name": 5}, "name must be text of at most 100 characters"),
+    ({"name": "x" * 101}, "name must be text of at most 100 characters"),
+    ({"name": ["a"]}, "name must be text"),
+    ({"nome": "a"}, "Unknown field: nome"),
+    ({"company_id": 7}, "company_id must be a string"),
+])
+async def test_create_token_bad_input_is_a_clear_400(api, body, words):
+    data = await call(api.client, "POST", "/api/tokens", 400, api.auth, json=body)
+    assert words in data["error"]
+
+
+async def test_create_token_body_must_be_a_json_object(api):
+    for raw in (b"[]", b"nope", b'"name"'):
+        data = await call(api.client, "POST", "/api/tokens", 400,
+                          {**api.auth, "Content-Type": "application/json"}, data=raw)
+        assert "JSON" in data["error"]
+    assert len((await call(api.client, "GET", "/api/tokens", 200, api.auth))["tokens"]) == 1
+
+
+@pytest.mark.parametrize("token_id", ["abc", "0x1", "-1", "99999999999999999999", "1.0"])
+async def test_revoke_with_a_bad_id_is_404(api, token_id):
+    data = await call(api.client, "DELETE", f"/api/tokens/{token_id}", 404, api.auth)
+    assert data == {"error": "Token not found"}
+
+
+async def test_tokens_need_a_token(client):
+    for method, path in (("GET", "/api/tokens"), ("POST", "/api/tokens"),
+                         ("DELETE", "/api/tokens/1")):
+        assert await call(client, method, path, 401, json={}) == {"error": "Unauthorized"}
+        await call(client, method, path, 401, bearer("wt_made-up"), json={})
+
+
+async def test_a_company_token_never_sees_nor_revokes_another_companys_tokens(api, other):
+    theirs = await call(other.client, "GET", "/api/tokens", 200, other.auth)
+    their_id = theirs["tokens"][0]["id"]
+    mine = await call(api.client, "GET", "/api/tokens", 200, api.auth)
+    assert their_id not in [t["id"] for t in mine["tokens"]]
+    # Revoking theirs with my token: as if it did not exist.
+    assert await call(api.client, "DELETE", f"/api/tokens/{their_id}", 404, api.auth) == {
+        "error": "Token not found"}
+    await call(other.client, "GET", "/api/company", 200, other.auth)  # still works
+    # Naming their company: 404, nothing listed, nothing made.
+    for method, path, kw in (("GET", "/api/tokens", {"params": {"company_id": "outra"}}),
+                             ("POST", "/api/tokens", {"json": {"company_id": "outra"}}),
+                             ("DELETE", f"/api/tokens/{their_id}",
+                              {"params": {"company_id": "outra"}})):
+        data = await call(api.client, method, path, 404, api.auth, **kw)
+        assert data == {"error": "Company not found"}
+    assert len((await call(other.client, "GET", "/api/tokens", 200, other.auth))["tokens"]) == 1
+
+
+async def test_the_admin_acts_for_any_company_with_company_id(api, other):
+    await call(api.client, "GET", "/api/tokens", 400, ADMIN)  # which company?
+    listed = await call(api.client, "GET", "/api/tokens", 200, ADMIN,
+                        params={"company_id": "outra"})
+    assert [t["name"] for t in listed["tokens"]] == ["default"]
+    made = await call(api.client, "POST", "/api/tokens", 201, ADMIN,
+                      json={"company_id": "outra", "name": "pela agência"})
+    me = await call(api.client, "GET", "/api/company", 200, bearer(made["token"]))
+    assert me["company_id"] == "outra"
+    # The admin's own calls are no token of theirs: nothing recorded as used.
+    listed = await call(api.client, "GET", "/api/tokens", 200, ADMIN,
+                        params={"company_id": "outra"})
+    assert [t["name"] for t in listed["tokens"]] == ["default", "pela agência"]
+    # A token of the other company is not revoked by naming the wrong company.
+    await call(api.client, "DELETE", f"/api/tokens/{made['id']}", 404, ADMIN,
+               params={"company_id": api.company_id})
+    await call(api.client, "DELETE", f"/api/tokens/{made['id']}", 200, ADMIN,
+               params={"company_id": "outra"})
+    await call(api.client, "GET", "/api/company", 401, bearer(made["token"]))
+    await call(api.client, "DELETE", "/api/tokens/1", 404, ADMIN,
+               params={"company_id": "ghost"})
+
+
+async def last_used(api: Api, token_id: int) -> float | None:
+    row = await api.db.fetchone("SELECT last_used_at FROM api_tokens WHERE id = ?", token_id)
+    return row["last_used_at"]
+
+
+async def test_last_used_at_is_written_at_most_once_a_minute_per_process(api, monkeypatch):
+    made = await call(api.client, "POST", "/api/tokens", 201, api.auth, json={"name": "cron"})
+    assert await last_used(api, made["id"]) is None
+    writes = []
+    original = whatstracking.note_token_use
+
+    async def counted(db, token_id):
+        writes.append(token_id)
+        await original(db, token_id)
+
+    monkeypatch.setattr(whatstracking, "note_token_use", counted)
+    for _ in range(5):
+        await call(api.client, "GET", "/api/company", 200, bearer(made["token"]))
+    assert writes == [made["id"]]
+    first = await last_used(api, made["id"])
+    assert first is not None and abs(first - time.time()) < 60
+    listed = await call(api.client, "GET", "/api/tokens", 200, api.auth)
+    shown = {t["id"]: t["last_used_at"] for t in listed["tokens"]}
+    assert shown[made["id"]] == whatstracking.iso(first)
+
+    # A minute later (as this process remembers it), the next use is written again.
+    uses = api.client.app[whatstracking.TOKEN_USES]
+    uses.written[made["id"]] -= whatstracking.TOKEN_USE_INTERVAL + 1
+    await call(api.client, "GET", "/api/company", 200, bearer(made["token"]))
+    assert writes == [made["id"], made["id"]]
+    assert await last_used(api, made["id"]) >= first
+
+    # The UPDATE only moves it forward: a later time another process wrote stays.
+    later = time.time() + 3600
+    await sql(api, "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", later, made["id"])
+    uses.written.clear()
+    await call(api.client, "GET", "/api/company", 200, bearer(made["token"]))
+    assert await last_used(api, made["id"]) == later
+
+
+async def test_a_revoked_token_is_refused_at_once_by_every_process(make_config, aiohttp_client):
+    """Two app instances on one database (two processes behind a balancer)."""
+    one = await aiohttp_client(whatstracking.create_app(make_config()))
+    two = await aiohttp_client(whatstracking.create_app(make_config()))
+    company = await create_company(one, "acme")
+    made = await call(one, "POST", "/api/tokens", 201, bearer(company["token"]),
+                      json={"name": "x"})
+    for client in (one, two):  # both have used (and remembered) it
+        await call(client, "GET", "/api/company", 200, bearer(made["token"]))
+    await call(one, "DELETE", f"/api/tokens/{made['id']}", 200, bearer(company["token"]))
+    for client in (two, one):
+        assert await call(client, "GET", "/api/company", 401, bearer(made["token"])) == {
+            "error": "Unauthorized"}
+    # A token made through one works at once on the other.
+    fresh = await call(one, "POST", "/api/tokens", 201, bearer(company["token"]), json={})
+    await call(two, "GET", "/api/leads", 200, bearer(fresh["token"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# GET /api/companies (admin): the agency's list
+# ------------------------------------------------------------------------------------------------
+
+async def click_and_message(api: Api, visitor: str, phone: str) -> dict:
+    """A visit that clicks WhatsApp and the message bringing its code: a lead matched by code."""
+    visit = await api.track(visitor_id=visitor, event="whatsapp_click",
+                            page_url="https://loja.test/?utm_source=google")
+    result = await api.webhook(upsert(f"Oi [ref {visit['code']}]", phone=phone))
+    assert result.get("match") == "code" or result.get("results"), result
+    return visit
+
+
+async def test_companies_lists_every_company_with_its_summary(api, other):
+    await click_and_message(api, "v1", "5511900000001")
+    await click_and_message(api, "v2", "5511900000002")
+    await api.track(visitor_id="v3", event="whatsapp_click", page_url="https://loja.test/")
+    await api.track(visitor_id="v4", page_url="https://loja.test/")  # no click
+    await api.webhook(upsert("Oi sem código", phone="5511900000003"))  # a lead, no click
+    await api.webhook(state_envelope("loja-centro", "open"))
+    await api.webhook(state_envelope("loja-sul", "close"))
+    await other.webhook(state_envelope("outra-conn", "open"), secret=other.webhook_secret)
+
+    data = await call(api.client, "GET", "/api/companies", 200, ADMIN)
+    assert set(data) == {"companies", "from", "to", "timezone"}
+    assert data["timezone"] == "America/Sao_Paulo"
+    span = (whatstracking.parse_time(data["to"], "to") - whatstracking.parse_time(
+        data["from"], "from"))
+    assert span == 30 * 86400
+    by_id = {c["company_id"]: c for c in data["companies"]}
+    assert list(by_id) == ["empresa-123", "outra"]  # by name: Empresa Teste, Outra Ltda
+    mine = by_id["empresa-123"]
+    assert mine["name"] == "Empresa Teste"
+    assert (mine["leads"], mine["clicks"], mine["matched_clicks"]) == (3, 3, 2)
+    assert mine["match_rate"] == 0.6667
+    assert mine["last_lead_at"] is not None and mine["created_at"].endswith("Z")
+    assert mine["connections"] == {"total": 2, "open": 1, "connecting": 0, "close": 1,
+                                   "other": 0}
+    theirs = by_id["outra"]
+    assert (theirs["leads"], theirs["clicks"], theirs["matched_clicks"]) == (0, 0, 0)
+    assert theirs["match_rate"] is None and theirs["last_lead_at"] is None
+    assert theirs["connections"]["total"] == theirs["connections"]["open"] == 1
+
+
+async def test_companies_counts_only_the_period_but_the_last_lead_ever(api):
+    await click_and_message(api, "v1", "5511900000001")
+    old = 1_700_000_000.0  # 2023-11-14
+    await sql(api, "UPDATE leads SET created_at = ?", old)
+    await sql(api, "UPDATE visits SET created_at = ?", old)
+    await api.client.app[whatstracking.DB].transact(
+        lambda tx: tx.execute("DELETE FROM visit_rollup"))
+    await whatstracking.rebuild_rollup(api.db)
+    data = await call(api.client, "GET", "/api/companies", 200, ADMIN)
+    mine = data["companies"][0]
+    assert (mine["leads"], mine["clicks"], mine["matched_clicks"]) == (0, 0, 0)
+    assert mine["last_lead_at"] == whatstracking.iso(old)
+    data = await call(api.client, "GET", "/api/companies", 200, ADMIN,
+                      params={"from": "2023-11-14", "to": "2023-11-14", "timezone": "UTC"})
+    assert data["from"] == "2023-11-14T00:00:00.000Z"
+    assert data["to"] == "2023-11-15T00:00:00.000Z"
+    mine = data["companies"][0]
+    assert (mine["leads"], mine["clicks"], mine["matched_clicks"]) == (1, 1, 1)
+    assert mine["match_rate"] == 1.0
+    # The partial 15 minutes at either end come from the visits themselves.
+    data = await call(api.client, "GET", "/api/companies", 200, ADMIN,
+                      params={"from": str(int(old) - 60), "to": str(int(old) + 60)})
+    assert (data["companies"][0]["clicks"], data["companies"][0]["leads"]) == (1, 1)
+
+
+async def test_companies_is_admin_only_and_validates_its_query(api):
+    assert await call(api.client, "GET", "/api/companies", 401) == {"error": "Unauthorized"}
+    assert await call(api.client, "GET", "/api/companies", 401, api.auth) == {
+        "error": "Unauthorized"}
+    for params, words in (({"from": "ontem"}, "from"), ({"to": "2024-13-40"}, "to"),
+                          ({"timezone": "Mars/Base"}, "timezone")):
+        data = await call(api.client, "GET", "/api/companies", 400, ADMIN, params=params)
+        assert words in data["error"]
+
+
+async def test_companies_reads_in_a_few_statements_whatever_the_number_of_companies(
+        client, monkeypatch):
+    for n in range(6):
+        await create_company(client, f"c{n}")
+    db = client.app[whatstracking.DB]
+    statements = []
+    for name in ("fetchall", "fetchone"):
+        original = getattr(db, name)
+
+        async def counted(sql_text, *args, original=original):
+            statements.append(sql_text)
+            return await original(sql_text, *args)
+
+        monkeypatch.setattr(db, name, counted)
+    await call(client, "GET", "/api/companies", 200, ADMIN)
+    assert len(statements) <= 5, statements
+
+
+# ------------------------------------------------------------------------------------------------
+# GET /api/onboarding
+# ------------------------------------------------------------------------------------------------
+
+TRACKER_URL = "http://wt.test/scripts/whatsapp-tracker.js"
+
+
+async def test_onboarding_gives_the_snippets_and_the_progress(api, other):
+    data = await call(api.client, "GET", "/api/onboarding", 200, api.auth)
+    assert data == {
+        "public_url": "http://wt.test",
+        "snippets": {
+            "attribute": f'<script src="{TRACKER_URL}" data-company="empresa-123" async>'
+                         "</script>",
+            "global": "<script>window.whatsappcompanieId = 'empresa-123';</script>\n"
+                      f'<script src="{TRACKER_URL}"></script>'},
+        "first_visit_at": None, "last_visit_at": None, "visits": 0,
+        "connections": {"total": 0, "open": 0}, "first_lead_at": None, "leads": 0}
+
+    await api.track(visitor_id="v1", page_url="https://loja.test/")
+    await click_and_message(api, "v2", "5511900000002")
+    await api.webhook(state_envelope("loja-centro", "open"))
+    await api.webhook(state_envelope("loja-sul", "close"))
+    data = await call(api.client, "GET", "/api/onboarding", 200, api.auth)
+    assert data["visits"] == 2
+    assert data["first_visit_at"] <= data["last_visit_at"]
+    assert data["connections"] == {"total": 2, "open": 1}
+    assert data["leads"] == 1 and data["first_lead_at"] is not None
+
+    # Tenancy: the other company sees its own (nothing), the admin names one.
+    theirs = await call(other.client, "GET", "/api/onboarding", 200, other.auth)
+    assert (theirs["visits"], theirs["leads"], theirs["connections"]["total"]) == (0, 0, 0)
+    assert "data-company=\"outra\"" in theirs["snippets"]["attribute"]
+    await call(api.client, "GET", "/api/onboarding", 404, api.auth,
+               params={"company_id": "outra"})
+    await call(api.client, "GET", "/api/onboarding", 401)
+    await call(api.client, "GET", "/api/onboarding", 400, ADMIN)
+    admin = await call(api.client, "GET", "/api/onboarding", 200, ADMIN,
+                       params={"company_id": "empresa-123"})
+    assert admin["leads"] == 1
+
+
+async def test_onboarding_without_public_url_uses_the_requests_own_host(make_config,
+                                                                         aiohttp_client):
+    client = await aiohttp_client(whatstracking.create_app(make_config(PUBLIC_URL="")))
+    company = await create_company(client, "acme")
+    data = await call(client, "GET", "/api/onboarding", 200, bearer(company["token"]))
+    base = f"http://{client.host}:{client.port}"
+    assert data["public_url"] == base
+    assert f'src="{base}/scripts/whatsapp-tracker.js"' in data["snippets"]["attribute"]
+    assert f'src="{base}/scripts/whatsapp-tracker.js"' in data["snippets"]["global"]
