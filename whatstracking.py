@@ -3084,9 +3084,18 @@ def _empty_row(key: Any) -> dict:
             "revenue": 0.0}
 
 
+# A lead matched by its code or by the click window came from a visit's WhatsApp click; one from
+# an ad's own click (ctwa) or from nothing (none) had no click on the site.
+CLICK_METHODS = ("code", "window")
+
+
 def _finish_row(row: dict) -> dict:
     row["revenue"] = round(row["revenue"], 2)
-    row["click_to_lead"] = round(row["leads"] / row["clicks"], 4) if row["clicks"] else None
+    row["leads_with_click"] = sum(row["leads_by_method"].get(m, 0) for m in CLICK_METHODS)
+    row["leads_without_click"] = row["leads"] - row["leads_with_click"]
+    # Leads that came through a click, per click: ad (ctwa) and direct leads do not count.
+    row["click_to_lead"] = (round(row["leads_with_click"] / row["clicks"], 4)
+                            if row["clicks"] else None)
     row["match_rate"] = (round(row["matched_clicks"] / row["clicks"], 4)
                          if row["clicks"] else None)
     return row
