@@ -925,6 +925,11 @@ class Storage:
         """SQL: the binary `column` contains the bytes given as the next parameter."""
         return f"instr({column}, ?) > 0"
 
+    def lower(self, expr: str) -> str:
+        """SQL: the text `expr` in lower case, as Python's str.lower() writes it (Postgres's
+        lower() in a UTF-8 database does; SQLite's folds ASCII only: see SqliteStorage)."""
+        return f"LOWER({expr})"
+
     def location(self) -> str:
         """Which database this is, for the operator's eyes: never a password."""
         raise NotImplementedError
@@ -1224,6 +1229,11 @@ def sqlite_open_error(path: str, exc: BaseException) -> str:
     return f"DATABASE_URL: cannot open the SQLite database {path} ({exc})."
 
 
+def _sql_lower(value: Any) -> Any:
+    """SQLite's wt_lower(): lower case beyond ASCII ("JOÃO" → "joão"), like Postgres's."""
+    return value.lower() if isinstance(value, str) else value
+
+
 class SqliteStorage(Storage):
     """SQLite: one writer connection fed by a group-commit loop, one reader (aiosqlite).
 
@@ -1255,6 +1265,9 @@ class SqliteStorage(Storage):
     def location(self) -> str:
         return f"sqlite:///{Path(self.path).resolve()}"
 
+    def lower(self, expr: str) -> str:
+        return f"wt_lower({expr})"
+
     def _create_file(self) -> None:
         """Make the database file (owner only) or check it can be written, and that SQLite can
         make its -wal and -shm files beside it: its own error would only say "unable to open"."""
@@ -1272,6 +1285,7 @@ class SqliteStorage(Storage):
             for pragma in ("journal_mode=WAL", f"synchronous={self.synchronous}",
                            f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}", "foreign_keys=ON"):
                 conn.execute(f"PRAGMA {pragma}")
+            conn.create_function("wt_lower", 1, _sql_lower, deterministic=True)
         except BaseException:
             conn.close()
             raise
@@ -1296,6 +1310,7 @@ class SqliteStorage(Storage):
         self._reader.row_factory = aiosqlite.Row
         await self._reader.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         await self._reader.execute("PRAGMA query_only=ON")
+        await self._reader.create_function("wt_lower", 1, _sql_lower, deterministic=True)
         self._queue = asyncio.Queue()
         self._loop_task = asyncio.create_task(self._commit_loop(), name="sqlite-group-commit")
 
@@ -1719,8 +1734,21 @@ class Company:
                               if secret})
                 settings[destination] = shown
         return {"company_id": self.id, "name": self.name, **settings,
+                "google_ads_conversion_names": google_ads_conversion_names(self),
                 "evolution_url": self.evolution_url,
                 "evolution_key_set": bool(self.evolution_key)}
+
+
+def google_ads_conversions(company: Company) -> dict[str, str]:
+    """Our event name → the Google Ads conversion action the export writes for it."""
+    conversions = {**DEFAULT_GOOGLE_ADS_CONVERSIONS,
+                   **(company.settings.get("google_ads_conversions") or {})}
+    return {event: name for event, name in conversions.items() if name}
+
+
+def google_ads_conversion_names(company: Company) -> list[str]:
+    """The conversion names the Google Ads export knows for this company, in event order."""
+    return list(dict.fromkeys(google_ads_conversions(company).values()))
 
 
 async def get_company(db: Storage, company_id: str) -> Company | None:
@@ -2562,6 +2590,16 @@ def event_json(row: Mapping[str, Any]) -> dict:
             "source": row["source"], "created_at": iso(row["created_at"])}
 
 
+def delivery_response(text: str | None) -> Any:
+    """A delivery's kept answer from the platform: parsed when it is JSON, else the text."""
+    if text is None:
+        return None
+    try:
+        return parse_json(text.encode())
+    except (NotJson, UnicodeEncodeError):
+        return text
+
+
 def delivery_json(row: Mapping[str, Any]) -> dict:
     return {"id": row["id"], "lead_id": row["lead_id"], "event_row_id": row["event_row_id"],
             "event_id": row.get("event_key"), "event": row.get("event_name"),
@@ -2570,7 +2608,8 @@ def delivery_json(row: Mapping[str, Any]) -> dict:
             "last_status": row["last_status"], "last_error": row["last_error"],
             "next_attempt_at": iso(row["next_attempt_at"]) if row["status"] == "pending" else None,
             "delivered_at": iso(row["delivered_at"]), "created_at": iso(row["created_at"]),
-            "updated_at": iso(row["updated_at"])}
+            "updated_at": iso(row["updated_at"]),
+            "response": delivery_response(row.get("response"))}
 
 
 async def apply_label_edit(tx, company_id: str, connection_id: str, data: Any) -> dict:
@@ -3045,9 +3084,18 @@ def _empty_row(key: Any) -> dict:
             "revenue": 0.0}
 
 
+# A lead matched by its code or by the click window came from a visit's WhatsApp click; one from
+# an ad's own click (ctwa) or from nothing (none) had no click on the site.
+CLICK_METHODS = ("code", "window")
+
+
 def _finish_row(row: dict) -> dict:
     row["revenue"] = round(row["revenue"], 2)
-    row["click_to_lead"] = round(row["leads"] / row["clicks"], 4) if row["clicks"] else None
+    row["leads_with_click"] = sum(row["leads_by_method"].get(m, 0) for m in CLICK_METHODS)
+    row["leads_without_click"] = row["leads"] - row["leads_with_click"]
+    # Leads that came through a click, per click: ad (ctwa) and direct leads do not count.
+    row["click_to_lead"] = (round(row["leads_with_click"] / row["clicks"], 4)
+                            if row["clicks"] else None)
     row["match_rate"] = (round(row["matched_clicks"] / row["clicks"], 4)
                          if row["clicks"] else None)
     return row
@@ -5126,7 +5174,17 @@ LEAD_CSV_COLUMNS = ("id", "created_at", "phone", "name", "match_method", "confid
                     "landing_page", "referrer", "clicked_at", "first_message")
 
 
-def lead_filters(query: Mapping[str, str], company: Company) -> tuple[str, list[Any]]:
+LEAD_SEARCH_MAX = 100  # characters of a lead search (q)
+
+
+def like_pattern(text: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') matching any text containing `text` as it is: its own
+    % and _ match only themselves."""
+    return "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
+
+
+def lead_filters(query: Mapping[str, str], company: Company, db: Storage
+                 ) -> tuple[str, list[Any]]:
     """The WHERE clause of a lead listing from its query parameters."""
     sql = "company_id = ?"
     args: list[Any] = [company.id]
@@ -5149,6 +5207,17 @@ def lead_filters(query: Mapping[str, str], company: Company) -> tuple[str, list[
             raise http_error(400, "match_method must be code, ctwa, window or none")
         sql += " AND match_method = ?"
         args.append(method)
+    search = query.get("q", "").strip()
+    if len(search) > LEAD_SEARCH_MAX:
+        raise http_error(400, f"q must be at most {LEAD_SEARCH_MAX} characters")
+    if search:
+        # The name contains it (any case), or, when it has digits, the phone contains them.
+        sql += f" AND ({db.lower('name')} LIKE ? ESCAPE '\\'"
+        args.append(like_pattern(search.lower()))
+        if digits(search):
+            sql += " OR phone LIKE ?"
+            args.append(like_pattern(digits(search)))
+        sql += ")"
     return sql, args
 
 
@@ -5194,7 +5263,7 @@ async def leads_csv(request: web.Request, where: str, args: list[Any]) -> web.St
 async def list_leads(request: web.Request) -> web.StreamResponse:
     company = await authenticate(request)
     query = request.query
-    where, args = lead_filters(query, company)
+    where, args = lead_filters(query, company, request.app[DB])
     if query.get("format") not in (None, "json", "csv"):
         raise http_error(400, "format must be json or csv")
     if query.get("format") == "csv" or (
@@ -5954,11 +6023,28 @@ async def list_lead_events(request: web.Request) -> web.Response:
     return json_response({"events": [event_json(r) for r in rows]})
 
 
+DELIVERY_SELECT = ("SELECT d.*, e.name AS event_name, e.event_id AS event_key FROM deliveries d "
+                   "JOIN lead_events e ON e.id = d.event_row_id WHERE d.company_id = ?")
+
+
+@routes.get("/api/leads/{lead_id}")
+async def show_lead(request: web.Request) -> web.Response:
+    """A lead's page: the lead, its events and their deliveries."""
+    company = await authenticate(request)
+    lead = await company_lead(request, company)
+    db = request.app[DB]
+    events = await db.fetchall("SELECT * FROM lead_events WHERE lead_id = ? "
+                               "ORDER BY occurred_at, id", lead["id"])
+    deliveries = await db.fetchall(DELIVERY_SELECT + " AND d.lead_id = ? ORDER BY d.id",
+                                   company.id, lead["id"])
+    return json_response({"lead": lead_json(lead), "events": [event_json(r) for r in events],
+                          "deliveries": [delivery_json(r) for r in deliveries]})
+
+
 @routes.get("/api/deliveries")
 async def list_deliveries(request: web.Request) -> web.Response:
     company = await authenticate(request)
-    sql = ("SELECT d.*, e.name AS event_name, e.event_id AS event_key FROM deliveries d "
-           "JOIN lead_events e ON e.id = d.event_row_id WHERE d.company_id = ?")
+    sql = DELIVERY_SELECT
     args: list[Any] = [company.id]
     status = request.query.get("status")
     if status is not None:
@@ -6010,11 +6096,13 @@ async def google_ads_export(request: web.Request) -> web.Response:
     """Offline click conversions in Google Ads' upload template, gclid leads only."""
     company = await authenticate(request)
     start, end = parse_range(request.query, zoneinfo.ZoneInfo(company.settings["timezone"]))
-    conversions = {**DEFAULT_GOOGLE_ADS_CONVERSIONS,
-                   **(company.settings.get("google_ads_conversions") or {})}
+    conversions = google_ads_conversions(company)
     wanted = request.query.get("conversion_name")
+    if wanted and wanted not in conversions.values():
+        raise http_error(400, "conversion_name must be one of: " + ", ".join(
+            google_ads_conversion_names(company)))
     names = {event: name for event, name in conversions.items()
-             if name and (not wanted or name == wanted)}
+             if not wanted or name == wanted}
     sql = ("SELECT l.gclid, e.name, e.value, e.currency, e.occurred_at FROM lead_events e "
            "JOIN leads l ON l.id = e.lead_id WHERE e.company_id = ? AND l.gclid IS NOT NULL")
     args: list[Any] = [company.id]

@@ -371,3 +371,189 @@ async def test_onboarding_without_public_url_uses_the_requests_own_host(make_con
     assert data["public_url"] == base
     assert f'src="{base}/scripts/whatsapp-tracker.js"' in data["snippets"]["attribute"]
     assert f'src="{base}/scripts/whatsapp-tracker.js"' in data["snippets"]["global"]
+
+
+# ------------------------------------------------------------------------------------------------
+# GET /api/leads?q= (search) and GET /api/leads/{lead_id}
+# ------------------------------------------------------------------------------------------------
+
+async def lead_named(api: Api, name: str, phone: str) -> int:
+    envelope = upsert("Olá", phone=phone)
+    envelope["data"]["pushName"] = name
+    result = await api.webhook(envelope)
+    return result["lead_id"]
+
+
+@pytest.fixture
+async def people(api) -> dict[str, int]:
+    found = {}
+    for name, phone in (("João Silva", "5511988887777"), ("JOANA 100% Real", "5521977776666"),
+                        ("maria_clara", "5531966665555"), ("Ana", "5511955554444")):
+        found[name] = await lead_named(api, name, phone)
+    return found
+
+
+async def search(api: Api, q: str, **params) -> list[str]:
+    return [lead["name"] for lead in await api.leads(q=q, **params)]
+
+
+async def test_search_by_name_any_case_and_beyond_ascii(api, people):
+    assert sorted(await search(api, "jo")) == ["JOANA 100% Real", "João Silva"]
+    assert await search(api, "JOÃO") == ["João Silva"]
+    assert await search(api, "joão s") == ["João Silva"]
+    assert await search(api, "  Silva  ") == ["João Silva"]  # trimmed
+    assert await search(api, "nobody") == []
+    assert len(await search(api, "")) == 4  # empty: no search
+
+
+async def test_search_wildcards_in_the_input_match_only_themselves(api, people):
+    assert await search(api, "%") == ["JOANA 100% Real"]
+    assert await search(api, "_") == ["maria_clara"]
+    assert await search(api, "a_c") == ["maria_clara"]
+    assert await search(api, "0%") == ["JOANA 100% Real"]
+    assert await search(api, "\\") == []
+    assert await search(api, "'; DROP TABLE leads; --") == []
+    assert len(await api.leads()) == 4
+
+
+async def test_search_by_phone_digits_contained(api, people):
+    assert await search(api, "98888") == ["João Silva"]
+    assert await search(api, "+55 (21) 97777-6666") == ["JOANA 100% Real"]
+    assert sorted(await search(api, "5511")) == ["Ana", "João Silva"]
+    # "100" is in Joana's name; no phone holds it.
+    assert await search(api, "100") == ["JOANA 100% Real"]
+
+
+async def test_search_combines_with_the_filters_and_the_csv(api, people):
+    assert sorted(await search(api, "jo", match_method="none")) == [
+        "JOANA 100% Real", "João Silva"]
+    assert await search(api, "jo", match_method="code") == []
+    page = await api.leads(q="jo", limit=1)
+    assert len(page) == 1
+    resp = await api.client.get("/api/leads", params={"q": "joão", "format": "csv"},
+                                headers=api.auth)
+    assert resp.status == 200
+    text = (await resp.read()).decode("utf-8-sig")
+    lines = text.strip().splitlines()
+    assert len(lines) == 2 and "João Silva" in lines[1]
+
+
+async def test_search_bad_input_is_a_clear_400(api):
+    data = await call(api.client, "GET", "/api/leads", 400, api.auth, params={"q": "x" * 101})
+    assert data == {"error": "q must be at most 100 characters"}
+    data = await call(api.client, "GET", "/api/leads", 400, api.auth,
+                      params={"q": "x", "format": "csv", "match_method": "bogus"})
+    assert "match_method" in data["error"]
+
+
+async def test_search_never_finds_another_companys_leads(api, other, people):
+    envelope = upsert("Oi", phone="5511988880000")
+    envelope["data"]["pushName"] = "João da Outra"
+    await other.webhook(envelope)
+    assert sorted(await search(api, "joão")) == ["João Silva"]
+    assert await search(other, "joão") == ["João da Outra"]
+    assert await search(other, "98888") == ["João da Outra"]
+    resp = await api.client.get("/api/leads", params={"q": "joão", "company_id": "outra"},
+                                headers=api.auth)
+    assert resp.status == 404
+
+
+async def add_delivery(api: Api, lead_id: int, event_row_id: int, destination: str,
+                       status: str, response: str | None) -> None:
+    t = time.time()
+    await sql(api, "INSERT INTO deliveries (company_id, event_row_id, lead_id, destination, "
+              "status, attempts, next_attempt_at, last_status, last_error, response, "
+              "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
+              api.company_id, event_row_id, lead_id, destination, status, t,
+              400 if status == "failed" else 200, "HTTP 400" if status == "failed" else None,
+              response, t, t)
+
+
+async def test_a_leads_page_has_its_events_and_deliveries_with_the_platforms_answer(api, people):
+    lead_id = people["João Silva"]
+    made = await call(api.client, "POST", f"/api/leads/{lead_id}/events", 201, api.auth,
+                      json={"name": "purchase", "value": 120.5})
+    events = (await call(api.client, "GET", f"/api/leads/{lead_id}/events", 200,
+                         api.auth))["events"]
+    lead_event = next(e for e in events if e["name"] == "lead")
+    await add_delivery(api, lead_id, lead_event["id"], "meta", "delivered",
+                       '{"events_received": 1, "fbtrace_id": "AbC"}')
+    await add_delivery(api, lead_id, made["event"]["id"], "crm_webhook", "failed",
+                       "not json at all")
+    await add_delivery(api, lead_id, made["event"]["id"], "ga4", "pending", None)
+
+    data = await call(api.client, "GET", f"/api/leads/{lead_id}", 200, api.auth)
+    assert set(data) == {"lead", "events", "deliveries"}
+    assert data["lead"]["id"] == lead_id and data["lead"]["name"] == "João Silva"
+    assert data["lead"] == (await api.leads(q="joão"))[0]
+    assert [e["name"] for e in data["events"]] == ["lead", "purchase"]
+    assert data["events"] == events
+    answers = [(d["destination"], d["status"], d["response"]) for d in data["deliveries"]]
+    assert answers == [("meta", "delivered", {"events_received": 1, "fbtrace_id": "AbC"}),
+                       ("crm_webhook", "failed", "not json at all"), ("ga4", "pending", None)]
+    assert data["deliveries"][0]["event"] == "lead"
+    # The deliveries list carries the answer too.
+    listed = await call(api.client, "GET", "/api/deliveries", 200, api.auth)
+    assert {d["destination"]: d["response"] for d in listed["deliveries"]}["meta"] == {
+        "events_received": 1, "fbtrace_id": "AbC"}
+
+    # Another lead's page has none of them.
+    other_lead = await call(api.client, "GET", f"/api/leads/{people['Ana']}", 200, api.auth)
+    assert [e["name"] for e in other_lead["events"]] == ["lead"]
+    assert other_lead["deliveries"] == []
+
+
+async def test_a_leads_page_is_404_for_another_company_or_a_bad_id(api, other, people):
+    lead_id = people["Ana"]
+    assert await call(other.client, "GET", f"/api/leads/{lead_id}", 404, other.auth) == {
+        "error": "Lead not found"}
+    for bad in ("abc", "-1", "1.5", "99999999999999999999", "999999"):
+        assert await call(api.client, "GET", f"/api/leads/{bad}", 404, api.auth) == {
+            "error": "Lead not found"}
+    await call(api.client, "GET", f"/api/leads/{lead_id}", 401)
+    await call(api.client, "GET", f"/api/leads/{lead_id}", 404, api.auth,
+               params={"company_id": "outra"})
+    admin = await call(api.client, "GET", f"/api/leads/{lead_id}", 200, ADMIN,
+                       params={"company_id": api.company_id})
+    assert admin["lead"]["id"] == lead_id
+    await call(api.client, "GET", f"/api/leads/{lead_id}", 404, ADMIN,
+               params={"company_id": "outra"})
+
+
+# ------------------------------------------------------------------------------------------------
+# Google Ads conversion names
+# ------------------------------------------------------------------------------------------------
+
+DEFAULT_NAMES = ["WhatsApp Lead", "WhatsApp Qualified Lead", "WhatsApp Purchase"]
+
+
+async def test_the_company_lists_its_google_ads_conversion_names(api):
+    company = await call(api.client, "GET", "/api/company", 200, api.auth)
+    assert company["google_ads_conversion_names"] == DEFAULT_NAMES
+    patched = await call(api.client, "PATCH", "/api/company", 200, api.auth, json={
+        "google_ads_conversions": {"purchase": "Venda WhatsApp", "refund": "Estorno"}})
+    assert patched["google_ads_conversion_names"] == [
+        "WhatsApp Lead", "WhatsApp Qualified Lead", "Venda WhatsApp", "Estorno"]
+    # Read-only: it is no setting.
+    data = await call(api.client, "PATCH", "/api/company", 400, api.auth,
+                      json={"google_ads_conversion_names": ["x"]})
+    assert "google_ads_conversion_names" in data["error"]
+
+
+async def test_the_google_ads_export_refuses_an_unknown_conversion_name(api):
+    resp = await api.client.get("/api/exports/google-ads.csv",
+                                params={"conversion_name": "WhatsApp Purchase"},
+                                headers=api.auth)
+    assert resp.status == 200 and resp.content_type == "text/csv"
+    data = await call(api.client, "GET", "/api/exports/google-ads.csv", 400, api.auth,
+                      params={"conversion_name": "Compra"})
+    assert data == {"error": "conversion_name must be one of: WhatsApp Lead, "
+                             "WhatsApp Qualified Lead, WhatsApp Purchase"}
+    await call(api.client, "PATCH", "/api/company", 200, api.auth,
+               json={"google_ads_conversions": {"purchase": "Compra"}})
+    resp = await api.client.get("/api/exports/google-ads.csv",
+                                params={"conversion_name": "Compra"}, headers=api.auth)
+    assert resp.status == 200
+    data = await call(api.client, "GET", "/api/exports/google-ads.csv", 400, api.auth,
+                      params={"conversion_name": "WhatsApp Purchase"})
+    assert "Compra" in data["error"] and "WhatsApp Purchase" not in data["error"]

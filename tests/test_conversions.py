@@ -970,7 +970,12 @@ async def test_google_ads_csv_uses_the_companys_conversion_names(api):
     assert rows[0] == ["Parameters:TimeZone=America/Sao_Paulo"]
     assert rows[2:] == [["GCLID-2", "Compra WhatsApp", "2025-05-11 12:00:00", "10", "USD"]]
     assert (await google_csv(api, conversion_name="Compra WhatsApp"))[2:] == rows[2:]
-    assert (await google_csv(api, conversion_name="WhatsApp Purchase"))[2:] == []
+    # A name the company no longer uses is refused, naming the ones it does ("lead": "" drops
+    # the lead conversion).
+    data = await call(api, "GET", "/api/exports/google-ads.csv", 400,
+                      params={"conversion_name": "WhatsApp Purchase"})
+    assert data == {"error": "conversion_name must be one of: WhatsApp Qualified Lead, "
+                             "Compra WhatsApp"}
 
 
 # ---- destination settings -----------------------------------------------------------------------

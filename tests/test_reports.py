@@ -235,10 +235,13 @@ async def seed(api: Api) -> dict[str, int]:
 
 def R(key=None, visits=0, clicks=0, matched=0, code=0, ctwa=0, window=0, none=0, qualified=0,
       conversions=0, revenue=0.0, click_to_lead=None, match_rate=None) -> dict:
-    """One report row as /api/report answers it, from hand-counted numbers."""
+    """One report row as /api/report answers it, from hand-counted numbers. A lead matched by
+    code or window came through a click on the site; ctwa and none did not. click_to_lead is
+    leads with a click ÷ clicks (since issue 15: it counted every lead before)."""
     by_method = {"code": code, "ctwa": ctwa, "window": window, "none": none}
     return {"key": key, "visits": visits, "clicks": clicks, "matched_clicks": matched,
             "leads": sum(by_method.values()), "leads_by_method": by_method,
+            "leads_with_click": code + window, "leads_without_click": ctwa + none,
             "qualified": qualified, "conversions": conversions, "revenue": revenue,
             "click_to_lead": click_to_lead, "match_rate": match_rate}
 
@@ -246,7 +249,7 @@ def R(key=None, visits=0, clicks=0, matched=0, code=0, ctwa=0, window=0, none=0,
 # Range 2024-11-19 .. 2024-11-23 in America/Sao_Paulo: [11-19 03:00Z, 11-24 03:00Z).
 RANGE = {"from": "2024-11-19", "to": "2024-11-23"}
 TOTALS = R(None, visits=11, clicks=7, matched=5, code=4, ctwa=2, window=1, none=2, qualified=4,
-           conversions=4, revenue=1450.5, click_to_lead=1.2857, match_rate=0.7143)
+           conversions=4, revenue=1450.5, click_to_lead=0.7143, match_rate=0.7143)
 GOOGLE_ROW = dict(visits=4, clicks=3, matched=2, code=2, qualified=2, conversions=2,
                   revenue=500.0, click_to_lead=0.6667, match_rate=0.6667)
 FACEBOOK_ROW = dict(visits=3, clicks=2, matched=1, code=1, qualified=1, conversions=1,
@@ -277,15 +280,15 @@ EXPECTED = {
     ],
     "ad_id": [  # visits carry no ad id: they all count under no ad
         R(None, visits=11, clicks=7, matched=5, code=4, window=1, none=2, qualified=4,
-          conversions=3, revenue=650.5, click_to_lead=1.0, match_rate=0.7143),
+          conversions=3, revenue=650.5, click_to_lead=0.7143, match_rate=0.7143),
         R(AD_1, ctwa=1, conversions=1, revenue=800.0),
         R(AD_2, ctwa=1),
     ],
     "connection": [  # a visit belongs to the connection whose number it clicked
         R("loja-centro", visits=5, clicks=5, matched=4, code=3, ctwa=1, window=1, none=1,
-          qualified=3, conversions=3, revenue=1300.0, click_to_lead=1.2, match_rate=0.8),
+          qualified=3, conversions=3, revenue=1300.0, click_to_lead=0.8, match_rate=0.8),
         R("loja-sul", visits=2, clicks=2, matched=1, code=1, ctwa=1, none=1, qualified=1,
-          conversions=1, revenue=150.5, click_to_lead=1.5, match_rate=0.5),
+          conversions=1, revenue=150.5, click_to_lead=0.5, match_rate=0.5),
         R(None, visits=4),
     ],
     "day": [  # days in America/Sao_Paulo, in order
@@ -293,11 +296,11 @@ EXPECTED = {
         R("2024-11-20", visits=3, clicks=3, matched=3, code=3, qualified=2, click_to_lead=1.0,
           match_rate=1.0),
         R("2024-11-21", visits=4, clicks=2, matched=0, ctwa=1, qualified=1, conversions=2,
-          revenue=650.5, click_to_lead=0.5, match_rate=0.0),
+          revenue=650.5, click_to_lead=0.0, match_rate=0.0),
         R("2024-11-22", visits=3, clicks=1, matched=1, code=1, ctwa=1, conversions=2,
-          revenue=1300.0, click_to_lead=2.0, match_rate=1.0),
+          revenue=1300.0, click_to_lead=1.0, match_rate=1.0),
         R("2024-11-23", visits=1, clicks=1, matched=1, window=1, none=1, qualified=1,
-          revenue=-500.0, click_to_lead=2.0, match_rate=1.0),
+          revenue=-500.0, click_to_lead=1.0, match_rate=1.0),
     ],
 }
 
@@ -341,17 +344,17 @@ async def test_report_days_follow_the_company_timezone(api):
     assert data["timezone"] == "UTC"
     assert data["rows"] == [
         R("2024-11-20", visits=2, clicks=2, matched=2, code=2, none=1, qualified=2,
-          click_to_lead=1.5, match_rate=1.0),
+          click_to_lead=1.0, match_rate=1.0),
         R("2024-11-21", visits=4, clicks=2, matched=1, code=1, ctwa=1, qualified=1,
-          conversions=2, revenue=650.5, click_to_lead=1.0, match_rate=0.5),
+          conversions=2, revenue=650.5, click_to_lead=0.5, match_rate=0.5),
         R("2024-11-22", visits=4, clicks=2, matched=1, code=1, ctwa=1, conversions=2,
-          revenue=1300.0, click_to_lead=1.0, match_rate=0.5),
+          revenue=1300.0, click_to_lead=0.5, match_rate=0.5),
         R("2024-11-23", visits=1, clicks=1, matched=1, window=1, none=1, qualified=1,
-          revenue=-300.0, click_to_lead=2.0, match_rate=1.0),
+          revenue=-300.0, click_to_lead=1.0, match_rate=1.0),
     ]
     assert data["totals"] == R(None, visits=11, clicks=7, matched=5, code=4, ctwa=2, window=1,
                                none=2, qualified=4, conversions=4, revenue=1650.5,
-                               click_to_lead=1.2857, match_rate=0.7143)
+                               click_to_lead=0.7143, match_rate=0.7143)
 
     await patch_company(api, timezone="America/Sao_Paulo")
     data = await report(api, group_by="day", **RANGE)
@@ -438,7 +441,7 @@ async def test_report_wide_range_and_default_range(api):
     # Adds V12, V13, L10, E3 (77), E10 (999), E14 (250) to the reference range.
     assert data["totals"] == R(None, visits=13, clicks=9, matched=6, code=5, ctwa=2, window=1,
                                none=2, qualified=4, conversions=7, revenue=2776.5,
-                               click_to_lead=1.1111, match_rate=0.6667)
+                               click_to_lead=0.6667, match_rate=0.6667)
     assert by_key(data["rows"])["google"] == R(
         "google", visits=5, clicks=4, matched=3, code=3, qualified=2, conversions=4,
         revenue=1576.0, click_to_lead=0.75, match_rate=0.75)

@@ -1,0 +1,382 @@
+/* WhatsTracking console: the company's settings (GET/PATCH /api/company), label → event mapping,
+   conversion destinations (Meta, GA4, CRM webhook; secrets write-only), failed deliveries with
+   retry, and the Google Ads offline-conversions CSV. Shared helpers: window.WTV (reports.js). */
+(function () {
+  "use strict";
+  var h = WT.h;
+
+  var LABEL_EVENTS = ["qualified", "purchase", "refund", "lost"];
+  var CURRENCIES = ["BRL", "USD", "EUR", "ARS", "CLP", "COP", "MXN", "PEN", "UYU", "PYG", "BOB",
+                    "GBP", "CAD", "AUD", "JPY", "CHF"];
+  // Destinations and their fields as the API names them (DESTINATION_FIELDS in whatstracking.py;
+  // event_names is left to the API); secret ones are write-only.
+  var DESTINATIONS = [
+    {name: "meta", fields: [{key: "dataset_id", required: true},
+                            {key: "access_token", secret: true, required: true},
+                            {key: "waba_id"}, {key: "test_event_code"}]},
+    {name: "ga4", fields: [{key: "measurement_id", required: true, placeholder: "G-XXXXXXX"},
+                           {key: "api_secret", secret: true, required: true}]},
+    {name: "crm_webhook", fields: [{key: "url", required: true, type: "url",
+                                    placeholder: "https://"},
+                                   {key: "secret", secret: true, required: true}]}
+  ];
+
+  function zones() {
+    try {
+      if (Intl.supportedValuesOf) return Intl.supportedValuesOf("timeZone");
+    } catch (e) { /* older browsers */ }
+    return ["America/Sao_Paulo", "America/Manaus", "America/Recife", "America/Fortaleza",
+            "America/Belem", "America/Cuiaba", "America/Porto_Velho", "America/Rio_Branco",
+            "America/Noronha", "UTC"];
+  }
+
+  function renderSettings(root) {
+    var V = window.WTV;
+    V.injectStyle();
+    var company = null;
+    var body = h("div", {id: "settings-body"}, h("p", {class: "muted"}, WT.t("common.loading")));
+    root.append(h("h1", {}, WT.t("settings.title")), body);
+
+    function load() {
+      return WT.api("GET", "/api/company").then(function (c) {
+        company = c;
+        if (WT.session) WT.session.company = Object.assign(WT.session.company || {}, c);
+        draw();
+      }, function (e) {
+        body.replaceChildren(h("p", {class: "error", role: "alert"}, V.errorText(e)));
+      });
+    }
+
+    /* A card with a form; save() returns the PATCH body (or throws an Error to show). */
+    function form(id, title, help, fields, save) {
+      var error = V.errorBox(id + "-error");
+      var done = h("span", {class: "muted", role: "status", id: id + "-saved"});
+      var button = h("button", {type: "submit", class: "btn primary"}, WT.t("common.save"));
+      var el = h("form", {class: "card", id: id, novalidate: true},
+        h("h2", {}, title), help ? h("p", {class: "muted small"}, help) : null, fields,
+        h("div", {class: "v-form-actions"}, button, done, error));
+      el.addEventListener("submit", function (ev) {
+        ev.preventDefault();
+        error.textContent = ""; done.textContent = "";
+        var patch;
+        try { patch = save(); } catch (e) { error.textContent = e.message; return; }
+        button.disabled = true;
+        WT.api("PATCH", "/api/company", {body: patch}).then(function (c) {
+          button.disabled = false;
+          company = c;
+          if (WT.session) WT.session.company = Object.assign(WT.session.company || {}, c);
+          WT.toast(WT.t("common.saved"));
+          if (WT.refreshCompany) WT.refreshCompany().catch(function () { /* shown next time */ });
+          draw();
+          var again = document.getElementById(id + "-saved");
+          if (again) again.textContent = WT.t("common.saved");
+        }, function (e) {
+          button.disabled = false;
+          error.textContent = V.errorText(e);
+        });
+      });
+      return el;
+    }
+
+    function number(input) {
+      var raw = String(input.value).trim();
+      if (raw === "") return null;
+      var n = Number(raw.replace(",", "."));
+      return isFinite(n) ? n : raw;
+    }
+
+    // ---- attribution, code, region ----
+
+    function attributionForm() {
+      var days = WT.field({label: WT.t("settings.attribution_window_days"), name: "attribution_window_days",
+                           type: "number", value: company.attribution_window_days,
+                           help: WT.t("settings.attribution_window_days_help"),
+                           attrs: {min: "1", max: "365", step: "1", inputmode: "numeric"}});
+      var windowMatch = WT.field({label: WT.t("settings.window_match"), name: "window_match",
+                                  type: "checkbox", value: company.window_match});
+      var minutes = WT.field({label: WT.t("settings.window_minutes"), name: "window_minutes",
+                              type: "number", value: company.window_minutes,
+                              help: WT.t("settings.window_minutes_help"),
+                              attrs: {min: "1", max: "1440", step: "1", inputmode: "numeric"}});
+      return form("settings-attribution", WT.t("settings.attribution_title"),
+                  WT.t("settings.attribution_help"), [days, windowMatch, minutes], function () {
+        return {attribution_window_days: number(days.input),
+                window_match: windowMatch.input.checked,
+                window_minutes: number(minutes.input)};
+      });
+    }
+
+    function codeForm() {
+      var mode = WT.field({label: WT.t("settings.code_mode"), name: "code_mode", type: "select",
+                           value: company.code_mode, help: WT.t("settings.code_mode_help"),
+                           options: ["both", "visible", "invisible"].map(function (m) {
+                             return {value: m, label: WT.t("settings.code_mode." + m)};
+                           })});
+      var template = WT.field({label: WT.t("settings.code_template"), name: "code_template",
+                               value: company.code_template,
+                               help: WT.t("settings.code_template_help"),
+                               attrs: {maxlength: "64", autocomplete: "off", spellcheck: "false"}});
+      var store = WT.field({label: WT.t("settings.store_first_message"), name: "store_first_message",
+                            type: "checkbox", value: company.store_first_message,
+                            help: WT.t("settings.store_first_message_help")});
+      return form("settings-code", WT.t("settings.code_title"), WT.t("settings.code_help"),
+                  [mode, template, store], function () {
+        return {code_mode: mode.input.value, code_template: template.input.value,
+                store_first_message: store.input.checked};
+      });
+    }
+
+    function regionForm() {
+      var origins = WT.field({label: WT.t("settings.allowed_origins"), name: "allowed_origins",
+                              type: "textarea", rows: 3,
+                              value: (company.allowed_origins || []).join("\n"),
+                              help: WT.t("settings.allowed_origins_help"),
+                              placeholder: "https://loja.com.br",
+                              attrs: {spellcheck: "false", autocapitalize: "off"}});
+      var listId = "settings-zones";
+      var zone = WT.field({label: WT.t("settings.timezone"), name: "timezone",
+                           value: company.timezone, help: WT.t("settings.timezone_help"),
+                           attrs: {list: listId, autocomplete: "off", spellcheck: "false",
+                                   autocapitalize: "off"}});
+      var datalist = h("datalist", {id: listId}, zones().map(function (z) {
+        return h("option", {value: z});
+      }));
+      var currencies = CURRENCIES.slice();
+      if (company.currency && currencies.indexOf(company.currency) < 0) {
+        currencies.unshift(company.currency);
+      }
+      var names = null;
+      try { names = new Intl.DisplayNames([WT.lang], {type: "currency"}); } catch (e) { names = null; }
+      var currency = WT.field({label: WT.t("settings.currency"), name: "currency", type: "select",
+                               value: company.currency, help: WT.t("settings.currency_help"),
+                               options: currencies.map(function (c) {
+                                 return {value: c, label: c + (names ? " · " + names.of(c) : "")};
+                               })});
+      return form("settings-region", WT.t("settings.region_title"), null,
+                  [origins, h("div", {class: "v-two"}, h("div", {}, zone, datalist), currency)],
+                  function () {
+        var list = origins.input.value.split(/[\s,]+/).map(function (s) { return s.trim(); })
+          .filter(Boolean);
+        return {allowed_origins: list, timezone: zone.input.value.trim(),
+                currency: currency.input.value};
+      });
+    }
+
+    // ---- label → event ----
+
+    function labelsForm() {
+      var rows = h("div", {id: "settings-labels-rows"});
+      function addRow(label, event) {
+        var name = WT.field({label: WT.t("settings.label_name"), name: "label",
+                             value: label || "", placeholder: WT.t("settings.label_placeholder")});
+        var pick = WT.field({label: WT.t("settings.label_event"), name: "event", type: "select",
+                             value: event || "purchase",
+                             options: LABEL_EVENTS.map(function (e) {
+                               return {value: e, label: V.eventName(e)};
+                             })});
+        var row = h("div", {class: "v-map-row"}, name, pick,
+          h("button", {type: "button", class: "btn ghost small",
+                       onclick: function () { row.remove(); }}, WT.t("settings.label_remove")));
+        row.nameInput = name.input; row.eventInput = pick.input;
+        rows.appendChild(row);
+        return row;
+      }
+      var mapping = company.label_events || {};
+      Object.keys(mapping).forEach(function (k) { addRow(k, mapping[k]); });
+      var add = h("button", {type: "button", class: "btn ghost", id: "settings-label-add",
+                             onclick: function () { addRow("", "").nameInput.focus(); }},
+                  WT.t("settings.label_add"));
+      return form("settings-labels", WT.t("settings.labels_title"), WT.t("settings.labels_help"),
+                  [rows, h("p", {}, add)], function () {
+        var out = {};
+        Array.prototype.forEach.call(rows.children, function (row) {
+          var k = row.nameInput.value.trim();
+          if (k) out[k] = row.eventInput.value;
+        });
+        return {label_events: out};
+      });
+    }
+
+    // ---- destinations ----
+
+    function destinationForm(spec) {
+      var stored = company[spec.name] || null;
+      var on = !!stored;
+      var inputs = {}, clear = {};
+      var fields = spec.fields.map(function (f) {
+        var label = WT.t("settings.dest." + spec.name + "." + f.key);
+        var help = WT.has("settings.dest." + spec.name + "." + f.key + "_help")
+          ? WT.t("settings.dest." + spec.name + "." + f.key + "_help") : null;
+        if (!f.secret) {
+          var field = WT.field({label: label, name: spec.name + "." + f.key, type: f.type || "text",
+                                value: stored && stored[f.key] != null ? stored[f.key] : "",
+                                help: help, placeholder: f.placeholder,
+                                attrs: {autocomplete: "off", spellcheck: "false", autocapitalize: "off"}});
+          inputs[f.key] = field.input;
+          return field;
+        }
+        // A secret: never shown; "set" with replace / clear, or an empty box to type it.
+        var isSet = !!(stored && stored[f.key + "_set"]);
+        var secretField = WT.field({label: label, name: spec.name + "." + f.key, type: "password",
+                                    help: help, attrs: {autocomplete: "new-password", spellcheck: "false"}});
+        inputs[f.key] = secretField.input;
+        if (!isSet) return secretField;
+        var state = h("span", {class: "badge ok", dataset: {secret: f.key}}, WT.t("settings.secret_set"));
+        var box = h("div", {class: "v-secret", dataset: {secretField: f.key}},
+          h("span", {class: "v-secret-label"}, label), state);
+        secretField.hidden = true;
+        var replace = h("button", {type: "button", class: "btn ghost small", dataset: {replace: f.key},
+          onclick: function () {
+            secretField.hidden = false; clear[f.key] = false;
+            state.textContent = WT.t("settings.secret_replacing");
+            state.className = "badge info";
+            secretField.input.focus();
+          }}, WT.t("settings.secret_replace"));
+        var remove = h("button", {type: "button", class: "btn ghost small", dataset: {clear: f.key},
+          onclick: function () {
+            clear[f.key] = true; secretField.hidden = true; secretField.input.value = "";
+            state.textContent = WT.t("settings.secret_will_clear");
+            state.className = "badge warn";
+          }}, WT.t("settings.secret_clear"));
+        box.append(replace, remove);
+        return h("div", {}, box, secretField);
+      });
+      var enabled = WT.field({label: WT.t("settings.dest_enabled"), name: spec.name + ".enabled",
+                              type: "checkbox", value: !stored || stored.enabled !== false});
+      var title = WT.t("settings.dest." + spec.name);
+      var status = h("span", {class: "badge " + (on ? (stored.enabled === false ? "" : "ok") : ""),
+                              dataset: {destinationState: spec.name}},
+                     WT.t(on ? (stored.enabled === false ? "settings.dest_off" : "settings.dest_on")
+                          : "settings.dest_none"));
+      var el = form("settings-" + spec.name.replace("_", "-"), title,
+                    WT.t("settings.dest." + spec.name + "_help"), [fields, enabled], function () {
+        var patch = {};
+        spec.fields.forEach(function (f) {
+          var v = inputs[f.key].value.trim();
+          if (f.secret) {
+            if (clear[f.key]) patch[f.key] = null;
+            else if (v) patch[f.key] = v;
+          } else if (v) {
+            patch[f.key] = v;
+          } else if (stored && stored[f.key] != null) {
+            patch[f.key] = null;
+          }
+        });
+        patch.enabled = enabled.input.checked;
+        var out = {};
+        out[spec.name] = patch;
+        return out;
+      });
+      el.querySelector("h2").append(" ", status);
+      if (on) {
+        el.querySelector(".v-form-actions").appendChild(h("button", {type: "button", class: "btn ghost",
+          dataset: {removeDestination: spec.name}, onclick: function () {
+            WT.confirm({title: WT.t("settings.dest_remove_title", {name: title}),
+                        body: WT.t("settings.dest_remove_body"), danger: true,
+                        confirm: WT.t("settings.dest_remove")}).then(function (ok) {
+              if (!ok) return;
+              var patch = {};
+              patch[spec.name] = null;
+              WT.api("PATCH", "/api/company", {body: patch}).then(function (c) {
+                company = c; WT.toast(WT.t("common.saved")); draw();
+              }, function (e) { WT.toast(V.errorText(e), "error"); });
+            });
+          }}, WT.t("settings.dest_remove")));
+      }
+      return el;
+    }
+
+    // ---- failed deliveries ----
+
+    function failedCard() {
+      var list = h("div", {id: "settings-failed-list"}, h("p", {class: "muted"}, WT.t("common.loading")));
+      var card = h("section", {class: "card", id: "settings-failed"},
+        h("div", {class: "spread"}, h("h2", {}, WT.t("settings.failed_title")),
+          h("button", {type: "button", class: "btn ghost small", onclick: function () { loadFailed(); }},
+            WT.t("common.refresh"))),
+        h("p", {class: "muted small"}, WT.t("settings.failed_help")), list);
+      function loadFailed() {
+        return WT.api("GET", "/api/deliveries", {query: {status: "failed"}}).then(function (res) {
+          var rows = res.deliveries || [];
+          if (!rows.length) { list.replaceChildren(WT.empty("settings.failed_empty")); return; }
+          list.replaceChildren(h("table", {class: "stack", id: "settings-failed-table"},
+            h("thead", {}, h("tr", {}, ["when", "lead", "destination", "event", "error", ""].map(function (c) {
+              return h("th", {scope: "col"}, c ? WT.t("settings.failed_col." + c) : "");
+            }))),
+            h("tbody", {}, rows.map(function (d) {
+              var retry = h("button", {type: "button", class: "btn small", dataset: {retry: d.id},
+                onclick: function () {
+                  retry.disabled = true;
+                  WT.api("POST", "/api/deliveries/" + d.id + "/retry").then(function () {
+                    WT.toast(WT.t("deliveries.retried"));
+                    loadFailed();
+                  }, function (e) { retry.disabled = false; WT.toast(V.errorText(e), "error"); });
+                }}, WT.t("deliveries.retry"));
+              return h("tr", {dataset: {delivery: d.id}},
+                h("td", {"data-label": WT.t("settings.failed_col.when")}, WT.fmt.datetime(d.updated_at)),
+                h("td", {"data-label": WT.t("settings.failed_col.lead")},
+                  h("a", {href: WT.href("lead", {id: d.lead_id})}, "#" + d.lead_id)),
+                h("td", {"data-label": WT.t("settings.failed_col.destination")}, V.destinationName(d.destination)),
+                h("td", {"data-label": WT.t("settings.failed_col.event")}, V.eventName(d.event)),
+                h("td", {"data-label": WT.t("settings.failed_col.error")},
+                  [d.last_status != null ? "HTTP " + d.last_status : null, d.last_error]
+                    .filter(Boolean).join(" · ") || "–"),
+                h("td", {}, retry));
+            }))));
+        }, function (e) {
+          list.replaceChildren(h("p", {class: "error", role: "alert"}, V.errorText(e)));
+        });
+      }
+      loadFailed();
+      return card;
+    }
+
+    // ---- Google Ads export ----
+
+    var exportRange = {};
+    function googleAdsCard() {
+      var names = company.google_ads_conversion_names || [];
+      var pick = WT.field({label: WT.t("settings.gads_conversion"), name: "conversion_name",
+                           type: "select", help: WT.t("settings.gads_conversion_help"),
+                           options: [{value: "", label: WT.t("settings.gads_all")}].concat(
+                             names.map(function (n) { return {value: n, label: n}; }))});
+      pick.input.id = "settings-gads-name";
+      pick.querySelector("label").setAttribute("for", "settings-gads-name");
+      var picker = WT.rangePicker(exportRange, function (r) { exportRange = r; });
+      exportRange = picker.value;
+      var error = V.errorBox("settings-gads-error");
+      var button = h("button", {type: "button", class: "btn primary", id: "settings-gads-download",
+        onclick: function () {
+          error.textContent = "";
+          button.disabled = true;
+          var r = picker.value;
+          WT.download("/api/exports/google-ads.csv",
+                      {conversion_name: pick.input.value, from: r.from, to: r.to},
+                      "google-ads-" + r.from + "-" + r.to + ".csv")
+            .then(function () { WT.toast(WT.t("settings.gads_done")); },
+                  function (e) { error.textContent = V.errorText(e); })
+            .then(function () { button.disabled = false; });
+        }}, WT.t("common.download_csv"));
+      return h("section", {class: "card", id: "settings-gads"},
+        h("h2", {}, WT.t("settings.gads_title")),
+        h("p", {class: "muted small"}, WT.t("settings.gads_help")),
+        pick, picker, h("div", {class: "v-form-actions"}, button, error));
+    }
+
+    function draw() {
+      var y = window.scrollY;
+      body.replaceChildren(
+        attributionForm(), codeForm(), regionForm(), labelsForm(),
+        h("h2", {class: "v-section-title"}, WT.t("settings.destinations_title")),
+        h("p", {class: "muted"}, WT.t("settings.destinations_help")),
+        DESTINATIONS.map(destinationForm),
+        failedCard(), googleAdsCard());
+      window.scrollTo(0, y);
+    }
+
+    load();
+    return null;
+  }
+
+  WT.view("settings", {nav: "nav.settings", title: "settings.title", render: renderSettings});
+})();
