@@ -4,9 +4,12 @@ conversion names and the report's leads with and without a click."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 import whatstracking
 from conftest import ADMIN_TOKEN, Api, create_company, fixture, upsert
@@ -585,8 +588,6 @@ async def test_the_google_ads_export_refuses_an_unknown_conversion_name(api):
     ("?lang=", "en", "en"),
 ])
 def test_connect_language(query, accept, expected):
-    from aiohttp.test_utils import make_mocked_request
-
     headers = {} if accept is None else {"Accept-Language": accept}
     request = make_mocked_request("GET", "/connect/x" + query, headers=headers)
     assert whatstracking.connect_language(request) == expected
@@ -594,9 +595,6 @@ def test_connect_language(query, accept, expected):
 
 @pytest.mark.parametrize("language", whatstracking.CONNECT_LANGUAGES)
 def test_connect_page_of_each_language_runs_under_the_one_policy(language):
-    import json
-    import re
-
     page = whatstracking.connect_page_template(language)
     assert f'<html lang="{language}">' in page
     scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
@@ -613,8 +611,6 @@ def test_connect_page_of_each_language_runs_under_the_one_policy(language):
 
 
 def test_both_dictionaries_have_every_connect_key_sorted():
-    import json
-
     keys = {}
     for language in whatstracking.CONNECT_LANGUAGES:
         path = whatstracking.LOCALES_DIR / f"{language}.json"
