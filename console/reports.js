@@ -78,8 +78,23 @@
     ".v-map-row { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr) auto; gap: .5rem; align-items: end; margin-bottom: .5rem; }",
     ".v-map-row .field { margin-bottom: 0; }",
     ".v-two { display: grid; gap: 0 1rem; grid-template-columns: repeat(auto-fit, minmax(14rem, 1fr)); }",
+    ".field.check { flex-wrap: wrap; }",
+    ".field.check .help { flex-basis: 100%; padding-left: 1.6rem; }",
+    ".view-settings form.card, .view-settings section.card { max-width: 52rem; }",
+    ".v-section-title { margin-top: 1.5rem; }",
+    ".v-inline-select { font: inherit; padding: .35rem .5rem; border: 1px solid #c4ccd5; border-radius: 8px;",
+    "  background: #fff; color: var(--ink); min-height: 2.3rem; }",
     "@media (max-width: 760px) {",
     "  .v-search { flex-wrap: wrap; }",
+    "  .v-search .field { flex: 1 1 100%; margin-bottom: .25rem; }",
+    "  .v-filters { grid-template-columns: 1fr 1fr; }",
+    "  .v-funnel { grid-template-columns: 1fr 1fr; }",
+    "  .v-step[data-step=leads], .v-step[data-step=sales], .v-step[data-step=match] { grid-column: 1 / -1; }",
+    "  table.stack.v-compact tr { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: .1rem .75rem; padding: .6rem 0; }",
+    "  table.stack.v-compact td { width: auto; }",
+    "  table.stack.v-compact td.v-wide { grid-column: 1 / -1; }",
+    "  table.stack.v-compact td:first-child { grid-column: 1 / -1; font-weight: 600; font-size: 1rem; }",
+    "  table.stack.v-compact td:first-child::before { content: none; }",
     "  .v-map-row { grid-template-columns: 1fr 1fr; }",
     "  .v-map-row .btn { grid-column: 1 / -1; justify-self: start; }",
     "  table.stack td .v-sub { display: inline; margin-left: .35rem; }",
@@ -357,7 +372,7 @@
 
     var chart = h("div", {class: "v-chart", id: "report-chart"});
     var methods = h("ul", {class: "v-methods", id: "report-methods"});
-    var groupSelect = h("select", {id: "report-group"}, GROUPS.map(function (g) {
+    var groupSelect = h("select", {id: "report-group", class: "v-inline-select"}, GROUPS.map(function (g) {
       return h("option", {value: g, selected: g === group}, WT.t("reports.group." + g));
     }));
     var groupLabel = h("label", {for: "report-group"}, WT.t("reports.by"));
@@ -522,7 +537,7 @@
          cell: function (r) { return rateText(r.match_rate); }}
       ];
       tableBox.replaceChildren(WTV.sortableTable(columns, res.rows, {
-        id: "report-groups", sort: "leads",
+        id: "report-groups", sort: "leads", className: "v-compact",
         rowAttrs: function (r) { return {dataset: {key: r.key == null ? "" : r.key}}; }}));
     }
 
