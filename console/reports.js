@@ -41,7 +41,8 @@
     ".v-sort[aria-sort=descending]::after { content: ' \\2193'; color: var(--ink); }",
     "td .v-sub { display: block; color: var(--muted); font-size: .84rem; }",
     ".v-filters { display: grid; gap: 0 .75rem; grid-template-columns: repeat(auto-fit, minmax(11rem, 1fr)); }",
-    ".v-filters .field { margin-bottom: .6rem; }",
+    ".v-filters .field { margin-bottom: .6rem; align-content: end; }",
+    "td.v-nowrap { white-space: nowrap; }",
     ".v-search { display: flex; gap: .5rem; align-items: flex-end; }",
     ".v-search .field { flex: 1; margin-bottom: 0; }",
     "tr.v-row { cursor: pointer; }",
@@ -79,6 +80,7 @@
     ".v-map-row .field { margin-bottom: 0; }",
     ".v-two { display: grid; gap: 0 1rem; grid-template-columns: repeat(auto-fit, minmax(14rem, 1fr)); }",
     ".field.check { flex-wrap: wrap; }",
+    ".field.check > label { flex: 1 1 0; min-width: 0; }",
     ".field.check .help { flex-basis: 100%; padding-left: 1.6rem; }",
     ".view-settings form.card, .view-settings section.card { max-width: 52rem; }",
     ".v-section-title { margin-top: 1.5rem; }",
@@ -94,7 +96,7 @@
     "  table.stack.v-compact td { width: auto; }",
     "  table.stack.v-compact td.v-wide { grid-column: 1 / -1; }",
     "  table.stack.v-compact td:first-child { grid-column: 1 / -1; font-weight: 600; font-size: 1rem; }",
-    "  table.stack.v-compact td:first-child::before { content: none; }",
+    "  table.stack.v-compact td:first-child::before, table.stack.v-compact td.v-bare::before { content: none; }",
     "  .v-map-row { grid-template-columns: 1fr 1fr; }",
     "  .v-map-row .btn { grid-column: 1 / -1; justify-self: start; }",
     "  table.stack td .v-sub { display: inline; margin-left: .35rem; }",
@@ -242,9 +244,8 @@
   function errorText(e) {
     var raw = e && e.body && typeof e.body.error === "string" ? e.body.error : "";
     if (raw && e.status === 400) {
-      if (/private|public address|not allowed to reach/i.test(raw) && /url/i.test(raw)) {
-        return WT.t("settings.error.private_url");
-      }
+      if (/public internet address/i.test(raw)) return WT.t("settings.error.private_url");
+      if (/host name does not resolve/i.test(raw)) return WT.t("settings.error.unresolvable");
       for (var i = 0; i < ERROR_FIELDS.length; i++) {
         var f = ERROR_FIELDS[i];
         if (raw.indexOf(f) >= 0 && WT.has("settings.error." + f)) {
