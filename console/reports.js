@@ -365,7 +365,6 @@
         return h("div", {class: "v-step", dataset: {step: k}},
                  h("span", {class: "v-label"}, WT.t(s.label)), s.num, s.note);
       }));
-    var revenue = h("span", {id: "report-revenue"});
     var explain = h("p", {class: "v-explain", id: "report-explain"},
       h("b", {}, WT.t("reports.explain.match_title")), " ", WT.t("reports.explain.match"), " ",
       h("b", {}, WT.t("reports.explain.click_title")), " ", WT.t("reports.explain.click"), " ",
@@ -382,8 +381,7 @@
     root.append(
       h("div", {class: "v-toolbar"}, h("h1", {}, WT.t("reports.title")), picker),
       error, status,
-      h("section", {class: "card"}, h("h2", {}, WT.t("reports.funnel.title")), funnel,
-        h("p", {class: "v-explain"}, WT.t("reports.revenue"), " ", revenue), explain),
+      h("section", {class: "card"}, h("h2", {}, WT.t("reports.funnel.title")), funnel, explain),
       h("div", {class: "v-two"},
         h("section", {class: "card"}, h("h2", {}, WT.t("reports.chart_title")), chart),
         h("section", {class: "card"}, h("h2", {}, WT.t("reports.methods_title")), methods,
@@ -461,8 +459,9 @@
         h("span", {id: "report-without-click"},
           WT.t("reports.funnel.without_click", {count: WT.fmt.number(withoutClick(t))})));
       steps.sales.num.textContent = WT.fmt.number(t.conversions);
-      steps.sales.note.textContent = WT.fmt.money(t.revenue, daily && daily.currency || cur);
-      revenue.textContent = WT.fmt.money(t.revenue, daily && daily.currency || cur);
+      steps.sales.note.replaceChildren(
+        h("b", {id: "report-revenue"}, WT.fmt.money(t.revenue, daily && daily.currency || cur)),
+        " ", WT.t("reports.funnel.revenue_note"));
       steps.match.num.textContent = t.match_rate == null ? "–" : WT.fmt.percent(t.match_rate);
       var note = steps.match.note;
       note.className = "";

@@ -766,3 +766,46 @@ async def test_every_view_fits_a_phone_and_is_photographed(server, browser, lang
             assert box["y"] < 844, box
         assert page.errors == [] and page.foreign == []
         await context.close()
+
+
+# ==================================================================================================
+# The agency: the admin token acting for a company; an empty company
+# ==================================================================================================
+
+async def test_admin_sees_a_company_s_reports_and_leads_and_an_empty_one_says_so(server, browser):
+    _, expect = require_browser()
+    a = await seed(server)
+    await server.company("empresa-vazia", "Empresa Vazia")
+    admin = Company(server, {"company_id": "empresa-123", "token": ADMIN_TOKEN,
+                             "webhook_secret": ""})
+    context, page = await open_console(browser, server, admin, "pt-BR", "overview",
+                                       downloads=True)
+    await context.add_init_script("localStorage.setItem('wt.companyId', 'empresa-123');")
+    await page.evaluate("localStorage.setItem('wt.companyId', 'empresa-123')")
+    await page.reload()
+    # The admin's calls name the company (company_id): the same numbers as the company's token.
+    await overview_matches(page, a)
+    await page.goto(f"{server.base}/dashboard#/leads")
+    await expect(page.locator("#leads-table tbody tr")).to_have_count(6, timeout=WAIT_MS)
+    async with page.expect_download() as info:
+        await page.click("#leads-csv")
+    rows = list(csv.DictReader(io.StringIO(
+        pathlib.Path(await (await info.value).path()).read_text("utf-8-sig"))))
+    assert len(rows) == 6
+    await page.click(f"#leads-table tr[data-lead-id='{server.leads['Ana Instagram']}'] a")
+    await expect(page.locator("#lead-name")).to_have_text("Ana Instagram", timeout=WAIT_MS)
+
+    # A company with nothing yet: words, not bare zeros and empty tables.
+    await page.evaluate("() => WT.openCompany('empresa-vazia', true).then(() => WT.go('overview'))")
+    await expect(page.locator("#report-table .empty")).to_have_text(
+        await t(page, "reports.table_empty"), timeout=WAIT_MS)
+    await expect(page.locator("#report-match-rate-note")).to_have_text(
+        await t(page, "reports.funnel.match_no_clicks"))
+    await page.goto(f"{server.base}/dashboard#/leads")
+    await expect(page.locator("#leads-list .empty")).to_have_text(await t(page, "leads.empty"),
+                                                                  timeout=WAIT_MS)
+    await page.goto(f"{server.base}/dashboard#/settings")
+    await expect(page.locator("#settings-meta [data-destination-state=meta]")).to_have_text(
+        await t(page, "settings.dest_none"), timeout=WAIT_MS)
+    assert page.errors == [] and page.foreign == []
+    await context.close()
