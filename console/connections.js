@@ -262,7 +262,7 @@
               if (ok) run(WT.api("DELETE", "/instance/delete", {body: {connectionId: id}}),
                           WT.t("connections.deleted_all"));
             });
-          }, "ghost"));
+          }, "ghost bad-text"));
           return out;
         }
         if (!c.verified) {
@@ -296,7 +296,7 @@
             if (ok) run(WT.api("DELETE", "/api/delete-instance", {query: {connectionId: id}}),
                         WT.t("connections.deleted"));
           });
-        }, "ghost"));
+        }, "ghost bad-text"));
         out.push(act(WT.t("connections.delete_all"), function () {
           WT.confirm({title: WT.t("connections.delete_all_title", {name: id}),
                       body: WT.t("connections.delete_all_body"),
@@ -304,7 +304,7 @@
             if (ok) run(WT.api("DELETE", "/instance/delete", {body: {connectionId: id}}),
                         WT.t("connections.deleted_all"));
           });
-        }, "ghost"));
+        }, "ghost bad-text"));
         return out;
       }
 

@@ -510,6 +510,11 @@
 
   // ---- the shell (header, nav) ---------------------------------------------------------------
 
+  function languageList() {
+    return languages.length ? languages : [{code: "pt-BR", name: "Português (Brasil)"},
+                                           {code: "en", name: "English"}];
+  }
+
   function renderShell() {
     var s = WT.session;
     document.body.classList.toggle("signed-in", !!s);
@@ -527,8 +532,7 @@
     var langBox = document.getElementById("wt-lang");
     var langId = uid("lang");
     var select = h("select", {id: langId, onchange: function () { WT.setLang(select.value); }},
-      (languages.length ? languages : [{code: "pt-BR", name: "Português (Brasil)"},
-                                       {code: "en", name: "English"}]).map(function (l) {
+      languageList().map(function (l) {
         return h("option", {value: l.code, selected: l.code === WT.lang}, l.name);
       }));
     langBox.replaceChildren(h("label", {for: langId, class: "sr-only"}, WT.t("app.language")),
@@ -575,6 +579,16 @@
         list.appendChild(h("li", {}, h("a", {href: "#/" + n, dataset: {view: n}},
                                        WT.t(views[n].nav))));
       });
+    }
+    if (s) {  // on phones the header is narrow: the language and sign-out live in the menu too
+      var id = uid("nav-lang");
+      var sel = h("select", {id: id, onchange: function () { WT.setLang(sel.value); }},
+        languageList().map(function (l) {
+          return h("option", {value: l.code, selected: l.code === WT.lang}, l.name);
+        }));
+      list.appendChild(h("li", {class: "nav-extra"},
+        h("label", {for: id}, WT.t("app.language")), sel,
+        h("button", {type: "button", class: "btn ghost", onclick: WT.signOut}, WT.t("app.sign_out"))));
     }
     nav.replaceChildren(list);
     nav.setAttribute("aria-label", WT.t("app.menu"));
@@ -837,6 +851,9 @@
       }
     });
     window.addEventListener("hashchange", route);
+    document.getElementById("wt-nav").addEventListener("click", function (ev) {
+      if (ev.target.closest("a")) closeMenu();  // also when the link is the current view
+    });
     var listed = fetch("/locales", {cache: "no-cache"}).then(function (r) { return r.json(); })
       .then(function (d) { languages = d.languages || []; }).catch(function () { languages = []; });
     var lang = pickLang();

@@ -79,7 +79,7 @@
       function showConnect(o) {
         var c = o.connections || {};
         if (c.open) {
-          connStatus.replaceChildren(live("ok", WT.t("onboarding.connected", {count: c.open})));
+          connStatus.replaceChildren(live("ok", WT.t("onboarding.connected")));
           if (connectMode !== "done") {
             connectMode = "done";
             if (panel) { panel.stop(); panel = null; }
