@@ -5782,61 +5782,74 @@ text-align:center;color:#1f2933}
 #qr{width:18rem;height:18rem;image-rendering:pixelated}
 .ok{color:#137333;font-size:1.3rem}.err{color:#b3261e}small{color:#52606d}
 """
-# The same text for every link (the link's QR URL is in the body's data-qr-url): its hash in the
-# page's Content-Security-Policy lets it run, and nothing else.
+# The same script for every link and language: the link's QR URL is in the body's data-qr-url and
+# the page's words in a JSON data block (#texts, never run), so its hash in the page's
+# Content-Security-Policy lets it run, and nothing else.
 CONNECT_SCRIPT = """
 (function () {
   "use strict";
   var url = document.body.getAttribute("data-qr-url"), statusEl = document.getElementById("status"),
-      img = document.getElementById("qr"), pairing = document.getElementById("pairing");
+      img = document.getElementById("qr"), pairing = document.getElementById("pairing"),
+      t = JSON.parse(document.getElementById("texts").textContent);
   function show(text, cls) { statusEl.textContent = text; statusEl.className = cls || ""; }
+  function stop(text) { img.hidden = true; pairing.hidden = true; show(text, "err"); }
   function poll() {
     fetch(url, {cache: "no-store"}).then(function (r) {
       return r.json().then(function (body) { return {status: r.status, body: body}; });
     }).then(function (res) {
       if (res.status === 200) {
         img.src = res.body.base64; img.hidden = false;
-        show("Scan this QR code with the WhatsApp of the number to connect.");
+        show(t.scan);
         if (res.body.pairingCode) {
-          pairing.hidden = false; pairing.textContent = "Or type the code " + res.body.pairingCode;
+          pairing.hidden = false;
+          pairing.textContent = t.pairing.replace("{code}", res.body.pairingCode);
         }
         setTimeout(poll, 3000);
       } else if (res.status === 409) {
         img.hidden = true; pairing.hidden = true;
-        show("Connected" + (res.body.phone ? ": +" + res.body.phone : "") +
+        show(t.connected + (res.body.phone ? ": +" + res.body.phone : "") +
              (res.body.profileName ? " (" + res.body.profileName + ")" : ""), "ok");
         document.body.setAttribute("data-state", "connected");
-      } else if (res.status === 401 || res.status === 410) {
-        img.hidden = true; show(res.body.error, "err");
+      } else if (res.status === 401) {
+        stop(t.invalid);
+      } else if (res.status === 410) {
+        stop(t.expired);
+      } else if (res.status === 404) {
+        stop(t.not_found);
       } else {
-        show(res.body.error || "Waiting for the QR code…"); setTimeout(poll, 3000);
+        show(t.waiting); setTimeout(poll, 3000);
       }
-    }).catch(function () { show("Connection lost; retrying…"); setTimeout(poll, 5000); });
+    }).catch(function () { show(t.lost); setTimeout(poll, 5000); });
   }
   poll();
 })();
 """
 CONNECT_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
+<html lang="__LANG__"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Connect WhatsApp</title>
+<title>__TITLE__</title>
 <style>""" + CONNECT_STYLE + """</style></head><body data-qr-url="__QR_URL__">
-<h1>Connect WhatsApp</h1>
-<p id="status">Loading the QR code…</p>
-<img id="qr" alt="QR code to scan with WhatsApp" hidden>
+<h1>__TITLE__</h1>
+<p id="status">__LOADING__</p>
+<img id="qr" alt="__QR_ALT__" hidden>
 <p id="pairing" hidden></p>
-<p><small>On the phone: WhatsApp → Settings → Linked devices → Link a device, then scan.</small></p>
+<p><small>__HELP__</small></p>
+<script type="application/json" id="texts">__TEXTS__</script>
 <script>""" + CONNECT_SCRIPT + """</script></body></html>
 """
 
 CONNECT_ERROR_STYLE = """body{font-family:system-ui,sans-serif;max-width:28rem;margin:2rem auto;
 padding:0 1rem;text-align:center;color:#b3261e}"""
 CONNECT_ERROR_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1"><title>Link problem</title>
+<html lang="__LANG__"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>__TITLE__</title>
 <style>""" + CONNECT_ERROR_STYLE + """</style></head>
-<body><h1>__MESSAGE__</h1><p>Ask whoever sent you this link for a new one.</p></body></html>
+<body><h1>__MESSAGE__</h1><p>__ASK__</p></body></html>
 """
+# The page's languages (locales/<language>.json, keys connect.*); the first is the default.
+CONNECT_LANGUAGES = ("pt-BR", "en")
+CONNECT_ERROR_KEYS = {401: "connect.error.invalid", 410: "connect.error.expired",
+                      404: "connect.error.not_found"}
 
 
 def csp_hash(text: str) -> str:
@@ -5851,14 +5864,75 @@ def page_headers(policy: str, **extra: str) -> dict[str, str]:
             "X-Frame-Options": "DENY", **extra}
 
 
-# The link's signature is in the page's URL: no Referer may carry it elsewhere.
+# The link's signature is in the page's URL: no Referer may carry it elsewhere. The words vary
+# by language, the script and style do not: one policy for all.
 CONNECT_HEADERS = page_headers(
     f"default-src 'none'; script-src {csp_hash(CONNECT_SCRIPT)}; style-src "
     f"{csp_hash(CONNECT_STYLE)}; img-src data:; connect-src 'self'; form-action 'none'",
-    **{"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+    **{"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
+       "Vary": "Accept-Language"})
 CONNECT_ERROR_HEADERS = page_headers(
     f"default-src 'none'; style-src {csp_hash(CONNECT_ERROR_STYLE)}; form-action 'none'",
-    **{"Referrer-Policy": "no-referrer"})
+    **{"Referrer-Policy": "no-referrer", "Vary": "Accept-Language"})
+
+
+def page_language(tag: str) -> str | None:
+    """One of CONNECT_LANGUAGES for a language tag (pt, pt-PT, pt-BR → pt-BR; en* → en)."""
+    primary = tag.strip().lower().split("-")[0].split("_")[0]
+    return {"pt": "pt-BR", "en": "en"}.get(primary)
+
+
+def connect_language(request: web.Request) -> str:
+    """The /connect page's language: ?lang=, else the first of Accept-Language's languages (by
+    preference) that it has, else pt-BR."""
+    chosen = page_language(request.query.get("lang", ""))
+    if chosen:
+        return chosen
+    ranked = []
+    for i, part in enumerate(request.headers.get("Accept-Language", "").split(",")[:20]):
+        tag, _, params = part.partition(";")
+        weight = 1.0
+        match = re.search(r"q\s*=\s*([^;\s]*)", params)
+        if match:  # a weight that is no number (nor 0) leaves the language out
+            try:
+                weight = float(match.group(1))
+            except ValueError:
+                weight = 0.0
+        if weight > 0:
+            ranked.append((-weight, i, tag))
+    for _, _, tag in sorted(ranked):
+        chosen = page_language(tag)
+        if chosen:
+            return chosen
+    return CONNECT_LANGUAGES[0]
+
+
+@functools.lru_cache(maxsize=len(CONNECT_LANGUAGES))
+def connect_texts(language: str) -> dict[str, str]:
+    """The page's words in `language` (connect.* keys without the prefix), English for a key
+    the language lacks. Read once per process."""
+    texts = {}
+    for source in ("en", language):
+        texts.update({key[len("connect."):]: value for key, value in dictionary(source).items()
+                      if key.startswith("connect.") and isinstance(value, str)})
+    return texts
+
+
+@functools.lru_cache(maxsize=len(CONNECT_LANGUAGES))
+def connect_page_template(language: str) -> str:
+    """The page in `language`, with __QR_URL__ left for the link. Built once per language."""
+    t = connect_texts(language)
+    script_texts = {key: t.get(key, "") for key in (
+        "scan", "pairing", "connected", "waiting", "lost")}
+    script_texts.update({key: t.get(f"error.{key}", "")
+                         for key in ("invalid", "expired", "not_found")})
+    # In a script element only "</" (or "<!--") could end it early: no "<" goes in.
+    data = json.dumps(script_texts, ensure_ascii=False).replace("<", "\\u003c")
+    page = CONNECT_PAGE.replace("__TEXTS__", data)
+    for marker, key in (("__TITLE__", "title"), ("__LOADING__", "loading"),
+                        ("__QR_ALT__", "qr_alt"), ("__HELP__", "help")):
+        page = page.replace(marker, html.escape(t.get(key, "")))
+    return page.replace("__LANG__", language)
 
 
 @routes.get("/connect/{connection_id}")
@@ -5866,6 +5940,7 @@ async def connect_page(request: web.Request) -> web.Response:
     """The page an agency sends its client: the QR, refreshed until the number is connected."""
     rate_limit(request, "public")
     connection_id = request.match_info["connection_id"]
+    language = connect_language(request)
     try:
         company = await verify_link(request.app[DB], request.query, connection_id)
         row = await request.app[DB].fetchone(
@@ -5876,14 +5951,21 @@ async def connect_page(request: web.Request) -> web.Response:
     except LinkError as exc:
         if "text/html" not in request.headers.get("Accept", "text/html"):
             raise http_error(exc.status, exc.message) from None
-        page = CONNECT_ERROR_PAGE.replace("__MESSAGE__", html.escape(exc.message))
+        t = connect_texts(language)
+        message = t.get(CONNECT_ERROR_KEYS.get(exc.status, "")[len("connect."):]) or exc.message
+        page = (CONNECT_ERROR_PAGE.replace("__LANG__", language)
+                .replace("__TITLE__", html.escape(t.get("error.title", "")))
+                .replace("__ASK__", html.escape(t.get("ask_again", "")))
+                .replace("__MESSAGE__", html.escape(message)))
         return web.Response(status=exc.status, text=page, content_type="text/html",
-                            headers=CONNECT_ERROR_HEADERS)
+                            headers={**CONNECT_ERROR_HEADERS, "Content-Language": language})
     query = urllib.parse.urlencode({"instanceId": connection_id, "format": "json",
                                     "c": request.query["c"], "exp": request.query["exp"],
                                     "sig": request.query["sig"]})
-    page = CONNECT_PAGE.replace("__QR_URL__", html.escape("/qrcode/generate-qrcode?" + query))
-    return web.Response(text=page, content_type="text/html", headers=CONNECT_HEADERS)
+    page = connect_page_template(language).replace(
+        "__QR_URL__", html.escape("/qrcode/generate-qrcode?" + query))
+    return web.Response(text=page, content_type="text/html",
+                        headers={**CONNECT_HEADERS, "Content-Language": language})
 
 
 @routes.get("/public/get-connection")

@@ -165,3 +165,172 @@ async def test_connect_page_of_an_expired_link_shows_the_expired_page(server, pa
     response = await page.goto(f"{server.base}/connect/{CONN}?{urllib.parse.urlencode(parts)}")
     assert response.status == 401
     await expect(page.locator("h1")).to_contain_text("not valid")
+
+
+# ---- pt-BR and en --------------------------------------------------------------------------------
+
+VIEWPORTS = {"desktop": {"width": 1366, "height": 900}, "phone": {"width": 390, "height": 844}}
+WORDS = {  # what the client reads, per language (locales/*.json, connect.*)
+    "pt-BR": {"title": "Conectar WhatsApp", "scan": "Escaneie este QR code",
+              "pairing": "Conectar com número de telefone", "help": "Aparelhos conectados",
+              "connected": "Conectado: +", "expired": "Este link expirou",
+              "invalid": "Este link não é válido", "ask": "Peça um novo link"},
+    "en": {"title": "Connect WhatsApp", "scan": "Scan this QR code",
+           "pairing": "Link with phone number instead", "help": "Linked devices",
+           "connected": "Connected: +", "expired": "This link has expired",
+           "invalid": "This link is not valid", "ask": "Ask whoever sent you this link"},
+}
+ENGLISH_ONLY = ("Scan this", "Connected", "Loading", "Waiting", "Settings", "Linked devices",
+                "Ask whoever", "expired", "not valid")
+
+
+async def local_page(browser, locale: str, viewport: dict):
+    context = await browser.new_context(viewport=viewport, locale=locale)
+
+    async def local_only(route):  # nothing leaves 127.0.0.1
+        host = urllib.parse.urlsplit(route.request.url).hostname
+        await (route.continue_() if host == "127.0.0.1" else route.abort())
+
+    await context.route("**/*", local_only)
+    page = await context.new_page()
+    page.csp_refusals = []
+    page.on("console", lambda msg: "Content Security Policy" in msg.text
+            and page.csp_refusals.append(msg.text))
+    return context, page
+
+
+async def no_horizontal_overflow(page) -> None:
+    assert await page.evaluate(
+        "document.documentElement.scrollWidth <= document.documentElement.clientWidth"), \
+        "the page scrolls sideways"
+
+
+async def test_connect_page_speaks_the_browsers_language_on_desktop_and_phone(server, browser):
+    _, expect = require_browser()
+    await server.post("/api/create-instance", {"connectionId": CONN, "number": OWNER}, 201)
+    link = await server.post("/api/connection-link", {"connectionId": CONN, "ttl": 600}, 201)
+    ARTIFACTS.mkdir(exist_ok=True)
+    for lang, locale in (("pt-BR", "pt-BR"), ("en", "en-US")):
+        words = WORDS[lang]
+        for device, viewport in VIEWPORTS.items():
+            context, page = await local_page(browser, locale, viewport)
+            try:
+                response = await page.goto(link["url"])
+                assert response.status == 200
+                assert response.headers["content-language"] == lang
+                assert await page.get_attribute("html", "lang") == lang
+                assert await page.title() == words["title"]
+                await expect(page.locator("h1")).to_have_text(words["title"])
+                await expect(page.locator("#qr")).to_be_visible(timeout=POLL_TIMEOUT_MS)
+                await page.wait_for_function(
+                    "() => { const i = document.getElementById('qr');"
+                    " return i.complete && i.naturalWidth > 0 }", timeout=POLL_TIMEOUT_MS)
+                await expect(page.locator("#status")).to_contain_text(words["scan"])
+                await expect(page.locator("#pairing")).to_contain_text(words["pairing"])
+                await expect(page.locator("#pairing")).to_contain_text("7XKQ2M9R")
+                await expect(page.locator("small")).to_contain_text(words["help"])
+                if lang == "pt-BR":
+                    text = await page.inner_text("body")
+                    assert not [w for w in ENGLISH_ONLY if w in text], text
+                    assert await page.get_attribute("#qr", "alt") == (
+                        "QR code para escanear com o WhatsApp")
+                await no_horizontal_overflow(page)
+                assert page.csp_refusals == []
+                await page.screenshot(
+                    path=str(ARTIFACTS / f"console-connect-{lang}-{device}.png"), full_page=True)
+            finally:
+                await context.close()
+
+    # Connected, in each language.
+    secret = server.evolution.calls("POST", "/instance/create")[0].json["webhook"]["headers"][
+        "x-webhook-secret"]
+    await server.post(f"/webhook/{COMPANY_ID}", CONNECTION_OPEN, 200,
+                      headers={"x-webhook-secret": secret})
+    server.evolution.open(CONN)
+    for lang, locale in (("pt-BR", "pt-BR"), ("en", "en-GB")):
+        context, page = await local_page(browser, locale, VIEWPORTS["phone"])
+        try:
+            await page.goto(link["url"])
+            status = page.locator("#status")
+            await expect(status).to_have_text(
+                re.compile("^" + re.escape(WORDS[lang]["connected"]) + OWNER),
+                timeout=POLL_TIMEOUT_MS)
+            await expect(status).to_contain_text("Loja Centro")
+            assert page.csp_refusals == []
+        finally:
+            await context.close()
+
+
+async def test_lang_in_the_link_wins_over_the_browsers_languages(server, browser):
+    _, expect = require_browser()
+    await server.post("/api/create-instance", {"connectionId": CONN}, 201)
+    link = await server.post("/api/connection-link", {"connectionId": CONN, "ttl": 600}, 201)
+    for locale, lang, expected in (("en-US", "pt-BR", "pt-BR"), ("pt-BR", "en", "en"),
+                                   ("fr-FR", "", "pt-BR"), ("pt-PT", "", "pt-BR"),
+                                   ("de-DE", "xx", "pt-BR")):
+        context, page = await local_page(browser, locale, VIEWPORTS["phone"])
+        try:
+            url = link["url"] + (f"&lang={lang}" if lang else "")
+            response = await page.goto(url)
+            assert response.status == 200
+            assert response.headers["content-language"] == expected, (locale, lang)
+            assert await page.get_attribute("html", "lang") == expected
+            await expect(page.locator("h1")).to_have_text(WORDS[expected]["title"])
+            await expect(page.locator("#qr")).to_be_visible(timeout=POLL_TIMEOUT_MS)
+            await expect(page.locator("#status")).to_contain_text(WORDS[expected]["scan"])
+            assert page.csp_refusals == []
+        finally:
+            await context.close()
+
+
+async def test_the_error_pages_speak_the_browsers_language(server, browser):
+    _, expect = require_browser()
+    await server.post("/api/create-instance", {"connectionId": CONN}, 201)
+    link = await server.post("/api/connection-link", {"connectionId": CONN, "ttl": 600}, 201)
+    exp = int(time.time()) - 60
+    sig = whatstracking.link_signature(await server.signing_key(), COMPANY_ID, CONN, exp)
+    expired = f"{server.base}/connect/{CONN}?" + urllib.parse.urlencode(
+        {"c": COMPANY_ID, "exp": exp, "sig": sig})
+    parts = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(link["url"]).query))
+    parts["sig"] = ("A" if parts["sig"][0] != "A" else "B") + parts["sig"][1:]
+    tampered = f"{server.base}/connect/{CONN}?{urllib.parse.urlencode(parts)}"
+    for lang, locale in (("pt-BR", "pt-BR"), ("en", "en-US")):
+        context, page = await local_page(browser, locale, VIEWPORTS["phone"])
+        try:
+            for url, status, key in ((expired, 410, "expired"), (tampered, 401, "invalid")):
+                response = await page.goto(url)
+                assert response.status == status
+                assert response.headers["content-language"] == lang
+                assert await page.get_attribute("html", "lang") == lang
+                await expect(page.locator("h1")).to_have_text(WORDS[lang][key])
+                await expect(page.locator("p")).to_contain_text(WORDS[lang]["ask"])
+                await no_horizontal_overflow(page)
+            assert page.csp_refusals == []
+            await page.goto(expired)
+            await page.screenshot(
+                path=str(ARTIFACTS / f"console-connect-expired-{lang}-phone.png"), full_page=True)
+        finally:
+            await context.close()
+
+
+async def test_the_page_says_when_its_link_expires_while_open(server, browser):
+    """The QR route answers 410 once the link has expired: the script says so, in the page's
+    language, and stops."""
+    _, expect = require_browser()
+    await server.post("/api/create-instance", {"connectionId": CONN}, 201)
+    await server.post("/api/connection-link", {"connectionId": CONN, "ttl": 600}, 201)  # the key
+    exp = int(time.time()) + 4
+    sig = whatstracking.link_signature(await server.signing_key(), COMPANY_ID, CONN, exp)
+    url = f"{server.base}/connect/{CONN}?" + urllib.parse.urlencode(
+        {"c": COMPANY_ID, "exp": exp, "sig": sig})
+    context, page = await local_page(browser, "pt-BR", VIEWPORTS["phone"])
+    try:
+        await page.goto(url)
+        await expect(page.locator("#qr")).to_be_visible(timeout=POLL_TIMEOUT_MS)
+        status = page.locator("#status")
+        await expect(status).to_have_text(WORDS["pt-BR"]["expired"], timeout=POLL_TIMEOUT_MS)
+        await expect(page.locator("#qr")).to_be_hidden()
+        assert await status.get_attribute("class") == "err"
+        assert page.csp_refusals == []
+    finally:
+        await context.close()

@@ -979,7 +979,9 @@ async def test_connect_page_of_a_tampered_or_expired_link_says_so(api, evolution
     link = await make_link(api)
     query = link_query(link["url"])
     path = f"/connect/{CONN}"
-    html_accept = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+    # (In English: a browser without Accept-Language gets the page in pt-BR.)
+    html_accept = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+                   "Accept-Language": "en-US,en;q=0.9"}
 
     bad_query = {**query, "sig": tampered(query["sig"])}
     resp = await api.client.get(path, params=bad_query, headers=html_accept)

@@ -4,9 +4,12 @@ conversion names and the report's leads with and without a click."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 import whatstracking
 from conftest import ADMIN_TOKEN, Api, create_company, fixture, upsert
@@ -557,3 +560,87 @@ async def test_the_google_ads_export_refuses_an_unknown_conversion_name(api):
     data = await call(api.client, "GET", "/api/exports/google-ads.csv", 400, api.auth,
                       params={"conversion_name": "WhatsApp Purchase"})
     assert "Compra" in data["error"] and "WhatsApp Purchase" not in data["error"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The /connect page's language (the page itself runs in tests/test_connect_page_browser.py)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("query,accept,expected", [
+    ("", None, "pt-BR"),
+    ("", "", "pt-BR"),
+    ("", "en-US,en;q=0.9", "en"),
+    ("", "pt-BR,pt;q=0.9,en;q=0.8", "pt-BR"),
+    ("", "pt-PT", "pt-BR"),
+    ("", "PT", "pt-BR"),
+    ("", "fr-FR,fr;q=0.9,en;q=0.5,pt;q=0.4", "en"),
+    ("", "en;q=0.5,pt-BR;q=0.9", "pt-BR"),
+    ("", "de-DE,es;q=0.9", "pt-BR"),
+    ("", "en;q=0,pt;q=0.1", "pt-BR"),
+    ("", "*", "pt-BR"),
+    ("", "en_GB", "en"),
+    ("", "en;q=abc", "pt-BR"),
+    ("?lang=en", "pt-BR", "en"),
+    ("?lang=pt-BR", "en-US", "pt-BR"),
+    ("?lang=pt", "en", "pt-BR"),
+    ("?lang=EN-us", "pt-BR", "en"),
+    ("?lang=fr", "en", "en"),
+    ("?lang=", "en", "en"),
+])
+def test_connect_language(query, accept, expected):
+    headers = {} if accept is None else {"Accept-Language": accept}
+    request = make_mocked_request("GET", "/connect/x" + query, headers=headers)
+    assert whatstracking.connect_language(request) == expected
+
+
+@pytest.mark.parametrize("language", whatstracking.CONNECT_LANGUAGES)
+def test_connect_page_of_each_language_runs_under_the_one_policy(language):
+    page = whatstracking.connect_page_template(language)
+    assert f'<html lang="{language}">' in page
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
+    assert scripts == [whatstracking.CONNECT_SCRIPT]
+    policy = whatstracking.CONNECT_HEADERS["Content-Security-Policy"]
+    assert f"script-src {whatstracking.csp_hash(scripts[0])};" in policy
+    data = re.search(r'<script type="application/json" id="texts">(.*?)</script>', page, re.S)
+    texts = json.loads(data.group(1))
+    assert "<" not in data.group(1)
+    assert set(texts) == {"scan", "pairing", "connected", "waiting", "lost", "invalid",
+                          "expired", "not_found"}
+    assert all(texts.values()) and "{code}" in texts["pairing"]
+    assert "__" not in page.replace("__QR_URL__", "")
+
+
+def test_both_dictionaries_have_every_connect_key_sorted():
+    keys = {}
+    for language in whatstracking.CONNECT_LANGUAGES:
+        path = whatstracking.LOCALES_DIR / f"{language}.json"
+        text = path.read_text("utf-8")
+        data = json.loads(text)
+        assert text == json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+        keys[language] = {k for k in data if k.startswith("connect.")}
+        assert all(data[k].strip() for k in keys[language])
+    assert keys["pt-BR"] == keys["en"]
+
+
+async def test_connect_error_page_in_each_language(api):
+    policies = set()
+    for accept, language, words in (("pt-BR,pt;q=0.9", "pt-BR", "Este link não é válido"),
+                                    ("en-US", "en", "This link is not valid"),
+                                    (None, "pt-BR", "Este link não é válido")):
+        headers = {"Accept": "text/html"}
+        if accept:
+            headers["Accept-Language"] = accept
+        resp = await api.client.get("/connect/loja-centro", headers=headers,
+                                    params={"c": api.company_id, "exp": "1", "sig": "x"})
+        assert resp.status == 401
+        assert resp.headers["Content-Language"] == language
+        assert "Accept-Language" in resp.headers["Vary"]
+        text = await resp.text()
+        assert f'<html lang="{language}">' in text and f"<h1>{words}</h1>" in text
+        policies.add(resp.headers["Content-Security-Policy"])
+    assert len(policies) == 1
+    # An API client (not asking for HTML) still gets the JSON error, in English.
+    resp = await api.client.get("/connect/loja-centro", headers={
+        "Accept": "application/json", "Accept-Language": "pt-BR"},
+        params={"c": api.company_id, "exp": "1", "sig": "x"})
+    assert resp.status == 401 and await resp.json() == {"error": "This link is not valid"}

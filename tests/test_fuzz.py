@@ -9,7 +9,7 @@ one refused.
 
 The server under test is `python whatstracking.py` on 127.0.0.1 (its own process) with rate
 limits off, a seeded company (a connection made through the fake Evolution, a lead with its
-purchase and delivery, a signed link) and the fake Evolution of tests/fake_evolution.py behind it.
+purchase and delivery, a signed link, a spare API token for DELETE /api/tokens/{token_id}) and the fake Evolution of tests/fake_evolution.py behind it.
 Each operation is authenticated by the scheme openapi.json declares for it: the company's token
 for `bearerAuth`, ADMIN_TOKEN for `adminToken` (creating companies), the webhook secret and the
 shared token for the webhooks, the seeded link's signature for `signedLink`; the public routes
@@ -103,8 +103,11 @@ async def seed(base: str, fake: FakeEvolution) -> dict:
                    json={"name": "purchase", "value": 99.9, "currency": "BRL"})
         link = await call("POST", "/api/connection-link", 201, auth,
                           json={"connectionId": CONNECTION})
-        return {**company, "link": dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(
-            link["url"]).query))}
+        # A token only DELETE /api/tokens/{token_id} revokes: a made-up id could be the one the
+        # fuzzer authenticates with, and every later answer would be 401.
+        spare = await call("POST", "/api/tokens", 201, auth, json={"name": "spare"})
+        return {**company, "spare_token_id": spare["id"], "link": dict(urllib.parse.parse_qsl(
+            urllib.parse.urlsplit(link["url"]).query))}
 
 
 def schemathesis_config(base: str, company: dict):
@@ -137,9 +140,12 @@ def schemathesis_config(base: str, company: dict):
             "webhookToken": {"api_key": SHARED_TOKEN},
             "signedLink": {"api_key": link["sig"]},
         }},
+        # conversion_name: one the seeded company's export knows (which names those are is
+        # company data, beyond a schema; another is 400).
         "parameters": {"path.company_id": company["company_id"],
                        "path.connection_id": CONNECTION, "query.c": link["c"],
-                       "query.exp": link["exp"]},
+                       "query.exp": link["exp"], "path.token_id": company["spare_token_id"],
+                       "query.conversion_name": "WhatsApp Purchase"},
     })
 
 

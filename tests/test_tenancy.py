@@ -122,7 +122,7 @@ async def test_another_company_naming_an_instance_in_its_own_webhook_cannot_take
                                   headers={"Accept": "application/json"})
     assert (resp.status, await resp.json()) == (404, {"error": "Connection not found"})
     resp = await other.client.get(f"/connect/{ACME_CONN}", params=query,
-                                  headers={"Accept": "text/html"})
+                                  headers={"Accept": "text/html", "Accept-Language": "en"})
     assert resp.status == 404 and "Connection not found" in await resp.text()
     assert await call(other, "GET", "/qrcode/generate-qrcode", 404, headers={},
                       params={"instanceId": ACME_CONN, "format": "json", **query}) == {
