@@ -82,7 +82,7 @@
     ".field.check { flex-wrap: wrap; }",
     ".field.check > label { flex: 1 1 0; min-width: 0; }",
     ".field.check .help { flex-basis: 100%; padding-left: 1.6rem; }",
-    ".view-settings form.card, .view-settings section.card { max-width: 52rem; }",
+    "#settings-body > * { max-width: 52rem; }",
     ".v-section-title { margin-top: 1.5rem; }",
     ".v-inline-select { font: inherit; padding: .35rem .5rem; border: 1px solid #c4ccd5; border-radius: 8px;",
     "  background: #fff; color: var(--ink); min-height: 2.3rem; }",

@@ -698,6 +698,16 @@ async def test_settings_saved_read_back_secrets_write_only_errors_in_the_languag
     rows = [line.split(",") for line in lines[2:]]
     assert [(r[0], r[1], r[3], r[4]) for r in rows] == [
         ("EAIaIQobChMI-gclid-views", "WhatsApp Purchase", "120", "USD")]
+
+    # A secret can be cleared: "set" goes, the API says it is not set any more.
+    await meta.locator("[data-clear=access_token]").click()
+    await expect(meta.locator("[data-secret=access_token]")).to_have_text(
+        await t(page, "settings.secret_will_clear"))
+    await meta.locator("button[type=submit]").click()
+    await expect(page.locator("#settings-meta [data-secret=access_token]")).to_have_count(
+        0, timeout=WAIT_MS)
+    await expect(page.locator("#settings-meta input[name='meta.access_token']")).to_be_visible()
+    assert (await a.call("GET", "/api/company"))["meta"]["access_token_set"] is False
     assert page.errors == [] and page.foreign == []
     await context.close()
 
