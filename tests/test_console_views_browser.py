@@ -317,8 +317,30 @@ async def phone_fits(page) -> None:
     assert broken == [], broken
 
 
+RAW_KEY = re.compile(r"\b(app|common|nav|error|range|leads|lead|reports|method|settings|deliveries|"
+                     r"events)\.[a-z0-9_]+\b")
+# English of these views that must never show in pt-BR.
+ENGLISH = ("Reports", "Leads per day", "Match rate", "Source", "Campaign", "Settings", "Save",
+           "Purchase", "Qualified", "Refund", "Lost", "delivered", "Send again", "organic",
+           "site code", "time window", "Load more", "Download CSV", "Attribution", "Breakdown",
+           "Visits", "Sales", "Revenue", "without a click", "Sign out", "Loading", "Failed",
+           "Where this lead came from", "First message", "Phone", "Search")
+
+
+async def clean_text(page, lang: str) -> None:
+    """No dictionary key left raw; no English in pt-BR."""
+    text = await page.inner_text("#wt-main")
+    for name in whatstracking.DEFAULT_GOOGLE_ADS_CONVERSIONS.values():  # names Google Ads uses
+        text = text.replace(name, "")
+    assert not RAW_KEY.search(text), RAW_KEY.search(text).group(0)
+    if lang == "pt-BR":
+        for word in ENGLISH:
+            assert not re.search(rf"\b{word}\b", text), (word, text[:3000])
+
+
 async def shot(page, view: str, lang: str, where: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
+    await page.evaluate("window.scrollTo(0, 0)")  # the sticky header where it belongs
     await page.wait_for_timeout(250)  # toasts and bars settle
     await page.screenshot(path=str(ARTIFACTS / f"console-{view}-{lang}-{where}.png"),
                           full_page=True)
@@ -754,6 +776,7 @@ async def test_every_view_fits_a_phone_and_is_photographed(server, browser, lang
             await page.goto(f"{server.base}/dashboard#/{view}")
             await expect(page.locator(ready).first).to_be_visible(timeout=WAIT_MS)
             name = view.split("?")[0]
+            await clean_text(page, lang)
             if where == "phone":
                 await phone_fits(page)
                 if name == "lead":  # opened as its own page, at the top
