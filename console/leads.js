@@ -172,9 +172,9 @@
       }
       count.textContent = WT.t(cursor ? "leads.count_more" : "leads.count",
                                {count: WT.fmt.number(shown.length)});
-      var table = h("table", {class: "stack", id: "leads-table"},
+      var table = h("table", {class: "stack v-compact", id: "leads-table"},
         h("thead", {}, h("tr", {},
-          ["when", "name", "phone", "source", "campaign", "method"].map(function (c) {
+          ["name", "when", "phone", "method", "source", "campaign"].map(function (c) {
             return h("th", {scope: "col"}, WT.t("leads.col." + c));
           }))),
         h("tbody", {}, shown.map(row)));
@@ -189,14 +189,17 @@
           if (ev.target.closest("a")) return;  // the link does it
           open();
         }},
-        h("td", {"data-label": WT.t("leads.col.when")}, WT.fmt.datetime(l.created_at)),
         h("td", {"data-label": WT.t("leads.col.name")}, name),
-        h("td", {"data-label": WT.t("leads.col.phone"), class: "v-phone"},
+        h("td", {"data-label": WT.t("leads.col.when"), class: "v-nowrap v-bare"},
+          WT.fmt.datetime(l.created_at)),
+        h("td", {"data-label": WT.t("leads.col.phone"), class: "v-nowrap v-bare"},
           l.phone ? WT.fmt.phone(l.phone) : "–"),
-        h("td", {"data-label": WT.t("leads.col.source")}, V.keyName("utm_source", a.utm_source)),
-        h("td", {"data-label": WT.t("leads.col.campaign")},
-          a.utm_campaign || a.ad_title || V.keyName("utm_campaign", null)),
-        h("td", {"data-label": WT.t("leads.col.method")}, V.methodBadge(l.match_method)));
+        h("td", {"data-label": WT.t("leads.col.method"), class: "v-wide"},
+          V.methodBadge(l.match_method)),
+        h("td", {"data-label": WT.t("leads.col.source"), class: "v-wide"},
+          V.keyName("utm_source", a.utm_source)),
+        h("td", {"data-label": WT.t("leads.col.campaign"), class: "v-wide"},
+          a.utm_campaign || a.ad_title || V.keyName("utm_campaign", null)));
     }
 
     FILTERS.forEach(function (f) { params[f] = params[f] || ""; });

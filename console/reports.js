@@ -41,7 +41,8 @@
     ".v-sort[aria-sort=descending]::after { content: ' \\2193'; color: var(--ink); }",
     "td .v-sub { display: block; color: var(--muted); font-size: .84rem; }",
     ".v-filters { display: grid; gap: 0 .75rem; grid-template-columns: repeat(auto-fit, minmax(11rem, 1fr)); }",
-    ".v-filters .field { margin-bottom: .6rem; }",
+    ".v-filters .field { margin-bottom: .6rem; align-content: end; }",
+    "td.v-nowrap { white-space: nowrap; }",
     ".v-search { display: flex; gap: .5rem; align-items: flex-end; }",
     ".v-search .field { flex: 1; margin-bottom: 0; }",
     "tr.v-row { cursor: pointer; }",
@@ -78,8 +79,24 @@
     ".v-map-row { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr) auto; gap: .5rem; align-items: end; margin-bottom: .5rem; }",
     ".v-map-row .field { margin-bottom: 0; }",
     ".v-two { display: grid; gap: 0 1rem; grid-template-columns: repeat(auto-fit, minmax(14rem, 1fr)); }",
+    ".view-settings .field.check { flex-wrap: wrap; }",
+    ".view-settings .field.check > label { flex: 1 1 0; min-width: 0; }",
+    ".view-settings .field.check .help { flex-basis: 100%; padding-left: 1.6rem; }",
+    "#settings-body > * { max-width: 52rem; }",
+    ".v-section-title { margin-top: 1.5rem; }",
+    ".v-inline-select { font: inherit; padding: .35rem .5rem; border: 1px solid #c4ccd5; border-radius: 8px;",
+    "  background: #fff; color: var(--ink); min-height: 2.3rem; }",
     "@media (max-width: 760px) {",
     "  .v-search { flex-wrap: wrap; }",
+    "  .v-search .field { flex: 1 1 100%; margin-bottom: .25rem; }",
+    "  .v-filters { grid-template-columns: 1fr 1fr; }",
+    "  .v-funnel { grid-template-columns: 1fr 1fr; }",
+    "  .v-step[data-step=leads], .v-step[data-step=sales], .v-step[data-step=match] { grid-column: 1 / -1; }",
+    "  table.stack.v-compact tr { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: .1rem .75rem; padding: .6rem 0; }",
+    "  table.stack.v-compact td { width: auto; }",
+    "  table.stack.v-compact td.v-wide { grid-column: 1 / -1; }",
+    "  table.stack.v-compact td:first-child { grid-column: 1 / -1; font-weight: 600; font-size: 1rem; }",
+    "  table.stack.v-compact td:first-child::before, table.stack.v-compact td.v-bare::before { content: none; }",
     "  .v-map-row { grid-template-columns: 1fr 1fr; }",
     "  .v-map-row .btn { grid-column: 1 / -1; justify-self: start; }",
     "  table.stack td .v-sub { display: inline; margin-left: .35rem; }",
@@ -227,9 +244,8 @@
   function errorText(e) {
     var raw = e && e.body && typeof e.body.error === "string" ? e.body.error : "";
     if (raw && e.status === 400) {
-      if (/private|public address|not allowed to reach/i.test(raw) && /url/i.test(raw)) {
-        return WT.t("settings.error.private_url");
-      }
+      if (/public internet address/i.test(raw)) return WT.t("settings.error.private_url");
+      if (/host name does not resolve/i.test(raw)) return WT.t("settings.error.unresolvable");
       for (var i = 0; i < ERROR_FIELDS.length; i++) {
         var f = ERROR_FIELDS[i];
         if (raw.indexOf(f) >= 0 && WT.has("settings.error." + f)) {
@@ -349,7 +365,6 @@
         return h("div", {class: "v-step", dataset: {step: k}},
                  h("span", {class: "v-label"}, WT.t(s.label)), s.num, s.note);
       }));
-    var revenue = h("span", {id: "report-revenue"});
     var explain = h("p", {class: "v-explain", id: "report-explain"},
       h("b", {}, WT.t("reports.explain.match_title")), " ", WT.t("reports.explain.match"), " ",
       h("b", {}, WT.t("reports.explain.click_title")), " ", WT.t("reports.explain.click"), " ",
@@ -357,7 +372,7 @@
 
     var chart = h("div", {class: "v-chart", id: "report-chart"});
     var methods = h("ul", {class: "v-methods", id: "report-methods"});
-    var groupSelect = h("select", {id: "report-group"}, GROUPS.map(function (g) {
+    var groupSelect = h("select", {id: "report-group", class: "v-inline-select"}, GROUPS.map(function (g) {
       return h("option", {value: g, selected: g === group}, WT.t("reports.group." + g));
     }));
     var groupLabel = h("label", {for: "report-group"}, WT.t("reports.by"));
@@ -366,8 +381,7 @@
     root.append(
       h("div", {class: "v-toolbar"}, h("h1", {}, WT.t("reports.title")), picker),
       error, status,
-      h("section", {class: "card"}, h("h2", {}, WT.t("reports.funnel.title")), funnel,
-        h("p", {class: "v-explain"}, WT.t("reports.revenue"), " ", revenue), explain),
+      h("section", {class: "card"}, h("h2", {}, WT.t("reports.funnel.title")), funnel, explain),
       h("div", {class: "v-two"},
         h("section", {class: "card"}, h("h2", {}, WT.t("reports.chart_title")), chart),
         h("section", {class: "card"}, h("h2", {}, WT.t("reports.methods_title")), methods,
@@ -445,8 +459,9 @@
         h("span", {id: "report-without-click"},
           WT.t("reports.funnel.without_click", {count: WT.fmt.number(withoutClick(t))})));
       steps.sales.num.textContent = WT.fmt.number(t.conversions);
-      steps.sales.note.textContent = WT.fmt.money(t.revenue, daily && daily.currency || cur);
-      revenue.textContent = WT.fmt.money(t.revenue, daily && daily.currency || cur);
+      steps.sales.note.replaceChildren(
+        h("b", {id: "report-revenue"}, WT.fmt.money(t.revenue, daily && daily.currency || cur)),
+        " ", WT.t("reports.funnel.revenue_note"));
       steps.match.num.textContent = t.match_rate == null ? "–" : WT.fmt.percent(t.match_rate);
       var note = steps.match.note;
       note.className = "";
@@ -522,7 +537,7 @@
          cell: function (r) { return rateText(r.match_rate); }}
       ];
       tableBox.replaceChildren(WTV.sortableTable(columns, res.rows, {
-        id: "report-groups", sort: "leads",
+        id: "report-groups", sort: "leads", className: "v-compact",
         rowAttrs: function (r) { return {dataset: {key: r.key == null ? "" : r.key}}; }}));
     }
 

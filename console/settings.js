@@ -365,12 +365,11 @@
 
     function draw() {
       var y = window.scrollY;
-      body.replaceChildren(
+      body.replaceChildren.apply(body, [
         attributionForm(), codeForm(), regionForm(), labelsForm(),
         h("h2", {class: "v-section-title"}, WT.t("settings.destinations_title")),
-        h("p", {class: "muted"}, WT.t("settings.destinations_help")),
-        DESTINATIONS.map(destinationForm),
-        failedCard(), googleAdsCard());
+        h("p", {class: "muted"}, WT.t("settings.destinations_help"))]
+        .concat(DESTINATIONS.map(destinationForm), [failedCard(), googleAdsCard()]));
       window.scrollTo(0, y);
     }
 
