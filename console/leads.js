@@ -350,7 +350,11 @@
           first ? h("h3", {}, WT.t("lead.first_touch")) : null, first),
         h("section", {class: "card"}, h("h2", {}, WT.t("lead.events")), timeline),
         h("section", {class: "card"}, h("h2", {}, WT.t("lead.deliveries")),
-          h("p", {class: "muted small"}, WT.t("lead.deliveries_help")), sent));
+          h("p", {class: "muted small"}, WT.t("lead.deliveries_help")), sent),
+        h("section", {class: "card v-erase", id: "lead-erase"}, h("h2", {}, WT.t("lead.erase_title")),
+          h("p", {class: "muted small"}, WT.t(l.phone ? "lead.erase_help" : "lead.erase_no_phone")),
+          l.phone ? h("button", {type: "button", class: "btn danger", id: "lead-erase-button",
+                                 onclick: function () { erase(l); }}, WT.t("lead.erase")) : null));
       root.dataset.deliveries = deliveries.map(function (d) { return d.status; }).join(",");
     }
 
@@ -384,6 +388,37 @@
         answer != null ? h("details", {class: "v-answer"},
           h("summary", {}, WT.t("deliveries.response")),
           h("pre", {class: "v-json"}, answer)) : null);
+    }
+
+    /* LGPD: DELETE /api/contacts/{phone} erases the person (every lead of the number, its
+       events, deliveries, messages and raw webhook bodies); then the list, with what was erased. */
+    function erase(l) {
+      var who = l.name || WT.fmt.phone(l.phone);
+      WT.confirm({title: WT.t("lead.erase_confirm_title", {name: who}),
+                  body: [h("p", {}, WT.t("lead.erase_confirm_body", {phone: WT.fmt.phone(l.phone)})),
+                         h("p", {class: "muted small"}, WT.t("lead.erase_confirm_note"))],
+                  confirm: WT.t("lead.erase_confirm"), danger: true}).then(function (ok) {
+        if (!ok) return;
+        var button = document.getElementById("lead-erase-button");
+        if (button) button.disabled = true;
+        WT.api("DELETE", "/api/contacts/" + encodeURIComponent(l.phone)).then(function (res) {
+          turn++;  // nothing more to load here
+          var erased = res.erased || {};
+          var list = h("dl", {class: "facts v-erased", id: "lead-erased"},
+            ["leads", "lead_events", "deliveries", "messages", "contacts", "webhook_deliveries"]
+              .map(function (k) {
+                return [h("dt", {}, WT.t("lead.erased." + k)),
+                        h("dd", {dataset: {erased: k}}, WT.fmt.number(erased[k] || 0))];
+              }));
+          WT.go("leads", lastList);
+          WT.dialog({title: WT.t("lead.erased_title"),
+                     content: [h("p", {}, WT.t("lead.erased_body", {name: who})), list],
+                     actions: [{label: WT.t("common.close"), kind: "primary"}]});
+        }, function (e) {
+          if (button) button.disabled = false;
+          WT.toast(V.errorText(e), "error");
+        });
+      });
     }
 
     function act(name) {

@@ -1,6 +1,9 @@
-/* WhatsTracking console: the company's settings (GET/PATCH /api/company), label → event mapping,
-   conversion destinations (Meta, GA4, CRM webhook; secrets write-only), failed deliveries with
-   retry, and the Google Ads offline-conversions CSV. Shared helpers: window.WTV (reports.js). */
+/* WhatsTracking console: the company's settings (GET/PATCH /api/company): its name, attribution,
+   code, region, label → event mapping, its WhatsApp server (Evolution API; the key write-only,
+   the server's state from GET /api/checks), conversion destinations (Meta, GA4, CRM webhook;
+   secrets write-only; the event names each platform gets), failed deliveries with retry, and the
+   Google Ads offline-conversions CSV with its conversion names. Shared helpers: window.WTV
+   (reports.js). */
 (function () {
   "use strict";
   var h = WT.h;
@@ -8,18 +11,31 @@
   var LABEL_EVENTS = ["qualified", "purchase", "refund", "lost"];
   var CURRENCIES = ["BRL", "USD", "EUR", "ARS", "CLP", "COP", "MXN", "PEN", "UYU", "PYG", "BOB",
                     "GBP", "CAD", "AUD", "JPY", "CHF"];
-  // Destinations and their fields as the API names them (DESTINATION_FIELDS in whatstracking.py;
-  // event_names is left to the API); secret ones are write-only.
+  // Destinations and their fields as the API names them (DESTINATION_FIELDS in whatstracking.py);
+  // secret ones are write-only. event_names: the platform's default names (META_EVENT_NAMES and
+  // GA4_EVENT_NAMES in whatstracking.py) per path; null there means "not sent".
+  var EVENTS = ["lead", "qualified", "purchase", "refund", "lost"];
   var DESTINATIONS = [
-    {name: "meta", fields: [{key: "dataset_id", required: true},
+    {name: "meta", paths: [
+      {key: "website", defaults: {lead: "Lead", qualified: "QualifiedLead", purchase: "Purchase"}},
+      {key: "messaging", defaults: {lead: "LeadSubmitted", qualified: "QualifiedLead",
+                                    purchase: "Purchase"}}],
+     fields: [{key: "dataset_id", required: true},
                             {key: "access_token", secret: true, required: true},
                             {key: "waba_id"}, {key: "test_event_code"}]},
-    {name: "ga4", fields: [{key: "measurement_id", required: true, placeholder: "G-XXXXXXX"},
+    {name: "ga4", paths: [
+      {key: null, defaults: {lead: "generate_lead", qualified: "qualify_lead", purchase: "purchase",
+                             refund: "refund", lost: "close_unconvert_lead"}}],
+     fields: [{key: "measurement_id", required: true, placeholder: "G-XXXXXXX"},
                            {key: "api_secret", secret: true, required: true}]},
     {name: "crm_webhook", fields: [{key: "url", required: true, type: "url",
                                     placeholder: "https://"},
                                    {key: "secret", secret: true, required: true}]}
   ];
+  // Our event → the Google Ads conversion action (DEFAULT_GOOGLE_ADS_CONVERSIONS); "" = not exported.
+  var GADS_EVENTS = ["lead", "qualified", "purchase"];
+  var GADS_DEFAULTS = {lead: "WhatsApp Lead", qualified: "WhatsApp Qualified Lead",
+                       purchase: "WhatsApp Purchase"};
 
   function zones() {
     try {
@@ -42,6 +58,7 @@
         company = c;
         if (WT.session) WT.session.company = Object.assign(WT.session.company || {}, c);
         draw();
+        checkEvolution();
       }, function (e) {
         body.replaceChildren(h("p", {class: "error", role: "alert"}, V.errorText(e)));
       });
@@ -68,6 +85,7 @@
           WT.toast(WT.t("common.saved"));
           if (WT.refreshCompany) WT.refreshCompany().catch(function () { /* shown next time */ });
           draw();
+          if (el.dataset.recheck) checkEvolution();
           var again = document.getElementById(id + "-saved");
           if (again) again.textContent = WT.t("common.saved");
         }, function (e) {
@@ -83,6 +101,80 @@
       if (raw === "") return null;
       var n = Number(raw.replace(",", "."));
       return isFinite(n) ? n : raw;
+    }
+
+    // ---- the company, its WhatsApp server ----
+
+    function companyForm() {
+      var name = WT.field({label: WT.t("settings.company_name"), name: "name", value: company.name,
+                           help: WT.t("settings.company_name_help"),
+                           attrs: {maxlength: "200", autocomplete: "organization"}});
+      return form("settings-company", WT.t("settings.company_title"), null, [name], function () {
+        var v = name.input.value.trim();
+        if (!v) throw new Error(WT.t("settings.error.name"));
+        return {name: v};
+      });
+    }
+
+    /* The Evolution server's state as the doctor (GET /api/checks) sees it: "none" (no server
+       at all), "ok" or "down"; null while asking or when the checks could not be read. */
+    var evolutionState;
+    function checkEvolution() {
+      evolutionState = undefined;
+      showEvolutionState();
+      return WT.api("GET", "/api/checks").then(function (res) {
+        var check = (res.checks || []).filter(function (c) {
+          return / Evolution server$/.test(c.name || "");
+        })[0];
+        evolutionState = !check ? null : check.ok ? "ok"
+          : /^none configured/.test(check.detail || "") ? "none" : "down";
+        showEvolutionState();
+      }, function () { evolutionState = null; showEvolutionState(); });
+    }
+    function showEvolutionState() {
+      var el = document.getElementById("settings-evolution-state");
+      if (!el || !company) return;
+      var own = !!company.evolution_url;
+      var key, kind;
+      if (evolutionState === undefined) { key = "settings.evolution_state.checking"; kind = ""; }
+      else if (evolutionState === null) { el.replaceChildren(); el.hidden = true; return; }
+      else if (evolutionState === "none") { key = "settings.evolution_state.none"; kind = "warn"; }
+      else {
+        key = "settings.evolution_state." + (own ? "own_" : "default_") + evolutionState;
+        kind = evolutionState === "ok" ? "ok" : "bad";
+      }
+      el.hidden = false;
+      el.className = "v-state " + kind;
+      el.dataset.state = evolutionState === undefined ? "checking" : evolutionState;
+      el.textContent = WT.t(key);
+    }
+
+    function evolutionForm() {
+      var url = WT.field({label: WT.t("settings.evolution_url"), name: "evolution_url", type: "url",
+                          value: company.evolution_url || "", placeholder: "https://evolution.suaempresa.com.br",
+                          help: WT.t("settings.evolution_url_help"),
+                          attrs: {autocomplete: "off", spellcheck: "false", autocapitalize: "off"}});
+      var key = secretField(WT.t("settings.evolution_key"), "evolution_key", "evolution_key",
+                            !!company.evolution_key_set, WT.t("settings.evolution_key_help"));
+      var auth = WT.field({label: WT.t("settings.webhook_auth_required"), name: "webhook_auth_required",
+                           type: "checkbox", value: company.webhook_auth_required !== false,
+                           help: WT.t("settings.webhook_auth_required_help")});
+      var state = h("p", {id: "settings-evolution-state", class: "v-state", role: "status",
+                          "aria-live": "polite"});
+      var el = form("settings-evolution", WT.t("settings.evolution_title"),
+                    WT.t("settings.evolution_help"), [state, url, key.node, auth], function () {
+        var patch = {};
+        var v = url.input.value.trim();
+        if (v && !/^https?:\/\/\S+$/.test(v)) throw new Error(WT.t("settings.error.evolution_url"));
+        if (v !== (company.evolution_url || "")) patch.evolution_url = v || null;
+        var k = key.input.value.trim();
+        if (key.cleared()) patch.evolution_key = null;
+        else if (k) patch.evolution_key = k;
+        patch.webhook_auth_required = auth.input.checked;
+        return patch;
+      });
+      el.dataset.recheck = "1";  // a save asks the doctor again
+      return el;
     }
 
     // ---- attribution, code, region ----
@@ -197,12 +289,115 @@
       });
     }
 
+    /* A write-only secret: when one is stored, "set ✓" with Replace / Clear (never the value);
+       else an empty box to type it. .input is the box; .cleared() says Clear was chosen. */
+    function secretField(label, name, key, isSet, help) {
+      var field = WT.field({label: label, name: name, type: "password", help: help,
+                            attrs: {autocomplete: "new-password", spellcheck: "false"}});
+      var cleared = false;
+      var out = {node: field, input: field.input, cleared: function () { return cleared; }};
+      if (!isSet) return out;
+      var state = h("span", {class: "badge ok", dataset: {secret: key}}, WT.t("settings.secret_set"));
+      var box = h("div", {class: "v-secret", dataset: {secretField: key}},
+        h("span", {class: "v-secret-label"}, label), state);
+      field.hidden = true;
+      var replace = h("button", {type: "button", class: "btn ghost small", dataset: {replace: key},
+        onclick: function () {
+          field.hidden = false; cleared = false;
+          state.textContent = WT.t("settings.secret_replacing");
+          state.className = "badge info";
+          field.input.focus();
+        }}, WT.t("settings.secret_replace"));
+      var remove = h("button", {type: "button", class: "btn ghost small", dataset: {clear: key},
+        onclick: function () {
+          cleared = true; field.hidden = true; field.input.value = "";
+          state.textContent = WT.t("settings.secret_will_clear");
+          state.className = "badge warn";
+        }}, WT.t("settings.secret_clear"));
+      box.append(replace, remove);
+      out.node = h("div", {}, box, field);
+      return out;
+    }
+
+    function same(a, b) { return canonical(a) === canonical(b); }
+    function canonical(v) {
+      if (v && typeof v === "object") {
+        return "{" + Object.keys(v).sort().map(function (k) {
+          return JSON.stringify(k) + ":" + canonical(v[k]);
+        }).join(",") + "}";
+      }
+      return JSON.stringify(v === undefined ? null : v);
+    }
+
+    /* "Our event → the platform's name, or not sent" as a table: per event and column a "send"
+       box and the name (empty: the platform's default, shown greyed). cols: [{key, label,
+       defaults: {event: name}, current: {event: name | null | ""}}]; off: what "not sent" is
+       stored as (null for event_names, "" for google_ads_conversions). .read() → {colKey:
+       {event: name | off}} with only what differs from the defaults and other events kept; throws
+       an Error (shown next to the form) when a box is on with no name and no default. */
+    function namesTable(id, events, cols, off) {
+      var cells = [];
+      var table = h("table", {class: "stack v-names", id: id},
+        h("thead", {}, h("tr", {}, h("th", {scope: "col"}, WT.t("settings.names_col.event")),
+          cols.map(function (c) { return h("th", {scope: "col"}, c.label); }))),
+        h("tbody", {}, events.map(function (ev) {
+          var evName = V.eventName(ev);
+          return h("tr", {dataset: {event: ev}}, h("td", {class: "v-names-event"}, evName),
+            cols.map(function (c) {
+              var def = c.defaults[ev] || "";
+              var has = Object.prototype.hasOwnProperty.call(c.current, ev);
+              var cur = has ? c.current[ev] : def;
+              var where = cols.length > 1 ? evName + " · " + c.label : evName;
+              var input = h("input", {type: "text", name: "name." + (c.key ? c.key + "." : "") + ev,
+                                      value: cur && cur !== def ? cur : "", placeholder: def,
+                                      "aria-label": WT.t("settings.names_name", {where: where}),
+                                      autocomplete: "off", spellcheck: "false",
+                                      autocapitalize: "off", maxlength: "100"});
+              var send = h("input", {type: "checkbox", checked: !!cur,
+                                     name: "send." + (c.key ? c.key + "." : "") + ev,
+                                     "aria-label": WT.t("settings.names_send", {where: where}),
+                                     title: WT.t("settings.names_send", {where: where})});
+              input.disabled = !send.checked;
+              send.addEventListener("change", function () {
+                input.disabled = !send.checked;
+                if (send.checked) input.focus();
+              });
+              cells.push({col: c, event: ev, def: def, has: has, send: send, input: input,
+                          where: where});
+              return h("td", {"data-label": c.label},
+                h("span", {class: "v-names-cell"}, send, input));
+            }));
+        })));
+      function read() {
+        var out = {};
+        cols.forEach(function (c) {
+          var keep = Object.assign({}, c.current);
+          events.forEach(function (ev) { delete keep[ev]; });
+          out[String(c.key)] = keep;
+        });
+        cells.forEach(function (cell) {
+          var map = out[String(cell.col.key)];
+          var name = cell.input.value.trim();
+          if (!cell.send.checked) {
+            if (cell.def) map[cell.event] = off;
+          } else if (name && name !== cell.def) {
+            map[cell.event] = name;
+          } else if (!cell.def) {
+            cell.input.focus();
+            throw new Error(WT.t("settings.names_needed", {where: cell.where}));
+          }
+        });
+        return out;
+      }
+      return {node: h("div", {class: "table-wrap"}, table), read: read};
+    }
+
     // ---- destinations ----
 
     function destinationForm(spec) {
       var stored = company[spec.name] || null;
       var on = !!stored;
-      var inputs = {}, clear = {};
+      var inputs = {}, secrets = {};
       var fields = spec.fields.map(function (f) {
         var label = WT.t("settings.dest." + spec.name + "." + f.key);
         var help = WT.has("settings.dest." + spec.name + "." + f.key + "_help")
@@ -215,46 +410,36 @@
           inputs[f.key] = field.input;
           return field;
         }
-        // A secret: never shown; "set" with replace / clear, or an empty box to type it.
-        var isSet = !!(stored && stored[f.key + "_set"]);
-        var secretField = WT.field({label: label, name: spec.name + "." + f.key, type: "password",
-                                    help: help, attrs: {autocomplete: "new-password", spellcheck: "false"}});
-        inputs[f.key] = secretField.input;
-        if (!isSet) return secretField;
-        var state = h("span", {class: "badge ok", dataset: {secret: f.key}}, WT.t("settings.secret_set"));
-        var box = h("div", {class: "v-secret", dataset: {secretField: f.key}},
-          h("span", {class: "v-secret-label"}, label), state);
-        secretField.hidden = true;
-        var replace = h("button", {type: "button", class: "btn ghost small", dataset: {replace: f.key},
-          onclick: function () {
-            secretField.hidden = false; clear[f.key] = false;
-            state.textContent = WT.t("settings.secret_replacing");
-            state.className = "badge info";
-            secretField.input.focus();
-          }}, WT.t("settings.secret_replace"));
-        var remove = h("button", {type: "button", class: "btn ghost small", dataset: {clear: f.key},
-          onclick: function () {
-            clear[f.key] = true; secretField.hidden = true; secretField.input.value = "";
-            state.textContent = WT.t("settings.secret_will_clear");
-            state.className = "badge warn";
-          }}, WT.t("settings.secret_clear"));
-        box.append(replace, remove);
-        return h("div", {}, box, secretField);
+        var secret = secretField(label, spec.name + "." + f.key, f.key,
+                                 !!(stored && stored[f.key + "_set"]), help);
+        inputs[f.key] = secret.input;
+        secrets[f.key] = secret;
+        return secret.node;
       });
       var enabled = WT.field({label: WT.t("settings.dest_enabled"), name: spec.name + ".enabled",
                               type: "checkbox", value: !stored || stored.enabled !== false});
+      var storedNames = (stored && stored.event_names) || {};
+      var names = spec.paths ? namesTable("settings-" + spec.name + "-names", EVENTS,
+        spec.paths.map(function (p) {
+          return {key: p.key, defaults: p.defaults,
+                  label: WT.t("settings.names_col." + spec.name + (p.key ? "." + p.key : "")),
+                  current: (p.key ? storedNames[p.key] : storedNames) || {}};
+        }), null) : null;
+      var namesBox = names ? h("details", {class: "v-names-box", id: "settings-" + spec.name + "-names-box"},
+        h("summary", {}, WT.t("settings.names_title")),
+        h("p", {class: "muted small"}, WT.t("settings.names_help." + spec.name)), names.node) : null;
       var title = WT.t("settings.dest." + spec.name);
       var status = h("span", {class: "badge " + (on ? (stored.enabled === false ? "" : "ok") : ""),
                               dataset: {destinationState: spec.name}},
                      WT.t(on ? (stored.enabled === false ? "settings.dest_off" : "settings.dest_on")
                           : "settings.dest_none"));
       var el = form("settings-" + spec.name.replace("_", "-"), title,
-                    WT.t("settings.dest." + spec.name + "_help"), [fields, enabled], function () {
+                    WT.t("settings.dest." + spec.name + "_help"), [fields, namesBox, enabled], function () {
         var patch = {};
         spec.fields.forEach(function (f) {
           var v = inputs[f.key].value.trim();
           if (f.secret) {
-            if (clear[f.key]) patch[f.key] = null;
+            if (secrets[f.key].cleared()) patch[f.key] = null;
             else if (v) patch[f.key] = v;
           } else if (v) {
             patch[f.key] = v;
@@ -262,6 +447,21 @@
             patch[f.key] = null;
           }
         });
+        if (names) {
+          var read = names.read();  // {path: {event: name | null}} (GA4: the one path, null)
+          var wanted = Object.assign({}, storedNames);
+          if (spec.paths[0].key) {
+            spec.paths.forEach(function (p) {
+              if (Object.keys(read[p.key]).length) wanted[p.key] = read[p.key];
+              else delete wanted[p.key];
+            });
+          } else {
+            wanted = read["null"];
+          }
+          if (!same(wanted, storedNames)) {
+            patch.event_names = Object.keys(wanted).length ? wanted : null;
+          }
+        }
         patch.enabled = enabled.input.checked;
         var out = {};
         out[spec.name] = patch;
@@ -363,13 +563,31 @@
         pick, picker, h("div", {class: "v-form-actions"}, button, error));
     }
 
+    function googleAdsNamesForm() {
+      var names = namesTable("settings-gads-names-table", GADS_EVENTS, [{
+        key: null, defaults: GADS_DEFAULTS, label: WT.t("settings.names_col.gads"),
+        current: company.google_ads_conversions || {}}], "");
+      return form("settings-gads-names", WT.t("settings.gads_names_title"),
+                  WT.t("settings.gads_names_help"), [names.node], function () {
+        return {google_ads_conversions: names.read()["null"]};
+      });
+    }
+
     function draw() {
       var y = window.scrollY;
+      var open = Array.prototype.map.call(body.querySelectorAll("details[open][id]"),
+                                          function (d) { return d.id; });
       body.replaceChildren.apply(body, [
-        attributionForm(), codeForm(), regionForm(), labelsForm(),
+        companyForm(), attributionForm(), codeForm(), regionForm(), labelsForm(), evolutionForm(),
         h("h2", {class: "v-section-title"}, WT.t("settings.destinations_title")),
         h("p", {class: "muted"}, WT.t("settings.destinations_help"))]
-        .concat(DESTINATIONS.map(destinationForm), [failedCard(), googleAdsCard()]));
+        .concat(DESTINATIONS.map(destinationForm),
+                [failedCard(), googleAdsCard(), googleAdsNamesForm()]));
+      open.forEach(function (id) {
+        var d = document.getElementById(id);
+        if (d) d.open = true;
+      });
+      showEvolutionState();
       window.scrollTo(0, y);
     }
 

@@ -14,6 +14,7 @@ skipped, or fail when REQUIRE_BROWSER=1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -27,6 +28,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from conftest import free_port, require_browser, serve
+from fake_evolution import GLOBAL_KEY, FakeEvolution
 from fake_platforms import FakeMeta
 
 import whatstracking
@@ -180,8 +182,9 @@ async def seed(server: Server, organic: int = 0) -> Company:
     return a
 
 
-@pytest_asyncio.fixture
-async def server(tmp_path):
+@contextlib.asynccontextmanager
+async def running_server(tmp_path, **settings):
+    """The server with a fake Meta; ``settings`` are more of its environment settings."""
     meta = await FakeMeta().start()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -189,7 +192,7 @@ async def server(tmp_path):
         "DATABASE_URL": f"sqlite:///{tmp_path / 'wt.db'}", "ADMIN_TOKEN": ADMIN_TOKEN,
         "PUBLIC_URL": base, "LOG_LEVEL": "WARNING", "META_GRAPH_URL": meta.url,
         "DELIVERY_POLL_SECONDS": "0.05", "DELIVERY_RETRY_SECONDS": "0.05",
-        "DELIVERY_TIMEOUT": "2"})
+        "DELIVERY_TIMEOUT": "2", **settings})
     app = whatstracking.create_app(config)
     runner = await serve(app, port)
     try:
@@ -198,6 +201,12 @@ async def server(tmp_path):
     finally:
         await runner.cleanup()
         await meta.close()
+
+
+@pytest_asyncio.fixture
+async def server(tmp_path):
+    async with running_server(tmp_path) as running:
+        yield running
 
 
 # ---- the browser ---------------------------------------------------------------------------------
@@ -601,6 +610,68 @@ async def test_lead_page_purchase_reaches_meta_and_a_failed_delivery_is_retried(
 
 
 # ==================================================================================================
+# A lead's page: erasing the person (LGPD)
+# ==================================================================================================
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_lead_erasure_removes_the_person_and_says_what_was_erased(server, browser, lang):
+    _, expect = require_browser()
+    a = await seed(server)
+    await a.call("PATCH", "/api/company", json={"meta": {"dataset_id": DATASET,
+                                                         "access_token": META_TOKEN}})
+    lead = server.leads["Ana Instagram"]
+    await a.call("POST", f"/api/leads/{lead}/events", 201, json={"name": "qualified"})
+    await eventually_delivered(a, (await a.call(
+        "GET", f"/api/deliveries?lead_id={lead}"))["deliveries"][0]["id"])
+    before = await a.call("GET", f"/api/leads/{lead}")
+    context, page = await open_console(browser, server, a, lang, "leads")
+    # The list opens a lead by keyboard: Tab to its name, Enter.
+    link = page.locator(f"#leads-table tr[data-lead-id='{lead}'] a")
+    await link.focus()
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#lead-name")).to_have_text("Ana Instagram", timeout=WAIT_MS)
+    assert f"#/lead?id={lead}" in page.url
+
+    # Asked first, with a danger button; Escape keeps everything.
+    button = page.locator("#lead-erase-button")
+    await expect(button).to_have_text(await t(page, "lead.erase"))
+    await button.click()
+    dialog = page.locator("dialog.wt-dialog")
+    await expect(dialog).to_contain_text("+55 11 98765-4321")
+    await expect(dialog.locator(".dialog-actions .btn.danger")).to_have_text(
+        await t(page, "lead.erase_confirm"))
+    await page.keyboard.press("Escape")
+    await expect(dialog).to_have_count(0)
+    await a.call("GET", f"/api/leads/{lead}")
+
+    # Confirmed: back on the list, what was erased in numbers, the lead gone for the API too.
+    await button.click()
+    await dialog.locator(".dialog-actions .btn.danger").click()
+    erased = page.locator("#lead-erased")
+    await expect(erased).to_be_visible(timeout=WAIT_MS)
+    await expect(page.locator("dialog.wt-dialog h2")).to_have_text(
+        await t(page, "lead.erased_title"))
+    counts = {"leads": 1, "lead_events": len(before["events"]),
+              "deliveries": len(before["deliveries"]), "contacts": 1}
+    assert counts["lead_events"] == 2 and counts["deliveries"] == 1  # lead, qualified; its Meta send
+    for key, count in counts.items():
+        await expect(erased.locator(f"dd[data-erased={key}]")).to_have_text(
+            await fmt(page, "number", count))
+    assert int(await erased.locator("dd[data-erased=messages]").inner_text()) >= 1
+    assert "#/leads" in page.url
+    await dialog.locator(".dialog-actions button").click()
+    await expect(dialog).to_have_count(0)
+    rows = page.locator("#leads-table tbody tr")
+    await expect(rows).to_have_count(5, timeout=WAIT_MS)
+    await expect(page.locator("#leads-table")).not_to_contain_text("Ana Instagram")
+    await a.call("GET", f"/api/leads/{lead}", 404)
+    left = (await a.call("GET", "/api/leads?q=98765"))["leads"]
+    assert left == []
+    assert page.errors == [] and page.foreign == []
+    await context.close()
+
+
+# ==================================================================================================
 # Settings
 # ==================================================================================================
 
@@ -734,6 +805,164 @@ async def test_settings_saved_read_back_secrets_write_only_errors_in_the_languag
     await context.close()
 
 
+@pytest.mark.parametrize("lang", LANGS)
+async def test_settings_name_whatsapp_server_event_names_and_google_ads_conversions(tmp_path,
+                                                                                   browser, lang):
+    """The company's name, its own Evolution server (the key write-only, the server's state as
+    GET /api/checks sees it), webhook_auth_required, event names per destination and the Google
+    Ads conversion names: saved, read back through the API and after a reload."""
+    _, expect = require_browser()
+    default, own = await FakeEvolution().start(), await FakeEvolution("own-evo-key-123").start()
+    try:
+        async with running_server(tmp_path, EVOLUTION_API_URL=default.url,
+                                  EVOLUTION_API_KEY=GLOBAL_KEY,
+                                  ALLOW_PRIVATE_URLS="true") as server:
+            await settings_walk(server, browser, lang, expect, own)
+    finally:
+        await default.close()
+        await own.close()
+
+
+async def settings_walk(server: Server, browser, lang: str, expect, own: FakeEvolution) -> None:
+    a = await server.company("empresa-123", "Loja Centro")
+    context, page = await open_console(browser, server, a, lang, "settings")
+    state = page.locator("#settings-evolution-state")
+    # No server of its own: the operator's default, which answers.
+    await expect(state).to_have_attribute("data-state", "ok", timeout=WAIT_MS)
+    await expect(state).to_have_text(await t(page, "settings.evolution_state.default_ok"))
+
+    # The name: empty is refused next to the form; a new one is saved and read back.
+    name = page.locator("#settings-company input[name=name]")
+    await expect(name).to_have_value("Loja Centro")
+    await name.fill("  ")
+    await page.click("#settings-company button[type=submit]")
+    await expect(page.locator("#settings-company-error")).to_have_text(
+        await t(page, "settings.error.name"))
+    await name.fill("Loja Centro Modas & Acessórios")
+    await page.click("#settings-company button[type=submit]")
+    await expect(page.locator("#settings-company-saved")).to_have_text(
+        await t(page, "common.saved"), timeout=WAIT_MS)
+    assert (await a.call("GET", "/api/company"))["name"] == "Loja Centro Modas & Acessórios"
+
+    # Its own Evolution server: a bad address is the API's 400, in the user's language.
+    evo = page.locator("#settings-evolution")
+    await evo.locator("input[name=evolution_url]").fill("ftp://evolution.loja")
+    await evo.locator("button[type=submit]").click()
+    await expect(page.locator("#settings-evolution-error")).to_have_text(
+        await t(page, "settings.error.evolution_url"), timeout=WAIT_MS)
+    assert (await a.call("GET", "/api/company"))["evolution_url"] is None
+    auth = evo.locator("input[name=webhook_auth_required]")
+    await expect(auth).to_be_checked()
+    await evo.locator("input[name=evolution_url]").fill(own.url)
+    await evo.locator("input[name=evolution_key]").fill("own-evo-key-123")
+    await auth.uncheck()
+    await evo.locator("button[type=submit]").click()
+    await expect(page.locator("#settings-evolution-saved")).to_have_text(
+        await t(page, "common.saved"), timeout=WAIT_MS)
+    company = await a.call("GET", "/api/company")
+    assert company["evolution_url"] == own.url and company["evolution_key_set"] is True
+    assert company["webhook_auth_required"] is False
+    stored = await whatstracking.get_company(server.app[whatstracking.DB], a.id)
+    assert stored.evolution_key == "own-evo-key-123"
+    await expect(state).to_have_text(await t(page, "settings.evolution_state.own_ok"),
+                                     timeout=WAIT_MS)
+    # The key is write-only: "set ✓", never the value (after a reload too).
+    set_text = await t(page, "settings.secret_set")
+    await page.reload()
+    await expect(page.locator("#settings-evolution [data-secret=evolution_key]")).to_have_text(
+        set_text, timeout=WAIT_MS)
+    await expect(evo.locator("input[name=evolution_url]")).to_have_value(own.url)
+    await expect(evo.locator("input[name=webhook_auth_required]")).not_to_be_checked()
+    assert "own-evo-key-123" not in await page.content()
+    assert "own-evo-key-123" not in await page.eval_on_selector_all(
+        "input", "is => is.map(i => i.value)")
+    # A wrong key: the server refuses it, and the page says so.
+    await evo.locator("[data-replace=evolution_key]").click()
+    await evo.locator("input[name=evolution_key]").fill("not-the-key")
+    await evo.locator("button[type=submit]").click()
+    await expect(state).to_have_text(await t(page, "settings.evolution_state.own_down"),
+                                     timeout=WAIT_MS)
+    # Empty address and cleared key: back to the default server.
+    await evo.locator("input[name=evolution_url]").fill("")
+    await evo.locator("[data-clear=evolution_key]").click()
+    await evo.locator("input[name=webhook_auth_required]").check()
+    await evo.locator("button[type=submit]").click()
+    await expect(state).to_have_text(await t(page, "settings.evolution_state.default_ok"),
+                                     timeout=WAIT_MS)
+    company = await a.call("GET", "/api/company")
+    assert company["evolution_url"] is None and company["evolution_key_set"] is False
+    assert company["webhook_auth_required"] is True
+
+    # Meta's event names per path: a new name, one not sent; a box ticked with no name and no
+    # default is refused next to the form.
+    meta = page.locator("#settings-meta")
+    await meta.locator("input[name='meta.dataset_id']").fill(DATASET)
+    await meta.locator("input[name='meta.access_token']").fill(META_TOKEN)
+    await meta.locator("#settings-meta-names-box summary").click()
+    await expect(meta.locator("input[name='name.website.qualified']")).to_have_attribute(
+        "placeholder", "QualifiedLead")
+    await meta.locator("input[name='name.website.qualified']").fill("Contact")
+    await meta.locator("input[name='send.messaging.qualified']").uncheck()
+    await expect(meta.locator("input[name='name.messaging.qualified']")).to_be_disabled()
+    await meta.locator("input[name='send.website.refund']").check()
+    await meta.locator("button[type=submit]").click()
+    await expect(page.locator("#settings-meta-error")).to_contain_text(
+        await t(page, "events.name.refund"))
+    await meta.locator("input[name='send.website.refund']").uncheck()
+    await meta.locator("button[type=submit]").click()
+    await expect(page.locator("#settings-meta-saved")).to_have_text(
+        await t(page, "common.saved"), timeout=WAIT_MS)
+    company = await a.call("GET", "/api/company")
+    assert company["meta"]["event_names"] == {"website": {"qualified": "Contact"},
+                                              "messaging": {"qualified": None}}
+    assert company["meta"]["access_token_set"] and "access_token" not in company["meta"]
+
+    # GA4: a purchase under another name, "lost" not sent.
+    ga4 = page.locator("#settings-ga4")
+    await ga4.locator("input[name='ga4.measurement_id']").fill("G-VIEWS123")
+    await ga4.locator("input[name='ga4.api_secret']").fill("ga4-secret-views")
+    await ga4.locator("#settings-ga4-names-box summary").click()
+    await ga4.locator("input[name='name.purchase']").fill("compra_whatsapp")
+    await ga4.locator("input[name='send.lost']").uncheck()
+    await ga4.locator("button[type=submit]").click()
+    await expect(page.locator("#settings-ga4-saved")).to_have_text(
+        await t(page, "common.saved"), timeout=WAIT_MS)
+    assert (await a.call("GET", "/api/company"))["ga4"]["event_names"] == {
+        "purchase": "compra_whatsapp", "lost": None}
+
+    # Google Ads: the purchase renamed, leads not exported; the export's list follows.
+    gads = page.locator("#settings-gads-names")
+    await gads.locator("input[name='name.purchase']").fill("Compra WhatsApp")
+    await gads.locator("input[name='send.lead']").uncheck()
+    await gads.locator("button[type=submit]").click()
+    await expect(page.locator("#settings-gads-names-saved")).to_have_text(
+        await t(page, "common.saved"), timeout=WAIT_MS)
+    company = await a.call("GET", "/api/company")
+    assert company["google_ads_conversions"] == {"purchase": "Compra WhatsApp", "lead": ""}
+    assert company["google_ads_conversion_names"] == ["WhatsApp Qualified Lead",
+                                                      "Compra WhatsApp"]
+    options = await page.eval_on_selector_all("#settings-gads-name option",
+                                              "os => os.map(o => o.value)")
+    assert options == ["", "WhatsApp Qualified Lead", "Compra WhatsApp"]
+
+    # All of it read back after a reload; no secret on the page.
+    await page.reload()
+    await expect(page.locator("#settings-company input[name=name]")).to_have_value(
+        "Loja Centro Modas & Acessórios", timeout=WAIT_MS)
+    await expect(meta.locator("input[name='name.website.qualified']")).to_have_value("Contact")
+    await expect(meta.locator("input[name='send.messaging.qualified']")).not_to_be_checked()
+    await expect(ga4.locator("input[name='name.purchase']")).to_have_value("compra_whatsapp")
+    await expect(ga4.locator("input[name='send.lost']")).not_to_be_checked()
+    await expect(gads.locator("input[name='send.lead']")).not_to_be_checked()
+    await expect(gads.locator("input[name='name.purchase']")).to_have_value("Compra WhatsApp")
+    content = await page.content()
+    for secret in (META_TOKEN, "ga4-secret-views"):
+        assert secret not in content
+    await clean_text(page, lang)
+    assert page.errors == [] and page.foreign == []
+    await context.close()
+
+
 async def eventually_failed(a: Company) -> int:
     for _ in range(200):
         rows = (await a.call("GET", "/api/deliveries?status=failed"))["deliveries"]
@@ -782,6 +1011,10 @@ async def test_every_view_fits_a_phone_and_is_photographed(server, browser, lang
                 if name == "lead":  # opened as its own page, at the top
                     assert await page.evaluate("window.scrollY") == 0
                     await page.locator("details.v-answer summary").first.click()
+                    await phone_fits(page)
+                if name == "settings":  # the event-name tables fold into cards
+                    for summary in await page.locator("details.v-names-box summary").all():
+                        await summary.click()
                     await phone_fits(page)
             await shot(page, name, lang, where)
         if where == "phone":
