@@ -348,7 +348,7 @@
               var has = Object.prototype.hasOwnProperty.call(c.current, ev);
               var cur = has ? c.current[ev] : def;
               var where = cols.length > 1 ? evName + " · " + c.label : evName;
-              var input = h("input", {type: "text", name: "name." + (c.key ? c.key + "." : "") + ev,
+              var input = h("input", {type: "text", class: "input", name: "name." + (c.key ? c.key + "." : "") + ev,
                                       value: cur && cur !== def ? cur : "", placeholder: def,
                                       "aria-label": WT.t("settings.names_name", {where: where}),
                                       autocomplete: "off", spellcheck: "false",
@@ -357,9 +357,13 @@
                                      name: "send." + (c.key ? c.key + "." : "") + ev,
                                      "aria-label": WT.t("settings.names_send", {where: where}),
                                      title: WT.t("settings.names_send", {where: where})});
-              input.disabled = !send.checked;
-              send.addEventListener("change", function () {
+              function follow() {
                 input.disabled = !send.checked;
+                input.placeholder = send.checked ? def : WT.t("settings.names_off");
+              }
+              follow();
+              send.addEventListener("change", function () {
+                follow();
                 if (send.checked) input.focus();
               });
               cells.push({col: c, event: ev, def: def, has: has, send: send, input: input,

@@ -640,6 +640,7 @@ async def test_lead_erasure_removes_the_person_and_says_what_was_erased(server, 
     await expect(dialog).to_contain_text("+55 11 98765-4321")
     await expect(dialog.locator(".dialog-actions .btn.danger")).to_have_text(
         await t(page, "lead.erase_confirm"))
+    await shot(page, "lead-erase-confirm", lang, "desktop")
     await page.keyboard.press("Escape")
     await expect(dialog).to_have_count(0)
     await a.call("GET", f"/api/leads/{lead}")
@@ -659,6 +660,7 @@ async def test_lead_erasure_removes_the_person_and_says_what_was_erased(server, 
             await fmt(page, "number", count))
     assert int(await erased.locator("dd[data-erased=messages]").inner_text()) >= 1
     assert "#/leads" in page.url
+    await shot(page, "lead-erased", lang, "desktop")
     await dialog.locator(".dialog-actions button").click()
     await expect(dialog).to_have_count(0)
     rows = page.locator("#leads-table tbody tr")
@@ -1012,9 +1014,10 @@ async def test_every_view_fits_a_phone_and_is_photographed(server, browser, lang
                     assert await page.evaluate("window.scrollY") == 0
                     await page.locator("details.v-answer summary").first.click()
                     await phone_fits(page)
-                if name == "settings":  # the event-name tables fold into cards
-                    for summary in await page.locator("details.v-names-box summary").all():
-                        await summary.click()
+            if name == "settings":  # the event-name tables (folded into cards on a phone)
+                for summary in await page.locator("details.v-names-box summary").all():
+                    await summary.click()
+                if where == "phone":
                     await phone_fits(page)
             await shot(page, name, lang, where)
         if where == "phone":
