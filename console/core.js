@@ -10,6 +10,7 @@
   "use strict";
 
   var TOKEN_KEY = "wt.token", LANG_KEY = "wt.lang", COMPANY_KEY = "wt.companyId";
+  var DEFAULT_LANG = "pt-BR";
   var NAV_ORDER = ["companies", "onboarding", "overview", "leads", "connections", "settings",
                    "tokens"];
   // Views that need no company (the rest need one: an admin picks it first).
@@ -22,18 +23,32 @@
 
   // ---- language ------------------------------------------------------------------------------
 
-  function pickLang() {
+  /* The language to show, among the dictionaries the server ships (GET /locales): the one
+     remembered in localStorage if still shipped, else the browser's languages in its order of
+     preference, each matched exactly ("es-AR" → "es-AR"), then by its primary subtag ("es-AR" →
+     "es", "pt-PT" → "pt-BR"); else Portuguese (Brazil). */
+  function pickLang(available) {
+    var codes = available.map(function (l) { return l.code; });
+    function find(code) {
+      code = String(code || "").toLowerCase();
+      if (!code) return null;
+      for (var i = 0; i < codes.length; i++) if (codes[i].toLowerCase() === code) return codes[i];
+      var primary = code.split("-")[0];
+      for (var j = 0; j < codes.length; j++) {
+        if (codes[j].toLowerCase().split("-")[0] === primary) return codes[j];
+      }
+      return null;
+    }
     var saved = null;
     try { saved = localStorage.getItem(LANG_KEY); } catch (e) { /* private mode */ }
-    if (saved) return saved;
+    if (saved && codes.indexOf(saved) >= 0) return saved;
     var wanted = navigator.languages && navigator.languages.length ? navigator.languages
       : [navigator.language || ""];
-    for (var i = 0; i < wanted.length; i++) {
-      var code = String(wanted[i] || "").toLowerCase();
-      if (code.slice(0, 2) === "pt") return "pt-BR";
-      if (code.slice(0, 2) === "en") return "en";
+    for (var k = 0; k < wanted.length; k++) {
+      var got = find(wanted[k]);
+      if (got) return got;
     }
-    return "pt-BR";
+    return codes.indexOf(DEFAULT_LANG) >= 0 || !codes.length ? DEFAULT_LANG : codes[0];
   }
 
   function loadDict(code) {
@@ -854,32 +869,28 @@
     document.getElementById("wt-nav").addEventListener("click", function (ev) {
       if (ev.target.closest("a")) closeMenu();  // also when the link is the current view
     });
-    var listed = fetch("/locales", {cache: "no-cache"}).then(function (r) { return r.json(); })
-      .then(function (d) { languages = d.languages || []; }).catch(function () { languages = []; });
-    var lang = pickLang();
-    Promise.all([listed, useLang(lang)]).then(function () {
-      if (languages.length && !languages.some(function (l) { return l.code === lang; })) {
-        return useLang("pt-BR");
-      }
-    }).then(function () {
-      var token = storage(TOKEN_KEY);
-      if (!token) { renderShell(); route(); return; }
-      return WT.identify(token).then(WT.signIn).then(route, function (e) {
-        if (e.status === 0) {  // the server is away: keep the token, say so, offer a retry
-          renderShell();
-          show(null, {});
-          var root = document.querySelector("#wt-main .view");
-          root.replaceChildren(h("div", {class: "card narrow"},
-            h("h1", {}, WT.t("error.offline_title")),
-            h("p", {role: "alert"}, WT.t("error.network")),
-            h("button", {type: "button", class: "btn primary",
-                         onclick: function () { location.reload(); }}, WT.t("common.retry"))));
-          return;
-        }
-        storage(TOKEN_KEY, null);
-        renderShell(); route();
-      });
-    }).then(function () { document.body.classList.add("ready"); });
+    fetch("/locales", {cache: "no-cache"}).then(function (r) { return r.json(); })
+      .then(function (d) { languages = (d && d.languages) || []; }, function () { languages = []; })
+      .then(function () { return useLang(pickLang(languageList())); })
+      .then(function () {
+        var token = storage(TOKEN_KEY);
+        if (!token) { renderShell(); route(); return; }
+        return WT.identify(token).then(WT.signIn).then(route, function (e) {
+          if (e.status === 0) {  // the server is away: keep the token, say so, offer a retry
+            renderShell();
+            show(null, {});
+            var root = document.querySelector("#wt-main .view");
+            root.replaceChildren(h("div", {class: "card narrow"},
+              h("h1", {}, WT.t("error.offline_title")),
+              h("p", {role: "alert"}, WT.t("error.network")),
+              h("button", {type: "button", class: "btn primary",
+                           onclick: function () { location.reload(); }}, WT.t("common.retry"))));
+            return;
+          }
+          storage(TOKEN_KEY, null);
+          renderShell(); route();
+        });
+      }).then(function () { document.body.classList.add("ready"); });
   }
 
   // core.js is loaded with `defer` like every view: DOMContentLoaded comes after all of them ran.

@@ -686,3 +686,50 @@ async def test_pairing_code_and_adopting_an_existing_instance_in_the_onboarding(
         _, listed = await stack.call("GET", "/api/connections", token=created["token"])
         assert {c["connectionId"] for c in listed["connections"]} == {"celular-loja",
                                                                       "ja-no-evolution"}
+
+
+async def test_a_third_language_is_picked_from_the_browser_and_offered(stack, browser, tmp_path,
+                                                                       monkeypatch):
+    """A dictionary dropped in locales/ is listed by GET /locales, chosen for a browser that asks
+    for it (es-ES → es, by its primary subtag) and offered in the switcher; what it lacks falls
+    back to English."""
+    _, expect = require_browser()
+    locales = tmp_path / "locales"
+    locales.mkdir()
+    for name in ("en.json", "pt-BR.json"):
+        (locales / name).write_text((whatstracking.LOCALES_DIR / name).read_text("utf-8"), "utf-8")
+    spanish = {"app.language": "Idioma", "language.locale": "es", "language.name": "Español",
+               "signin.submit": "Entrar", "signin.title": "Iniciar sesión",
+               "signin.token": "Token de acceso"}
+    (locales / "es.json").write_text(json.dumps(spanish, indent=2, ensure_ascii=False,
+                                                sort_keys=True) + "\n", "utf-8")
+    monkeypatch.setattr(whatstracking, "LOCALES_DIR", locales)
+    _, listed = await stack.call("GET", "/locales", token="")
+    assert {"code": "es", "name": "Español"} in listed["languages"]
+    english = json.loads((locales / "en.json").read_text("utf-8"))
+    async with session(browser, stack, lang="es-ES") as s:
+        page = s.page
+        await open_console(s)
+        await view(s, "signin")
+        assert await page.get_attribute("html", "lang") == "es"
+        await expect(page.locator("main h1")).to_have_text("Iniciar sesión")
+        await expect(page.locator("label[for^=f-token]")).to_have_text("Token de acceso")
+        await expect(page.locator("form button[type=submit]")).to_have_text("Entrar")
+        await expect(page.locator("main")).to_contain_text(english["signin.intro"])  # fallback
+        select = page.locator("#wt-lang select")
+        await expect(select).to_have_value("es")
+        offered = await select.locator("option").evaluate_all(
+            "options => options.map(o => [o.value, o.textContent])")
+        assert ["es", "Español"] in offered and ["pt-BR", "Português (Brasil)"] in offered
+        assert await page.get_attribute("#wt-lang label", "class") == "sr-only"
+        await expect(page.locator("#wt-lang label")).to_have_text("Idioma")
+        # Switching away and back is remembered like any language.
+        await select.select_option("pt-BR")
+        await expect(page.locator("main h1")).to_have_text("Entrar")
+        await page.locator("#wt-lang select").select_option("es")
+        await expect(page.locator("main h1")).to_have_text("Iniciar sesión")
+        assert await page.evaluate("localStorage.getItem('wt.lang')") == "es"
+    # A browser asking for a language nobody shipped gets Portuguese (Brazil).
+    async with session(browser, stack, lang="de-DE") as s:
+        await open_console(s)
+        assert await s.page.get_attribute("html", "lang") == "pt-BR"
