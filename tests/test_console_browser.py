@@ -185,6 +185,9 @@ async def session(browser, stack: Stack, lang: str = "pt-BR", viewport: dict = D
     s = Session(context, page, stack.base)
     context.on("request", lambda r: s.urls.append(r.url))
     page.on("pageerror", lambda e: s.errors.append(str(e)))
+    # The page's Content-Security-Policy refusing something (an inline script, a foreign URL).
+    page.on("console", lambda m: s.errors.append(m.text)
+            if "Content Security Policy" in m.text else None)
 
     async def local_only(route):
         host = urllib.parse.urlsplit(route.request.url).hostname
