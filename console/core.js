@@ -532,6 +532,8 @@
 
   function renderShell() {
     var s = WT.session;
+    var skip = document.getElementById("wt-skip");
+    if (skip) skip.textContent = WT.t("app.skip");
     document.body.classList.toggle("signed-in", !!s);
     var brand = document.getElementById("wt-brand");
     brand.replaceChildren(h("a", {href: "#/", class: "brand"},
@@ -666,6 +668,17 @@
       actions.appendChild(btn);
     });
     dlg.addEventListener("cancel", function (ev) { ev.preventDefault(); close(); });
+    dlg.addEventListener("keydown", function (ev) {
+      if (ev.key === "Tab") { trapTab(dlg, ev); return; }
+      // Enter in a one-line field does what the dialog's main button does (a <form> in the
+      // dialog submits itself).
+      var t = ev.target;
+      if (ev.key === "Enter" && !ev.isComposing && t.tagName === "INPUT" && !t.form &&
+          !/^(checkbox|radio|button|submit|reset|file|color)$/i.test(t.type) && body.contains(t)) {
+        var main = actions.querySelector(".btn.primary:not([disabled])");
+        if (main) { ev.preventDefault(); main.click(); }
+      }
+    });
     dlg.addEventListener("close", function () { close(); });
     document.body.appendChild(dlg);
     var before = document.activeElement;
@@ -683,6 +696,20 @@
     }
     return handle;
   };
+
+  var FOCUSABLE = "a[href], button:not([disabled]), input:not([disabled]):not([type=hidden]), " +
+                  "select:not([disabled]), textarea:not([disabled]), summary, " +
+                  "[tabindex]:not([tabindex='-1'])";
+  /* Tab and Shift+Tab go round the dialog's own controls, never behind it. */
+  function trapTab(box, ev) {
+    var items = Array.prototype.filter.call(box.querySelectorAll(FOCUSABLE), function (el) {
+      return el.getClientRects().length > 0;
+    });
+    if (!items.length) { ev.preventDefault(); return; }
+    var first = items[0], last = items[items.length - 1], at = document.activeElement;
+    if (ev.shiftKey && (at === first || !box.contains(at))) { ev.preventDefault(); last.focus(); }
+    else if (!ev.shiftKey && (at === last || !box.contains(at))) { ev.preventDefault(); first.focus(); }
+  }
 
   WT.confirm = function (opts) {
     opts = opts || {};
@@ -866,6 +893,13 @@
       }
     });
     window.addEventListener("hashchange", route);
+    // The skip link moves the focus without touching the address (the hash is the route).
+    document.getElementById("wt-skip").addEventListener("click", function (ev) {
+      ev.preventDefault();
+      var heading = document.querySelector("#wt-main h1");
+      if (heading) { heading.setAttribute("tabindex", "-1"); heading.focus(); }
+      else document.getElementById("wt-main").focus();
+    });
     document.getElementById("wt-nav").addEventListener("click", function (ev) {
       if (ev.target.closest("a")) closeMenu();  // also when the link is the current view
     });
