@@ -216,7 +216,7 @@ async def clipboard(s: Session) -> str:
 
 
 async def shot(s: Session, name: str, lang: str) -> None:
-    """A full-page screenshot, scrolled to the top (the sticky header stays where it belongs);
+    """A full-page screenshot (the screen when a dialog is open), scrolled to the top (the sticky header stays where it belongs);
     on a phone also the check that nothing is wider than the screen."""
     kind = "phone" if s.page.viewport_size["width"] < 500 else "desktop"
     await s.page.evaluate("window.scrollTo(0, 0)")
@@ -230,8 +230,10 @@ async def shot(s: Session, name: str, lang: str) -> None:
     assert wide == [], (name, wide)
     assert await unlabelled(s) == [], name
     ARTIFACTS.mkdir(exist_ok=True)
+    # With a dialog open, the screen as the user sees it (the backdrop covers only the screen).
+    dialog = await s.page.locator("dialog[open]").count()
     await s.page.screenshot(path=str(ARTIFACTS / f"console-{name}-{lang}-{kind}.png"),
-                            full_page=True)
+                            full_page=not dialog)
 
 
 async def unlabelled(s: Session) -> list[str]:
