@@ -6217,9 +6217,10 @@ async def google_ads_export(request: web.Request) -> web.Response:
 # ##################################################################################################
 
 DASHBOARD_PATH = HERE / "dashboard.html"
+# The console runs only its own files (/console/*.js): no inline script, no on* attribute.
 DASHBOARD_HEADERS = page_headers(
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-    "script-src 'self' 'unsafe-inline'", **{"Cache-Control": "no-cache"})
+    "script-src 'self'", **{"Cache-Control": "no-cache"})
 
 
 @routes.get("/api/report")

@@ -50,25 +50,29 @@
     var status = h("p", {class: "live", role: "status"}, h("span", {class: "dot"}),
                    h("span", {}, WT.t("connections.qr_loading")));
     var pairing = h("div", {class: "pairing-box", hidden: true});
-    var box = h("div", {class: "qr-panel", dataset: {connection: connectionId}},
+    // Who chose the pairing code (no camera) sees it first; the QR stays below as the other way.
+    var pairFirst = !!opts.pairingCode;
+    var box = h("div", {class: "qr-panel" + (pairFirst ? " pair-first" : ""),
+                        dataset: {connection: connectionId}},
+      pairFirst ? pairing : null,
       h("div", {class: "grid"},
         h("div", {}, img, status),
         h("div", {},
-          h("h3", {}, WT.t("connections.scan_title")),
+          h("h3", {}, WT.t(pairFirst ? "connections.scan_title_or" : "connections.scan_title")),
           h("ol", {class: "how"},
             h("li", {}, WT.t("connections.scan_1")),
             h("li", {}, WT.t("connections.scan_2")),
             h("li", {}, WT.t("connections.scan_3")),
             h("li", {}, WT.t("connections.scan_4"))),
           h("p", {class: "help"}, WT.t("connections.qr_refreshes")),
-          pairing)));
+          pairFirst ? null : pairing)));
     var done = false, stop = null;
 
     function showPairing(code) {
       if (!code) return;
       pairing.hidden = false;
       pairing.replaceChildren(
-        h("h3", {}, WT.t("connections.pair_title")),
+        h("h3", {}, WT.t(pairFirst ? "connections.pair_title_first" : "connections.pair_title")),
         h("p", {class: "pairing", dataset: {pairing: code}}, pairingText(code)),
         h("ol", {class: "how"},
           h("li", {}, WT.t("connections.pair_1")),

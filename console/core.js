@@ -10,6 +10,7 @@
   "use strict";
 
   var TOKEN_KEY = "wt.token", LANG_KEY = "wt.lang", COMPANY_KEY = "wt.companyId";
+  var DEFAULT_LANG = "pt-BR";
   var NAV_ORDER = ["companies", "onboarding", "overview", "leads", "connections", "settings",
                    "tokens"];
   // Views that need no company (the rest need one: an admin picks it first).
@@ -22,18 +23,32 @@
 
   // ---- language ------------------------------------------------------------------------------
 
-  function pickLang() {
+  /* The language to show, among the dictionaries the server ships (GET /locales): the one
+     remembered in localStorage if still shipped, else the browser's languages in its order of
+     preference, each matched exactly ("es-AR" → "es-AR"), then by its primary subtag ("es-AR" →
+     "es", "pt-PT" → "pt-BR"); else Portuguese (Brazil). */
+  function pickLang(available) {
+    var codes = available.map(function (l) { return l.code; });
+    function find(code) {
+      code = String(code || "").toLowerCase();
+      if (!code) return null;
+      for (var i = 0; i < codes.length; i++) if (codes[i].toLowerCase() === code) return codes[i];
+      var primary = code.split("-")[0];
+      for (var j = 0; j < codes.length; j++) {
+        if (codes[j].toLowerCase().split("-")[0] === primary) return codes[j];
+      }
+      return null;
+    }
     var saved = null;
     try { saved = localStorage.getItem(LANG_KEY); } catch (e) { /* private mode */ }
-    if (saved) return saved;
+    if (saved && codes.indexOf(saved) >= 0) return saved;
     var wanted = navigator.languages && navigator.languages.length ? navigator.languages
       : [navigator.language || ""];
-    for (var i = 0; i < wanted.length; i++) {
-      var code = String(wanted[i] || "").toLowerCase();
-      if (code.slice(0, 2) === "pt") return "pt-BR";
-      if (code.slice(0, 2) === "en") return "en";
+    for (var k = 0; k < wanted.length; k++) {
+      var got = find(wanted[k]);
+      if (got) return got;
     }
-    return "pt-BR";
+    return codes.indexOf(DEFAULT_LANG) >= 0 || !codes.length ? DEFAULT_LANG : codes[0];
   }
 
   function loadDict(code) {
@@ -517,6 +532,8 @@
 
   function renderShell() {
     var s = WT.session;
+    var skip = document.getElementById("wt-skip");
+    if (skip) skip.textContent = WT.t("app.skip");
     document.body.classList.toggle("signed-in", !!s);
     var brand = document.getElementById("wt-brand");
     brand.replaceChildren(h("a", {href: "#/", class: "brand"},
@@ -651,6 +668,17 @@
       actions.appendChild(btn);
     });
     dlg.addEventListener("cancel", function (ev) { ev.preventDefault(); close(); });
+    dlg.addEventListener("keydown", function (ev) {
+      if (ev.key === "Tab") { trapTab(dlg, ev); return; }
+      // Enter in a one-line field does what the dialog's main button does (a <form> in the
+      // dialog submits itself).
+      var t = ev.target;
+      if (ev.key === "Enter" && !ev.isComposing && t.tagName === "INPUT" && !t.form &&
+          !/^(checkbox|radio|button|submit|reset|file|color)$/i.test(t.type) && body.contains(t)) {
+        var main = actions.querySelector(".btn.primary:not([disabled])");
+        if (main) { ev.preventDefault(); main.click(); }
+      }
+    });
     dlg.addEventListener("close", function () { close(); });
     document.body.appendChild(dlg);
     var before = document.activeElement;
@@ -668,6 +696,20 @@
     }
     return handle;
   };
+
+  var FOCUSABLE = "a[href], button:not([disabled]), input:not([disabled]):not([type=hidden]), " +
+                  "select:not([disabled]), textarea:not([disabled]), summary, " +
+                  "[tabindex]:not([tabindex='-1'])";
+  /* Tab and Shift+Tab go round the dialog's own controls, never behind it. */
+  function trapTab(box, ev) {
+    var items = Array.prototype.filter.call(box.querySelectorAll(FOCUSABLE), function (el) {
+      return el.getClientRects().length > 0;
+    });
+    if (!items.length) { ev.preventDefault(); return; }
+    var first = items[0], last = items[items.length - 1], at = document.activeElement;
+    if (ev.shiftKey && (at === first || !box.contains(at))) { ev.preventDefault(); last.focus(); }
+    else if (!ev.shiftKey && (at === last || !box.contains(at))) { ev.preventDefault(); first.focus(); }
+  }
 
   WT.confirm = function (opts) {
     opts = opts || {};
@@ -851,35 +893,38 @@
       }
     });
     window.addEventListener("hashchange", route);
+    // The skip link moves the focus without touching the address (the hash is the route).
+    document.getElementById("wt-skip").addEventListener("click", function (ev) {
+      ev.preventDefault();
+      var heading = document.querySelector("#wt-main h1");
+      if (heading) { heading.setAttribute("tabindex", "-1"); heading.focus(); }
+      else document.getElementById("wt-main").focus();
+    });
     document.getElementById("wt-nav").addEventListener("click", function (ev) {
       if (ev.target.closest("a")) closeMenu();  // also when the link is the current view
     });
-    var listed = fetch("/locales", {cache: "no-cache"}).then(function (r) { return r.json(); })
-      .then(function (d) { languages = d.languages || []; }).catch(function () { languages = []; });
-    var lang = pickLang();
-    Promise.all([listed, useLang(lang)]).then(function () {
-      if (languages.length && !languages.some(function (l) { return l.code === lang; })) {
-        return useLang("pt-BR");
-      }
-    }).then(function () {
-      var token = storage(TOKEN_KEY);
-      if (!token) { renderShell(); route(); return; }
-      return WT.identify(token).then(WT.signIn).then(route, function (e) {
-        if (e.status === 0) {  // the server is away: keep the token, say so, offer a retry
-          renderShell();
-          show(null, {});
-          var root = document.querySelector("#wt-main .view");
-          root.replaceChildren(h("div", {class: "card narrow"},
-            h("h1", {}, WT.t("error.offline_title")),
-            h("p", {role: "alert"}, WT.t("error.network")),
-            h("button", {type: "button", class: "btn primary",
-                         onclick: function () { location.reload(); }}, WT.t("common.retry"))));
-          return;
-        }
-        storage(TOKEN_KEY, null);
-        renderShell(); route();
-      });
-    }).then(function () { document.body.classList.add("ready"); });
+    fetch("/locales", {cache: "no-cache"}).then(function (r) { return r.json(); })
+      .then(function (d) { languages = (d && d.languages) || []; }, function () { languages = []; })
+      .then(function () { return useLang(pickLang(languageList())); })
+      .then(function () {
+        var token = storage(TOKEN_KEY);
+        if (!token) { renderShell(); route(); return; }
+        return WT.identify(token).then(WT.signIn).then(route, function (e) {
+          if (e.status === 0) {  // the server is away: keep the token, say so, offer a retry
+            renderShell();
+            show(null, {});
+            var root = document.querySelector("#wt-main .view");
+            root.replaceChildren(h("div", {class: "card narrow"},
+              h("h1", {}, WT.t("error.offline_title")),
+              h("p", {role: "alert"}, WT.t("error.network")),
+              h("button", {type: "button", class: "btn primary",
+                           onclick: function () { location.reload(); }}, WT.t("common.retry"))));
+            return;
+          }
+          storage(TOKEN_KEY, null);
+          renderShell(); route();
+        });
+      }).then(function () { document.body.classList.add("ready"); });
   }
 
   // core.js is loaded with `defer` like every view: DOMContentLoaded comes after all of them ran.

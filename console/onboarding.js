@@ -98,6 +98,7 @@
         var create = ui.createForm(function (id, answer) {
           var q = answer.qrcode || {};
           showPanel(id, q);
+          refresh();  // "waiting for the scan" at once, not at the next poll
         });
         var adopt = ui.adoptForm(function (id) {
           WT.toast(WT.t("connections.adopted", {name: id}));

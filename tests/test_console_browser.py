@@ -185,6 +185,9 @@ async def session(browser, stack: Stack, lang: str = "pt-BR", viewport: dict = D
     s = Session(context, page, stack.base)
     context.on("request", lambda r: s.urls.append(r.url))
     page.on("pageerror", lambda e: s.errors.append(str(e)))
+    # The page's Content-Security-Policy refusing something (an inline script, a foreign URL).
+    page.on("console", lambda m: s.errors.append(m.text)
+            if "Content Security Policy" in m.text else None)
 
     async def local_only(route):
         host = urllib.parse.urlsplit(route.request.url).hostname
@@ -213,7 +216,7 @@ async def clipboard(s: Session) -> str:
 
 
 async def shot(s: Session, name: str, lang: str) -> None:
-    """A full-page screenshot, scrolled to the top (the sticky header stays where it belongs);
+    """A full-page screenshot (the screen when a dialog is open), scrolled to the top (the sticky header stays where it belongs);
     on a phone also the check that nothing is wider than the screen."""
     kind = "phone" if s.page.viewport_size["width"] < 500 else "desktop"
     await s.page.evaluate("window.scrollTo(0, 0)")
@@ -221,9 +224,25 @@ async def shot(s: Session, name: str, lang: str) -> None:
     if kind == "phone":
         width = await s.page.evaluate("document.scrollingElement.scrollWidth")
         assert width <= 390, (name, width)
+    # An open dialog fits its box (nothing to scroll sideways), and every field has a label.
+    wide = await s.page.evaluate("""() => [...document.querySelectorAll('dialog[open]')]
+        .filter(d => d.scrollWidth > d.clientWidth + 1).map(d => d.scrollWidth)""")
+    assert wide == [], (name, wide)
+    assert await unlabelled(s) == [], name
     ARTIFACTS.mkdir(exist_ok=True)
+    # With a dialog open, the screen as the user sees it (the backdrop covers only the screen).
+    dialog = await s.page.locator("dialog[open]").count()
     await s.page.screenshot(path=str(ARTIFACTS / f"console-{name}-{lang}-{kind}.png"),
-                            full_page=True)
+                            full_page=not dialog)
+
+
+async def unlabelled(s: Session) -> list[str]:
+    """The visible form fields with no label (neither <label for>, nor aria-label(ledby))."""
+    return await s.page.evaluate("""() => [...document.querySelectorAll(
+        'input:not([type=hidden]), select, textarea')]
+        .filter(e => e.getClientRects().length && !e.labels.length &&
+                     !e.getAttribute('aria-label') && !e.getAttribute('aria-labelledby'))
+        .map(e => e.outerHTML.slice(0, 120))""")
 
 
 async def clean_text(s: Session, lang: str) -> str:
@@ -536,7 +555,6 @@ async def test_tokens_created_and_revoked_from_the_console(stack, browser):
         assert maria not in listed and created["token"] not in listed  # never the value
         await expect(page.locator("tr[data-token]", has_text="Maria (marketing)")).to_contain_text(
             "nunca")
-        await shot(s, "tokens-new", "pt-BR")
 
         # Revoke: asked first (cancel keeps it), then refused by the API at once.
         row = page.locator("tr[data-token]", has_text="Maria (marketing)")
@@ -686,3 +704,171 @@ async def test_pairing_code_and_adopting_an_existing_instance_in_the_onboarding(
         _, listed = await stack.call("GET", "/api/connections", token=created["token"])
         assert {c["connectionId"] for c in listed["connections"]} == {"celular-loja",
                                                                       "ja-no-evolution"}
+
+
+async def test_a_third_language_is_picked_from_the_browser_and_offered(stack, browser, tmp_path,
+                                                                       monkeypatch):
+    """A dictionary dropped in locales/ is listed by GET /locales, chosen for a browser that asks
+    for it (es-ES → es, by its primary subtag) and offered in the switcher; what it lacks falls
+    back to English."""
+    _, expect = require_browser()
+    locales = tmp_path / "locales"
+    locales.mkdir()
+    for name in ("en.json", "pt-BR.json"):
+        (locales / name).write_text((whatstracking.LOCALES_DIR / name).read_text("utf-8"), "utf-8")
+    spanish = {"app.language": "Idioma", "language.locale": "es", "language.name": "Español",
+               "signin.submit": "Entrar", "signin.title": "Iniciar sesión",
+               "signin.token": "Token de acceso"}
+    (locales / "es.json").write_text(json.dumps(spanish, indent=2, ensure_ascii=False,
+                                                sort_keys=True) + "\n", "utf-8")
+    monkeypatch.setattr(whatstracking, "LOCALES_DIR", locales)
+    _, listed = await stack.call("GET", "/locales", token="")
+    assert {"code": "es", "name": "Español"} in listed["languages"]
+    english = json.loads((locales / "en.json").read_text("utf-8"))
+    async with session(browser, stack, lang="es-ES") as s:
+        page = s.page
+        await open_console(s)
+        await view(s, "signin")
+        assert await page.get_attribute("html", "lang") == "es"
+        await expect(page.locator("main h1")).to_have_text("Iniciar sesión")
+        await expect(page.locator("label[for^=f-token]")).to_have_text("Token de acceso")
+        await expect(page.locator("form button[type=submit]")).to_have_text("Entrar")
+        await expect(page.locator("main")).to_contain_text(english["signin.intro"])  # fallback
+        select = page.locator("#wt-lang select")
+        await expect(select).to_have_value("es")
+        offered = await select.locator("option").evaluate_all(
+            "options => options.map(o => [o.value, o.textContent])")
+        assert ["es", "Español"] in offered and ["pt-BR", "Português (Brasil)"] in offered
+        assert await page.get_attribute("#wt-lang label", "class") == "sr-only"
+        await expect(page.locator("#wt-lang label")).to_have_text("Idioma")
+        # Switching away and back is remembered like any language.
+        await select.select_option("pt-BR")
+        await expect(page.locator("main h1")).to_have_text("Entrar")
+        await page.locator("#wt-lang select").select_option("es")
+        await expect(page.locator("main h1")).to_have_text("Iniciar sesión")
+        assert await page.evaluate("localStorage.getItem('wt.lang')") == "es"
+    # A browser asking for a language nobody shipped gets Portuguese (Brazil).
+    async with session(browser, stack, lang="de-DE") as s:
+        await open_console(s)
+        assert await s.page.get_attribute("html", "lang") == "pt-BR"
+
+
+def words(lang: str) -> dict:
+    return json.loads((whatstracking.LOCALES_DIR / f"{lang}.json").read_text("utf-8"))
+
+
+async def test_dialogs_and_panels_in_both_languages_on_desktop_and_phone(stack, browser):
+    """Screenshots of what the tour does not reach, in both languages at both sizes: sign-in,
+    the new company's token, the onboarding's QR and pairing code, the numbers' QR dialog and a
+    new access token (nothing wider than a phone, every field labelled: see shot())."""
+    _, expect = require_browser()
+    combos = [(lang, viewport) for lang in ("pt-BR", "en") for viewport in (DESKTOP, PHONE)]
+    for n, (lang, viewport) in enumerate(combos, 1):
+        t = words(lang)
+        async with session(browser, stack, lang="en-US" if lang == "en" else lang,
+                           viewport=viewport) as s:
+            page = s.page
+            await open_console(s)
+            await view(s, "signin")
+            assert await page.get_attribute("html", "lang") == lang
+            await shot(s, "signin", lang)
+            await page.fill("input[name=token]", ADMIN_TOKEN)
+            await page.keyboard.press("Enter")
+            await view(s, "companies")
+
+            await page.click(f"main >> text={t['companies.new']} >> nth=0")
+            await page.fill("dialog input[name=name]", f"Ótica Bela Vista {n}")
+            await page.click(f"dialog >> text={t['common.create']}")
+            await expect(page.locator("dialog pre[data-secret=token]")).to_be_visible(
+                timeout=WAIT_MS)
+            await shot(s, "company-created", lang)
+            await page.click(f"dialog >> text={t['companies.open_new']}")
+            await view(s, "onboarding")
+
+            form = page.locator("form.create-connection")
+            await form.locator("input[name=connectionId]").fill(f"vitrine-{n}")
+            await form.locator("button[type=submit]").click()
+            await expect(page.locator(".qr-panel img.qr")).to_be_visible(timeout=WAIT_MS)
+            await shot(s, "onboarding-qr", lang)
+            await page.click(f"text={t['onboarding.other_number']}")
+            await form.locator("input[name=connectionId]").fill(f"celular-{n}")
+            await form.locator("select[name=how]").select_option("pair")
+            await form.locator("input[name=number]").fill("11988887777")
+            await form.locator("button[type=submit]").click()
+            await expect(page.locator(".qr-panel .pairing")).to_be_visible(timeout=WAIT_MS)
+            await shot(s, "onboarding-pairing", lang)
+
+            await page.goto(f"{s.base}/dashboard#/connections")
+            await view(s, "connections")
+            vitrine = page.locator(f".connection[data-connection=vitrine-{n}]")
+            await vitrine.locator(f"text={t['connections.show_qr']}").click()
+            await expect(page.locator("dialog img.qr")).to_be_visible(timeout=WAIT_MS)
+            await shot(s, "connections-qr", lang)
+            await page.keyboard.press("Escape")
+            await expect(page.locator("dialog")).to_have_count(0)
+
+            await page.goto(f"{s.base}/dashboard#/tokens")
+            await view(s, "tokens")
+            await page.click(f"main >> text={t['tokens.new']}")
+            await page.fill("dialog input[name=name]", "Equipe de marketing")
+            await page.keyboard.press("Enter")  # Enter in the field creates it
+            await expect(page.locator("dialog pre[data-secret=token]")).to_be_visible(
+                timeout=WAIT_MS)
+            await shot(s, "tokens-new", lang)
+            await clean_text(s, lang)
+
+
+async def focused(s: Session) -> dict:
+    return await s.page.evaluate("""() => { const a = document.activeElement;
+        return {inDialog: !!(a && a.closest('dialog[open]')), tag: a && a.tagName,
+                name: a && a.getAttribute('name'), text: a && a.textContent.trim()}; }""")
+
+
+async def test_a_dialog_by_keyboard_alone(stack, browser):
+    """Open with Enter, focus inside, Tab and Shift+Tab go round inside, Enter submits, Esc
+    closes, and the focus comes back to the button that opened it."""
+    _, expect = require_browser()
+    created = await stack.company("loja-centro", "Loja Centro")
+    async with session(browser, stack, token=created["token"]) as s:
+        page = s.page
+        await open_console(s, "#/tokens")
+        await view(s, "tokens")
+        await expect(page.locator("tr[data-token]")).to_have_count(1, timeout=WAIT_MS)
+        opener = page.locator("main .spread button.primary")
+        await expect(opener).to_have_text("Novo token")
+        # Reach the button with Tab from the top of the page.
+        await page.locator("main h1").focus()
+        for _ in range(5):
+            await page.keyboard.press("Tab")
+            if await opener.evaluate("b => b === document.activeElement"):
+                break
+        assert await opener.evaluate("b => b === document.activeElement")
+        await page.keyboard.press("Enter")
+        await expect(page.locator("dialog[open]")).to_have_count(1)
+        assert (await focused(s))["name"] == "name"  # the dialog's field has the focus
+        # The dialog has a labelled field, a close button and two actions: Tab goes round them.
+        seen = []
+        for _ in range(9):
+            await page.keyboard.press("Tab")
+            where = await focused(s)
+            assert where["inDialog"], where
+            seen.append(where["name"] or where["text"])
+        assert {"name", "Criar", "Cancelar", "✕"} <= set(seen), seen
+        for _ in range(5):
+            await page.keyboard.press("Shift+Tab")
+            assert (await focused(s))["inDialog"]
+        # Esc: closed, nothing created, the focus back on the opener.
+        await page.keyboard.press("Escape")
+        await expect(page.locator("dialog")).to_have_count(0)
+        assert await opener.evaluate("b => b === document.activeElement")
+        await expect(page.locator("tr[data-token]")).to_have_count(1)
+        # Again, typing a name and Enter: created, the token shown once; Esc back to the opener.
+        await page.keyboard.press("Enter")
+        await page.keyboard.type("Caixa da loja")
+        await page.keyboard.press("Enter")
+        await expect(page.locator("dialog pre[data-secret=token]")).to_be_visible(timeout=WAIT_MS)
+        assert (await focused(s))["text"] == "Já guardei"
+        await page.keyboard.press("Escape")
+        await expect(page.locator("dialog")).to_have_count(0)
+        await expect(page.locator("tr[data-token]")).to_have_count(2, timeout=WAIT_MS)
+        assert await opener.evaluate("b => b === document.activeElement")

@@ -62,8 +62,15 @@ async def test_dashboard_page_is_self_contained(stack):
         html = await resp.text()
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/html")
-        assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+        policy = resp.headers["Content-Security-Policy"]
+    directives = {d.split()[0]: d.split()[1:] for d in policy.split(";") if d.strip()}
+    assert directives["default-src"] == ["'self'"]
+    assert directives["script-src"] == ["'self'"]  # no 'unsafe-inline': no script but its files
     assert html.lstrip().lower().startswith("<!doctype html>")
+    # Nothing inline the policy would refuse: every <script> has a src, no on* attribute.
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html, re.IGNORECASE)
+    assert not re.search(r"<[^>]+\son[a-z]+\s*=", html, re.IGNORECASE)
+    assert "javascript:" not in html.lower()
     scripts = re.findall(r'<script src="([^"]+)"', html)
     assert scripts[0] == "/console/core.js" and len(scripts) >= 8, scripts
     texts = [html]
