@@ -256,19 +256,24 @@
         }, function (e) { WT.toast(connectionError(e, ""), "error"); });
       }
 
+      /* A destructive action: asks first (its title, body and button from the keys
+         connections.<kind>_title / _body / <kind>), then runs the call. */
+      function confirmed(id, kind, done, call) {
+        return function () {
+          WT.confirm({title: WT.t("connections." + kind + "_title", {name: id}),
+                      body: WT.t("connections." + kind + "_body"),
+                      confirm: WT.t("connections." + kind), danger: true}).then(function (ok) {
+            if (ok) run(call(), WT.t("connections." + done));
+          });
+        };
+      }
+
       function actions(c) {
         var id = c.connectionId, out = [];
-        if (c.deletedAt) {
-          out.push(act(WT.t("connections.delete_all"), function () {
-            WT.confirm({title: WT.t("connections.delete_all_title", {name: id}),
-                        body: WT.t("connections.delete_all_body"),
-                        confirm: WT.t("connections.delete_all"), danger: true}).then(function (ok) {
-              if (ok) run(WT.api("DELETE", "/instance/delete", {body: {connectionId: id}}),
-                          WT.t("connections.deleted_all"));
-            });
-          }, "ghost bad-text"));
-          return out;
-        }
+        var deleteAll = act(WT.t("connections.delete_all"), confirmed(id, "delete_all", "deleted_all",
+          function () { return WT.api("DELETE", "/instance/delete", {body: {connectionId: id}}); }),
+          "ghost bad-text");
+        if (c.deletedAt) return [deleteAll];
         if (!c.verified) {
           out.push(act(WT.t("connections.adopt"), function () { adoptDialog(id); }, "primary"));
           return out;
@@ -284,31 +289,13 @@
               WT.t("connections.restarted"));
         }));
         if (c.state === "open") {
-          out.push(act(WT.t("connections.logout"), function () {
-            WT.confirm({title: WT.t("connections.logout_title", {name: id}),
-                        body: WT.t("connections.logout_body"),
-                        confirm: WT.t("connections.logout"), danger: true}).then(function (ok) {
-              if (ok) run(WT.api("POST", "/instance/logout", {body: {connectionId: id}}),
-                          WT.t("connections.logged_out"));
-            });
-          }));
+          out.push(act(WT.t("connections.logout"), confirmed(id, "logout", "logged_out",
+            function () { return WT.api("POST", "/instance/logout", {body: {connectionId: id}}); })));
         }
-        out.push(act(WT.t("connections.delete"), function () {
-          WT.confirm({title: WT.t("connections.delete_title", {name: id}),
-                      body: WT.t("connections.delete_body"),
-                      confirm: WT.t("connections.delete"), danger: true}).then(function (ok) {
-            if (ok) run(WT.api("DELETE", "/api/delete-instance", {query: {connectionId: id}}),
-                        WT.t("connections.deleted"));
-          });
-        }, "ghost bad-text"));
-        out.push(act(WT.t("connections.delete_all"), function () {
-          WT.confirm({title: WT.t("connections.delete_all_title", {name: id}),
-                      body: WT.t("connections.delete_all_body"),
-                      confirm: WT.t("connections.delete_all"), danger: true}).then(function (ok) {
-            if (ok) run(WT.api("DELETE", "/instance/delete", {body: {connectionId: id}}),
-                        WT.t("connections.deleted_all"));
-          });
-        }, "ghost bad-text"));
+        out.push(act(WT.t("connections.delete"), confirmed(id, "delete", "deleted",
+          function () { return WT.api("DELETE", "/api/delete-instance", {query: {connectionId: id}}); }),
+          "ghost bad-text"));
+        out.push(deleteAll);
         return out;
       }
 
