@@ -6808,7 +6808,10 @@ def announce(app: web.Application, site: web.TCPSite, companies: int) -> None:
     log.info("WhatsTracking %s listening on %s (database: %s)", VERSION, site.name,
              app[DB].location())
     if companies == 0:
-        print("No company yet. Create one with:\n"
+        console = (app[CONFIG].public_url or site.name.replace("0.0.0.0", "localhost")) + "/dashboard"
+        how = ("sign in with ADMIN_TOKEN" if app[CONFIG].admin_token
+               else "set ADMIN_TOKEN in .env, restart, and sign in with it")
+        print(f"No company yet. Create one in the console, {console} ({how}), or with:\n"
               f"  {command_hint()} company add my-company --name \"My Company\"",
               file=sys.stderr)
 

@@ -559,7 +559,7 @@ async def test_serve_answers_healthz_hints_on_a_fresh_db_and_stops_on_sigterm(
     assert status == 200
     assert data["database"] == ("postgres" if database_url.startswith("postgres") else "sqlite")
     assert "No company yet" in server.log
-    assert "company add" in server.log
+    assert "company add" in server.log and "/dashboard" in server.log
     assert server.stop(signal.SIGTERM) == 0
     assert "Traceback" not in server.log
 
