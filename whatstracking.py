@@ -3359,9 +3359,8 @@ def sent_urls(evolution: Mapping[str, Any], body: Mapping[str, Any]) -> dict[str
     urls = {}
     if evolution.get("evolution_url"):
         urls["evolution_url"] = evolution["evolution_url"]
-    crm = body.get("crm_webhook")
-    if isinstance(crm, dict) and isinstance(crm.get("url"), str):
-        urls["crm_webhook.url"] = crm["url"]
+    urls.update((field, url) for field, url in destination_urls(body).items()
+                if isinstance(url, str))
     return urls
 
 
@@ -3727,9 +3726,15 @@ class Destination:
     name = ""  # the key of its settings (`{"meta": {...}}`) and of its outbox rows
     fields: Mapping[str, bool] = {}  # its settings fields → whether each is a write-only secret
     required: tuple[str, ...] = ()  # the fields it cannot send without
-    # The field holding a URL the company chose (sent through the public-only session, and named
-    # in errors as `name.field`); None: the operator's URL (a setting of this server).
+    # The field holding a URL the company chose: checked when set and sent through the
+    # public-only session (see "Integrations: outbound URLs a company sets"); None: it posts to
+    # the operator's URL, a setting of this server.
     company_url: str | None = None
+
+    @property
+    def url_field(self) -> str | None:
+        """The company's URL as errors and operator_urls name it: `crm_webhook.url`."""
+        return f"{self.name}.{self.company_url}" if self.company_url else None
     # (error sentence, answer to keep) from the platform's reply body: its documented fields
     # only. None: the reply is not read at all, its status alone counts.
     answer: Callable[[bytes], tuple[str | None, str | None]] | None = None
@@ -3963,6 +3968,18 @@ DESTINATIONS: dict[str, Destination] = {d.name: d for d in (Meta(), Ga4(), CrmWe
 DESTINATION_FIELDS = {name: dict(d.fields) for name, d in DESTINATIONS.items()}
 
 
+def destination_urls(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The URLs companies choose for destinations, by field (`crm_webhook.url`), as `settings`
+    (a company's, or a request's) give them: None or anything else when not set."""
+    out = {}
+    for destination in DESTINATIONS.values():
+        if destination.company_url:
+            given = settings.get(destination.name)
+            out[destination.url_field] = (given.get(destination.company_url)
+                                          if isinstance(given, dict) else None)
+    return out
+
+
 async def send_delivery(session: Any, config: Config, company: Company, destination: Destination,
                         lead: Mapping[str, Any], event: Mapping[str, Any],
                         facts: EventFacts) -> Outcome:
@@ -3972,10 +3989,8 @@ async def send_delivery(session: Any, config: Config, company: Company, destinat
         return payload
     settings = company.settings.get(destination.name) or {}
     url, body, headers = destination.request(config, settings, payload)
-    field = (f"{destination.name}.{destination.company_url}" if destination.company_url
-             else "the URL")
     return await post_json(session, url, body, headers, config.delivery_timeout,
-                           destination.answer, field)
+                           destination.answer, destination.url_field or "the URL")
 
 
 DUE = ("((status = 'pending' AND next_attempt_at <= ?) OR "
@@ -4088,10 +4103,9 @@ async def run_delivery(db: Storage, config: Config, sessions: tuple[Any, Any],
             "id < ? ORDER BY id DESC LIMIT 1", lead["id"], event["id"])
         purchase_id = purchase["event_id"] if purchase else None
     session = sessions[0]
-    if destination.company_url:
-        field = f"{destination.name}.{destination.company_url}"
-        url = company.settings[destination.name].get(destination.company_url)
-        session = session_for(config, company, field, url, sessions)
+    if destination.url_field:
+        url = destination_urls(company.settings)[destination.url_field]
+        session = session_for(config, company, destination.url_field, url, sessions)
     return await send_delivery(session, config, company, destination, lead, event,
                                EventFacts(user_agent, purchase_id))
 
@@ -5246,8 +5260,7 @@ async def check_outbound_urls(request: web.Request, company: Company, settings: 
     company's new ones must be public (400 naming the field) unless ALLOW_PRIVATE_URLS is on."""
     if is_admin(request):
         return record_operator_urls(settings, urls)
-    current = {"evolution_url": company.evolution_url,
-               "crm_webhook.url": (company.settings.get("crm_webhook") or {}).get("url")}
+    current = {"evolution_url": company.evolution_url, **destination_urls(company.settings)}
     if not request.app[CONFIG].allow_private_urls:
         for field, url in urls.items():
             if url != current[field] and not operator_set(company, field, url):
