@@ -3687,41 +3687,10 @@ def _json_answer(raw: bytes) -> Any:
         return None
 
 
-async def post_json(session: Any, url: str, body: bytes, headers: Mapping[str, str],
-                    timeout: float, answer: Callable[[bytes], tuple] | None = None,
-                    field: str = "the URL") -> Outcome:
-    """POST a delivery. Only `answer`'s documented fields of the reply are kept (the CRM
-    webhook's reply: none, its status only), and every network failure reads "unreachable", so
-    a company's URL is no window onto what it reaches nor a port scanner."""
-    import aiohttp
-
-    try:
-        async with session.post(url, data=body, headers={"Content-Type": "application/json",
-                                                         **headers},
-                                timeout=aiohttp.ClientTimeout(total=timeout),
-                                allow_redirects=False) as resp:
-            raw = await resp.read() if answer else b""
-            status = resp.status
-            retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
-    except asyncio.TimeoutError:
-        return Outcome("retry", error="unreachable")
-    except aiohttp.InvalidURL:  # e.g. http://2130706433/, which yarl will not connect to
-        return Outcome("failed", error=f"{field} is not a usable http(s) URL")
-    except aiohttp.ClientError as exc:
-        if refused_address(exc):
-            return Outcome("failed", error=PRIVATE_URL_REFUSED.format(field=field))
-        return Outcome("retry", error="unreachable")
-    detail, kept = answer(raw) if answer else (None, None)
-    if 200 <= status < 300:
-        return Outcome("delivered", status, response=kept)
-    kind = "retry" if status >= 500 or status == 429 else "failed"
-    error = f"HTTP {status}" + (f": {detail}" if detail else "")
-    return Outcome(kind, status, error=error, retry_after=retry_after, response=kept)
-
-
 class Destination:
     """A platform a company's lead events are sent to. A subclass sets the class attributes and
-    writes `event` and `request`; DESTINATIONS lists one instance of each."""
+    writes `event` and `request` (and `outcome` if the platform's answers need it);
+    DESTINATIONS lists one instance of each."""
 
     name = ""  # the key of its settings (`{"meta": {...}}`) and of its outbox rows
     fields: Mapping[str, bool] = {}  # its settings fields → whether each is a write-only secret
@@ -3730,14 +3699,14 @@ class Destination:
     # public-only session (see "Integrations: outbound URLs a company sets"); None: it posts to
     # the operator's URL, a setting of this server.
     company_url: str | None = None
+    # (error sentence, answer to keep) from the platform's reply body: its documented fields
+    # only. None: the reply is not read at all, its status alone counts.
+    answer: Callable[[bytes], tuple[str | None, str | None]] | None = None
 
     @property
     def url_field(self) -> str | None:
         """The company's URL as errors and operator_urls name it: `crm_webhook.url`."""
         return f"{self.name}.{self.company_url}" if self.company_url else None
-    # (error sentence, answer to keep) from the platform's reply body: its documented fields
-    # only. None: the reply is not read at all, its status alone counts.
-    answer: Callable[[bytes], tuple[str | None, str | None]] | None = None
 
     def set_up(self, settings: Mapping[str, Any]) -> bool:
         """The company has settings for it and has not switched it off."""
@@ -3763,6 +3732,44 @@ class Destination:
         """(URL, JSON body, extra headers) of the POST carrying `payload`; `settings` are the
         company's settings of this destination, complete (see `required`)."""
         raise NotImplementedError
+
+    def outcome(self, status: int, raw: bytes, retry_after: float | None) -> Outcome:
+        """The platform's answer (`raw`: b"" when `answer` is None) as an Outcome: 2xx delivered,
+        5xx and 429 retry, any other status failed; `answer`'s fields kept. A platform that says
+        "refused" with HTTP 200 overrides this."""
+        detail, kept = self.answer(raw) if self.answer else (None, None)
+        if 200 <= status < 300:
+            return Outcome("delivered", status, response=kept)
+        kind = "retry" if status >= 500 or status == 429 else "failed"
+        error = f"HTTP {status}" + (f": {detail}" if detail else "")
+        return Outcome(kind, status, error=error, retry_after=retry_after, response=kept)
+
+
+async def post_json(session: Any, destination: Destination, url: str, body: bytes,
+                    headers: Mapping[str, str], timeout: float) -> Outcome:
+    """POST a delivery. Only the destination's documented fields of the reply are kept (the CRM
+    webhook's reply: none, its status only), and every network failure reads "unreachable", so
+    a company's URL is no window onto what it reaches nor a port scanner."""
+    import aiohttp
+
+    field = destination.url_field or "the URL"
+    try:
+        async with session.post(url, data=body, headers={"Content-Type": "application/json",
+                                                         **headers},
+                                timeout=aiohttp.ClientTimeout(total=timeout),
+                                allow_redirects=False) as resp:
+            raw = await resp.read() if destination.answer else b""
+            status = resp.status
+            retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+    except asyncio.TimeoutError:
+        return Outcome("retry", error="unreachable")
+    except aiohttp.InvalidURL:  # e.g. http://2130706433/, which yarl will not connect to
+        return Outcome("failed", error=f"{field} is not a usable http(s) URL")
+    except aiohttp.ClientError as exc:
+        if refused_address(exc):
+            return Outcome("failed", error=PRIVATE_URL_REFUSED.format(field=field))
+        return Outcome("retry", error="unreachable")
+    return destination.outcome(status, raw, retry_after)
 
 
 META_WINDOW = 7 * 86400  # seconds: Meta refuses events older than 7 days
@@ -3989,8 +3996,7 @@ async def send_delivery(session: Any, config: Config, company: Company, destinat
         return payload
     settings = company.settings.get(destination.name) or {}
     url, body, headers = destination.request(config, settings, payload)
-    return await post_json(session, url, body, headers, config.delivery_timeout,
-                           destination.answer, destination.url_field or "the URL")
+    return await post_json(session, destination, url, body, headers, config.delivery_timeout)
 
 
 DUE = ("((status = 'pending' AND next_attempt_at <= ?) OR "
