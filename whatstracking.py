@@ -155,13 +155,6 @@ WINDOW_CONFIDENCE = 0.5
 # Our event name → the Google Ads conversion action name written in the offline-conversions CSV.
 DEFAULT_GOOGLE_ADS_CONVERSIONS = {"lead": "WhatsApp Lead", "qualified": "WhatsApp Qualified Lead",
                                   "purchase": "WhatsApp Purchase"}
-# Conversion destinations (company settings): fields, and which of them are write-only secrets.
-DESTINATION_FIELDS = {
-    "meta": {"dataset_id": False, "access_token": True, "test_event_code": False,
-             "waba_id": False, "event_names": False, "enabled": False},
-    "ga4": {"measurement_id": False, "api_secret": True, "event_names": False, "enabled": False},
-    "crm_webhook": {"url": False, "secret": True, "enabled": False},
-}
 
 log = logging.getLogger("whatstracking")
 
@@ -2527,28 +2520,19 @@ def ad_attribution(info: Mapping[str, Any]) -> dict:
 # ##################################################################################################
 
 EVENT_NAMES = ("lead", "qualified", "purchase", "refund", "lost")
-DESTINATIONS = ("meta", "ga4", "crm_webhook")
 
 
-# The settings a destination cannot send without.
-DESTINATION_REQUIRED = {"meta": ("dataset_id", "access_token"),
-                        "ga4": ("measurement_id", "api_secret"),
-                        "crm_webhook": ("url", "secret")}
-
-
+# The destinations themselves (DESTINATIONS) are classes in "Integrations: conversions out".
 def missing_destination_fields(settings: Mapping[str, Any]) -> dict[str, list[str]]:
     """Destination → its required settings still empty, for each destination set up and on."""
-    out = {}
-    for name, required in DESTINATION_REQUIRED.items():
-        given = settings.get(name)
-        if isinstance(given, dict) and given.get("enabled", True):
-            out[name] = [field for field in required if not given.get(field)]
-    return out
+    return {name: destination.missing(settings) for name, destination in DESTINATIONS.items()
+            if destination.set_up(settings)}
 
 
 def configured_destinations(company: Company) -> list[str]:
-    return [name for name, missing in missing_destination_fields(company.settings).items()
-            if not missing]
+    """The destinations a lead event of this company is queued for."""
+    return [name for name, destination in DESTINATIONS.items()
+            if destination.configured(company.settings)]
 
 
 LEAD_EVENT_COLUMNS = ("company_id", "lead_id", "name", "value", "currency", "occurred_at",
@@ -3375,9 +3359,8 @@ def sent_urls(evolution: Mapping[str, Any], body: Mapping[str, Any]) -> dict[str
     urls = {}
     if evolution.get("evolution_url"):
         urls["evolution_url"] = evolution["evolution_url"]
-    crm = body.get("crm_webhook")
-    if isinstance(crm, dict) and isinstance(crm.get("url"), str):
-        urls["crm_webhook.url"] = crm["url"]
+    urls.update((field, url) for field, url in destination_urls(body).items()
+                if isinstance(url, str))
     return urls
 
 
@@ -3626,28 +3609,21 @@ class EvolutionClient:
 # ##################################################################################################
 # Integrations: conversions out (Meta Conversions API, GA4 Measurement Protocol, signed webhook)
 #
-# Each sender turns (company, lead, event) into one HTTP request and its answer into an Outcome:
-# delivered, retry (network errors, 5xx, 429; honouring Retry-After), failed (any other 4xx), or
-# skipped (the platform would refuse it: too old, nothing to match on, no event name mapped).
+# Each destination is one small class in DESTINATIONS: its settings (which are secret, which it
+# cannot send without), the platform's event for (company, lead, event) or an Outcome saying why
+# it is not sent, the HTTP request that carries it, and which fields of the platform's answer are
+# kept. Everything else (settings validation, secrets masked, the outbox rows, the worker, the
+# doctor) loops over the registry. The answer becomes an Outcome: delivered, retry (network
+# errors, 5xx, 429; honouring Retry-After), failed (any other 4xx), or skipped (the platform
+# would refuse it: too old, nothing to match on, no event name mapped).
 # ##################################################################################################
 
-META_WINDOW = 7 * 86400  # seconds: Meta refuses events older than 7 days
-GA4_WINDOW = 72 * 3600  # seconds: GA4 accepts timestamps up to 72 hours back
 DELIVERY_MAX_ATTEMPTS = 8
 DELIVERY_BACKOFF_MAX = 6 * 3600  # seconds
 # Seconds a claimed row stays its worker's beyond the delivery timeout (it is sent at once): the
 # reads before the request and the write after it. A worker killed meanwhile leaves the row
 # `sending`; once the lock has passed, it is sent again (delivery is at least once).
 DELIVERY_LOCK_MARGIN = 60
-
-META_EVENT_NAMES = {
-    # website / chat leads: standard web events, plus a custom one for qualification
-    "website": {"lead": "Lead", "qualified": "QualifiedLead", "purchase": "Purchase"},
-    # Click-to-WhatsApp leads: Meta accepts only its business-messaging event names here
-    "messaging": {"lead": "LeadSubmitted", "qualified": "QualifiedLead", "purchase": "Purchase"},
-}
-GA4_EVENT_NAMES = {"lead": "generate_lead", "qualified": "qualify_lead", "purchase": "purchase",
-                   "refund": "refund", "lost": "close_unconvert_lead"}
 
 
 @dataclasses.dataclass
@@ -3659,109 +3635,15 @@ class Outcome:
     response: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class EventFacts:
+    """What the worker reads for a lead event besides the lead and the event themselves."""
+    user_agent: str | None = None  # the browser of the lead's visit (website leads)
+    purchase_id: str | None = None  # a refund's purchase: the lead's latest before it (event_id)
+
+
 def sha256_hex(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
-
-
-def meta_phone_hash(phone: str) -> str:
-    """Meta: digits only, with country code, then SHA-256."""
-    return sha256_hex(digits(phone))
-
-
-def google_phone_hash(phone: str) -> str:
-    """Google: E.164 with a leading +, then SHA-256."""
-    return sha256_hex("+" + digits(phone))
-
-
-def meta_event(company: Company, lead: Mapping[str, Any], event: Mapping[str, Any],
-               user_agent: str | None) -> dict | Outcome:
-    """The Meta CAPI event for a lead event, or an Outcome saying why it is not sent."""
-    meta = company.settings.get("meta") or {}
-    attribution = loads_or(lead["attribution"], {})
-    ctwa = lead["match_method"] == "ctwa" and attribution.get("ctwa_clid")
-    path = "messaging" if ctwa else "website"
-    names = {**META_EVENT_NAMES[path], **((meta.get("event_names") or {}).get(path) or {})}
-    name = names.get(event["name"])
-    if not name:
-        return Outcome("skipped", error=f"no Meta event name for {event['name']} ({path} leads)")
-    if now() - event["occurred_at"] > META_WINDOW:
-        return Outcome("skipped", error="older than Meta's 7-day window")
-    out: dict[str, Any] = {"event_name": name,
-                           "event_time": int(min(event["occurred_at"], now())),  # never ahead
-                           "event_id": event["event_id"]}
-    if ctwa:
-        if not meta.get("waba_id"):
-            return Outcome("skipped", error="the company's WhatsApp Business Account id "
-                                            "(meta.waba_id) is not set")
-        out.update(action_source="business_messaging", messaging_channel="whatsapp",
-                   user_data={"whatsapp_business_account_id": meta["waba_id"],
-                              "ctwa_clid": attribution["ctwa_clid"]})
-    else:
-        user: dict[str, Any] = {}
-        if lead["phone"]:
-            user["ph"] = [meta_phone_hash(lead["phone"])]
-        for key in ("fbc", "fbp"):
-            if attribution.get(key):
-                user[key] = attribution[key]
-        if "fbc" not in user and attribution.get("fbclid"):
-            # Meta's documented fbc format, built from the click id when the cookie was missing.
-            clicked = lead["clicked_at"] or lead["created_at"]
-            user["fbc"] = f"fb.1.{int(clicked * 1000)}.{attribution['fbclid']}"
-        if not user:
-            return Outcome("skipped", error="nothing to match the person on (no phone, fbc, fbp)")
-        source_url = attribution.get("page_url") or attribution.get("landing_page")
-        if lead["visit_id"] is not None and source_url and user_agent:
-            user["client_user_agent"] = user_agent
-            out.update(action_source="website", event_source_url=source_url)
-        else:
-            out["action_source"] = "chat"  # the conversion happened in the WhatsApp chat
-        out["user_data"] = user
-    custom: dict[str, Any] = {}
-    if event["value"] is not None or event["name"] == "purchase":
-        custom = {"value": event["value"] or 0, "currency": event["currency"]
-                  or company.settings["currency"]}
-    if custom:
-        out["custom_data"] = custom
-    return out
-
-
-def ga4_event(company: Company, lead: Mapping[str, Any], event: Mapping[str, Any],
-              purchase_id: str | None = None) -> dict | Outcome:
-    """The GA4 Measurement Protocol body; a refund carries ``purchase_id``, the event_id of the
-    purchase it reverses (GA4 matches refunds to purchases by transaction_id)."""
-    ga4 = company.settings.get("ga4") or {}
-    attribution = loads_or(lead["attribution"], {})
-    client_id = attribution.get("ga_client_id")
-    if not client_id:
-        return Outcome("skipped", error="the lead has no GA client id (_ga cookie)")
-    name = {**GA4_EVENT_NAMES, **(ga4.get("event_names") or {})}.get(event["name"])
-    if not name:
-        return Outcome("skipped", error=f"no GA4 event name for {event['name']}")
-    if now() - event["occurred_at"] > GA4_WINDOW:
-        return Outcome("skipped", error="older than GA4's 72-hour window")
-    # event_id: our de-duplication key (delivery is at least once), as in every destination's
-    # payload; GA4 itself de-duplicates only purchases, by transaction_id.
-    params: dict[str, Any] = {"lead_source": attribution.get("utm_source") or "direct",
-                              "match_method": lead["match_method"],
-                              "event_id": event["event_id"]}
-    if event["value"] is not None or name in ("purchase", "refund"):
-        params.update(value=event["value"] or 0, currency=event["currency"]
-                      or company.settings["currency"])
-    if name == "purchase":
-        params["transaction_id"] = event["event_id"]
-    elif name == "refund":
-        params["transaction_id"] = purchase_id or event["event_id"]
-    return {"client_id": client_id, "timestamp_micros": int(event["occurred_at"] * 1_000_000),
-            "events": [{"name": name, "params": params}]}
-
-
-def crm_payload(company: Company, lead: Mapping[str, Any], event: Mapping[str, Any]) -> dict:
-    return {"type": f"lead.{event['name']}", "company_id": company.id,
-            "event": event_json(event), "lead": lead_json(lead)}
-
-
-def crm_signature(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -3778,9 +3660,6 @@ def retry_after_seconds(value: str | None) -> float | None:
         return None
 
 
-META_ERROR_FIELDS = ("message", "type", "code", "error_subcode", "fbtrace_id")  # Graph API errors
-META_ANSWER_FIELDS = ("events_received", "messages", "fbtrace_id")  # Conversions API success
-GA4_MESSAGE_FIELDS = ("fieldPath", "description", "validationCode")  # the validation server's
 ANSWER_TEXT_MAX = 500  # characters kept of one field of a platform's answer
 
 
@@ -3808,47 +3687,78 @@ def _json_answer(raw: bytes) -> Any:
         return None
 
 
-def meta_answer(raw: bytes) -> tuple[str | None, str | None]:
-    """(error sentence, answer to keep) from Meta's documented fields: error.message, type, code,
-    error_subcode, fbtrace_id; events_received, messages, fbtrace_id on success."""
-    body = _json_answer(raw)
-    error = _documented(body.get("error") if isinstance(body, dict) else None, META_ERROR_FIELDS)
-    if error:
-        details = ", ".join(f"{k} {error[k]}" for k in META_ERROR_FIELDS[1:] if k in error)
-        sentence = str(error.get("message", "Meta error")) + (f" ({details})" if details else "")
-        return sentence, json_dumps({"error": error})
-    kept = _documented(body, META_ANSWER_FIELDS)
-    return None, json_dumps(kept) if kept else None
+class Destination:
+    """A platform a company's lead events are sent to. A subclass sets the class attributes and
+    writes `event` and `request` (and `outcome` if the platform's answers need it);
+    DESTINATIONS lists one instance of each."""
+
+    name = ""  # the key of its settings (`{"meta": {...}}`) and of its outbox rows
+    fields: Mapping[str, bool] = {}  # its settings fields → whether each is a write-only secret
+    required: tuple[str, ...] = ()  # the fields it cannot send without
+    # The field holding a URL the company chose: checked when set and sent through the
+    # public-only session (see "Integrations: outbound URLs a company sets"); None: it posts to
+    # the operator's URL, a setting of this server.
+    company_url: str | None = None
+    # (error sentence, answer to keep) from the platform's reply body: its documented fields
+    # only. None: the reply is not read at all, its status alone counts.
+    answer: Callable[[bytes], tuple[str | None, str | None]] | None = None
+
+    @property
+    def url_field(self) -> str | None:
+        """The company's URL as errors and operator_urls name it: `crm_webhook.url`."""
+        return f"{self.name}.{self.company_url}" if self.company_url else None
+
+    def set_up(self, settings: Mapping[str, Any]) -> bool:
+        """The company has settings for it and has not switched it off."""
+        given = settings.get(self.name)
+        return isinstance(given, dict) and bool(given.get("enabled", True))
+
+    def missing(self, settings: Mapping[str, Any]) -> list[str]:
+        """Its required fields the company's settings leave empty."""
+        given = settings.get(self.name) or {}
+        return [field for field in self.required if not given.get(field)]
+
+    def configured(self, settings: Mapping[str, Any]) -> bool:
+        """Set up and complete: lead events are queued for it."""
+        return self.set_up(settings) and not self.missing(settings)
+
+    def event(self, company: Company, lead: Mapping[str, Any], event: Mapping[str, Any],
+              facts: EventFacts) -> dict | Outcome:
+        """The platform's event for a lead event, or an Outcome saying why it is not sent."""
+        raise NotImplementedError
+
+    def request(self, config: Config, settings: Mapping[str, Any],
+                payload: dict) -> tuple[str, bytes, dict[str, str]]:
+        """(URL, JSON body, extra headers) of the POST carrying `payload`; `settings` are the
+        company's settings of this destination, complete (see `required`)."""
+        raise NotImplementedError
+
+    def outcome(self, status: int, raw: bytes, retry_after: float | None) -> Outcome:
+        """The platform's answer (`raw`: b"" when `answer` is None) as an Outcome: 2xx delivered,
+        5xx and 429 retry, any other status failed; `answer`'s fields kept. A platform that says
+        "refused" with HTTP 200 overrides this."""
+        detail, kept = self.answer(raw) if self.answer else (None, None)
+        if 200 <= status < 300:
+            return Outcome("delivered", status, response=kept)
+        kind = "retry" if status >= 500 or status == 429 else "failed"
+        error = f"HTTP {status}" + (f": {detail}" if detail else "")
+        return Outcome(kind, status, error=error, retry_after=retry_after, response=kept)
 
 
-def ga4_answer(raw: bytes) -> tuple[str | None, str | None]:
-    """(error sentence, answer to keep) from GA4: the Measurement Protocol answers 2xx with no
-    body; its validation server (/debug/mp/collect) lists validationMessages."""
-    body = _json_answer(raw)
-    messages = body.get("validationMessages") if isinstance(body, dict) else None
-    kept = [m for m in (_documented(m, GA4_MESSAGE_FIELDS) for m in (messages or [])[:10]
-                        if isinstance(messages, list)) if m]
-    if not kept:
-        return None, None
-    sentence = "; ".join(f"{m.get('fieldPath', '')}: {m.get('description', '')} "
-                         f"({m.get('validationCode', '')})" for m in kept)
-    return sentence, json_dumps({"validationMessages": kept})
-
-
-async def post_json(session: Any, url: str, body: bytes, headers: Mapping[str, str],
-                    timeout: float, answer: Callable[[bytes], tuple] | None = None,
-                    field: str = "the URL") -> Outcome:
-    """POST a delivery. Only `answer`'s documented fields of the reply are kept (the CRM
+async def post_json(session: Any, destination: Destination, url: str, body: bytes,
+                    headers: Mapping[str, str], timeout: float) -> Outcome:
+    """POST a delivery. Only the destination's documented fields of the reply are kept (the CRM
     webhook's reply: none, its status only), and every network failure reads "unreachable", so
     a company's URL is no window onto what it reaches nor a port scanner."""
     import aiohttp
 
+    field = destination.url_field or "the URL"
     try:
         async with session.post(url, data=body, headers={"Content-Type": "application/json",
                                                          **headers},
                                 timeout=aiohttp.ClientTimeout(total=timeout),
                                 allow_redirects=False) as resp:
-            raw = await resp.read() if answer else b""
+            raw = await resp.read() if destination.answer else b""
             status = resp.status
             retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
     except asyncio.TimeoutError:
@@ -3859,46 +3769,234 @@ async def post_json(session: Any, url: str, body: bytes, headers: Mapping[str, s
         if refused_address(exc):
             return Outcome("failed", error=PRIVATE_URL_REFUSED.format(field=field))
         return Outcome("retry", error="unreachable")
-    detail, kept = answer(raw) if answer else (None, None)
-    if 200 <= status < 300:
-        return Outcome("delivered", status, response=kept)
-    kind = "retry" if status >= 500 or status == 429 else "failed"
-    error = f"HTTP {status}" + (f": {detail}" if detail else "")
-    return Outcome(kind, status, error=error, retry_after=retry_after, response=kept)
+    return destination.outcome(status, raw, retry_after)
 
 
-async def send_delivery(session: Any, config: Config, company: Company, destination: str,
-                        lead: Mapping[str, Any], event: Mapping[str, Any],
-                        user_agent: str | None, purchase_id: str | None = None) -> Outcome:
-    timeout = config.delivery_timeout
-    if destination == "meta":
+META_WINDOW = 7 * 86400  # seconds: Meta refuses events older than 7 days
+META_EVENT_NAMES = {
+    # website / chat leads: standard web events, plus a custom one for qualification
+    "website": {"lead": "Lead", "qualified": "QualifiedLead", "purchase": "Purchase"},
+    # Click-to-WhatsApp leads: Meta accepts only its business-messaging event names here
+    "messaging": {"lead": "LeadSubmitted", "qualified": "QualifiedLead", "purchase": "Purchase"},
+}
+META_ERROR_FIELDS = ("message", "type", "code", "error_subcode", "fbtrace_id")  # Graph API errors
+META_ANSWER_FIELDS = ("events_received", "messages", "fbtrace_id")  # Conversions API success
+
+
+def meta_phone_hash(phone: str) -> str:
+    """Meta: digits only, with country code, then SHA-256."""
+    return sha256_hex(digits(phone))
+
+
+class Meta(Destination):
+    """Meta Conversions API (META_GRAPH_URL): website leads matched on the hashed phone and the
+    fbc/fbp cookies, Click-to-WhatsApp leads on their ctwa_clid as business-messaging events."""
+
+    name = "meta"
+    fields = {"dataset_id": False, "access_token": True, "test_event_code": False,
+              "waba_id": False, "event_names": False, "enabled": False}
+    required = ("dataset_id", "access_token")
+
+    def event(self, company: Company, lead: Mapping[str, Any], event: Mapping[str, Any],
+              facts: EventFacts) -> dict | Outcome:
         meta = company.settings.get("meta") or {}
-        payload = meta_event(company, lead, event, user_agent)
-        if isinstance(payload, Outcome):
-            return payload
-        body: dict[str, Any] = {"data": [payload], "access_token": meta["access_token"]}
-        if meta.get("test_event_code"):
-            body["test_event_code"] = meta["test_event_code"]
-        url = f"{config.meta_graph_url}/{config.meta_api_version}/{meta['dataset_id']}/events"
-        return await post_json(session, url, json_dumps(body).encode(), {}, timeout, meta_answer)
-    if destination == "ga4":
+        attribution = loads_or(lead["attribution"], {})
+        ctwa = lead["match_method"] == "ctwa" and attribution.get("ctwa_clid")
+        path = "messaging" if ctwa else "website"
+        names = {**META_EVENT_NAMES[path], **((meta.get("event_names") or {}).get(path) or {})}
+        name = names.get(event["name"])
+        if not name:
+            return Outcome("skipped",
+                           error=f"no Meta event name for {event['name']} ({path} leads)")
+        if now() - event["occurred_at"] > META_WINDOW:
+            return Outcome("skipped", error="older than Meta's 7-day window")
+        out: dict[str, Any] = {"event_name": name,
+                               "event_time": int(min(event["occurred_at"], now())),  # never ahead
+                               "event_id": event["event_id"]}
+        if ctwa:
+            if not meta.get("waba_id"):
+                return Outcome("skipped", error="the company's WhatsApp Business Account id "
+                                                "(meta.waba_id) is not set")
+            out.update(action_source="business_messaging", messaging_channel="whatsapp",
+                       user_data={"whatsapp_business_account_id": meta["waba_id"],
+                                  "ctwa_clid": attribution["ctwa_clid"]})
+        else:
+            user: dict[str, Any] = {}
+            if lead["phone"]:
+                user["ph"] = [meta_phone_hash(lead["phone"])]
+            for key in ("fbc", "fbp"):
+                if attribution.get(key):
+                    user[key] = attribution[key]
+            if "fbc" not in user and attribution.get("fbclid"):
+                # Meta's documented fbc format, built from the click id when the cookie was missing.
+                clicked = lead["clicked_at"] or lead["created_at"]
+                user["fbc"] = f"fb.1.{int(clicked * 1000)}.{attribution['fbclid']}"
+            if not user:
+                return Outcome("skipped",
+                               error="nothing to match the person on (no phone, fbc, fbp)")
+            source_url = attribution.get("page_url") or attribution.get("landing_page")
+            if lead["visit_id"] is not None and source_url and facts.user_agent:
+                user["client_user_agent"] = facts.user_agent
+                out.update(action_source="website", event_source_url=source_url)
+            else:
+                out["action_source"] = "chat"  # the conversion happened in the WhatsApp chat
+            out["user_data"] = user
+        custom: dict[str, Any] = {}
+        if event["value"] is not None or event["name"] == "purchase":
+            custom = {"value": event["value"] or 0, "currency": event["currency"]
+                      or company.settings["currency"]}
+        if custom:
+            out["custom_data"] = custom
+        return out
+
+    def request(self, config: Config, settings: Mapping[str, Any],
+                payload: dict) -> tuple[str, bytes, dict[str, str]]:
+        body: dict[str, Any] = {"data": [payload], "access_token": settings["access_token"]}
+        if settings.get("test_event_code"):
+            body["test_event_code"] = settings["test_event_code"]
+        url = f"{config.meta_graph_url}/{config.meta_api_version}/{settings['dataset_id']}/events"
+        return url, json_dumps(body).encode(), {}
+
+    @staticmethod
+    def answer(raw: bytes) -> tuple[str | None, str | None]:
+        """Meta's documented fields: error.message, type, code, error_subcode, fbtrace_id;
+        events_received, messages, fbtrace_id on success."""
+        body = _json_answer(raw)
+        error = _documented(body.get("error") if isinstance(body, dict) else None,
+                            META_ERROR_FIELDS)
+        if error:
+            details = ", ".join(f"{k} {error[k]}" for k in META_ERROR_FIELDS[1:] if k in error)
+            sentence = (str(error.get("message", "Meta error"))
+                        + (f" ({details})" if details else ""))
+            return sentence, json_dumps({"error": error})
+        kept = _documented(body, META_ANSWER_FIELDS)
+        return None, json_dumps(kept) if kept else None
+
+
+GA4_WINDOW = 72 * 3600  # seconds: GA4 accepts timestamps up to 72 hours back
+GA4_EVENT_NAMES = {"lead": "generate_lead", "qualified": "qualify_lead", "purchase": "purchase",
+                   "refund": "refund", "lost": "close_unconvert_lead"}
+GA4_MESSAGE_FIELDS = ("fieldPath", "description", "validationCode")  # the validation server's
+
+
+class Ga4(Destination):
+    """GA4 Measurement Protocol (GA4_MP_URL): the event on the visitor's GA client id (the _ga
+    cookie the tracker read), so it joins the session the ad click started."""
+
+    name = "ga4"
+    fields = {"measurement_id": False, "api_secret": True, "event_names": False, "enabled": False}
+    required = ("measurement_id", "api_secret")
+
+    def event(self, company: Company, lead: Mapping[str, Any], event: Mapping[str, Any],
+              facts: EventFacts) -> dict | Outcome:
+        """A refund carries `facts.purchase_id`, the event_id of the purchase it reverses (GA4
+        matches refunds to purchases by transaction_id)."""
         ga4 = company.settings.get("ga4") or {}
-        payload = ga4_event(company, lead, event, purchase_id)
-        if isinstance(payload, Outcome):
-            return payload
+        attribution = loads_or(lead["attribution"], {})
+        client_id = attribution.get("ga_client_id")
+        if not client_id:
+            return Outcome("skipped", error="the lead has no GA client id (_ga cookie)")
+        name = {**GA4_EVENT_NAMES, **(ga4.get("event_names") or {})}.get(event["name"])
+        if not name:
+            return Outcome("skipped", error=f"no GA4 event name for {event['name']}")
+        if now() - event["occurred_at"] > GA4_WINDOW:
+            return Outcome("skipped", error="older than GA4's 72-hour window")
+        # event_id: our de-duplication key (delivery is at least once), as in every destination's
+        # payload; GA4 itself de-duplicates only purchases, by transaction_id.
+        params: dict[str, Any] = {"lead_source": attribution.get("utm_source") or "direct",
+                                  "match_method": lead["match_method"],
+                                  "event_id": event["event_id"]}
+        if event["value"] is not None or name in ("purchase", "refund"):
+            params.update(value=event["value"] or 0, currency=event["currency"]
+                          or company.settings["currency"])
+        if name == "purchase":
+            params["transaction_id"] = event["event_id"]
+        elif name == "refund":
+            params["transaction_id"] = facts.purchase_id or event["event_id"]
+        return {"client_id": client_id, "timestamp_micros": int(event["occurred_at"] * 1_000_000),
+                "events": [{"name": name, "params": params}]}
+
+    def request(self, config: Config, settings: Mapping[str, Any],
+                payload: dict) -> tuple[str, bytes, dict[str, str]]:
         url = config.ga4_mp_url + "?" + urllib.parse.urlencode(
-            {"measurement_id": ga4["measurement_id"], "api_secret": ga4["api_secret"]})
-        return await post_json(session, url, json_dumps(payload).encode(), {}, timeout,
-                               ga4_answer)
-    if destination == "crm_webhook":
-        crm = company.settings.get("crm_webhook") or {}
-        raw = json_dumps(crm_payload(company, lead, event)).encode()
-        headers = {"X-WhatsTracking-Signature": crm_signature(crm["secret"], raw),
+            {"measurement_id": settings["measurement_id"], "api_secret": settings["api_secret"]})
+        return url, json_dumps(payload).encode(), {}
+
+    @staticmethod
+    def answer(raw: bytes) -> tuple[str | None, str | None]:
+        """The Measurement Protocol answers 2xx with no body; its validation server
+        (/debug/mp/collect) lists validationMessages."""
+        body = _json_answer(raw)
+        messages = body.get("validationMessages") if isinstance(body, dict) else None
+        kept = [m for m in (_documented(m, GA4_MESSAGE_FIELDS) for m in (messages or [])[:10]
+                            if isinstance(messages, list)) if m]
+        if not kept:
+            return None, None
+        sentence = "; ".join(f"{m.get('fieldPath', '')}: {m.get('description', '')} "
+                             f"({m.get('validationCode', '')})" for m in kept)
+        return sentence, json_dumps({"validationMessages": kept})
+
+
+def crm_payload(company: Company, lead: Mapping[str, Any], event: Mapping[str, Any]) -> dict:
+    return {"type": f"lead.{event['name']}", "company_id": company.id,
+            "event": event_json(event), "lead": lead_json(lead)}
+
+
+def crm_signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class CrmWebhook(Destination):
+    """The company's own webhook: every event with the whole lead, signed with HMAC-SHA256 of
+    the body under the company's secret. Its reply is not read: the status alone counts."""
+
+    name = "crm_webhook"
+    fields = {"url": False, "secret": True, "enabled": False}
+    required = ("url", "secret")
+    company_url = "url"
+
+    def event(self, company: Company, lead: Mapping[str, Any], event: Mapping[str, Any],
+              facts: EventFacts) -> dict | Outcome:
+        return crm_payload(company, lead, event)
+
+    def request(self, config: Config, settings: Mapping[str, Any],
+                payload: dict) -> tuple[str, bytes, dict[str, str]]:
+        raw = json_dumps(payload).encode()
+        headers = {"X-WhatsTracking-Signature": crm_signature(settings["secret"], raw),
                    "X-WhatsTracking-Timestamp": str(int(now())),
-                   "X-WhatsTracking-Event": f"lead.{event['name']}"}
-        return await post_json(session, crm["url"], raw, headers, timeout,
-                               field="crm_webhook.url")
-    return Outcome("failed", error=f"unknown destination {destination}")
+                   "X-WhatsTracking-Event": payload["type"]}
+        return settings["url"], raw, headers
+
+
+# The registry: every loop over destinations goes through it, in this order.
+DESTINATIONS: dict[str, Destination] = {d.name: d for d in (Meta(), Ga4(), CrmWebhook())}
+# Destination → its settings fields and whether each is a write-only secret (validate_settings
+# accepts these fields, Company.public shows a secret only as `<field>_set`).
+DESTINATION_FIELDS = {name: dict(d.fields) for name, d in DESTINATIONS.items()}
+
+
+def destination_urls(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The URLs companies choose for destinations, by field (`crm_webhook.url`), as `settings`
+    (a company's, or a request's) give them: None or anything else when not set."""
+    out = {}
+    for destination in DESTINATIONS.values():
+        if destination.company_url:
+            given = settings.get(destination.name)
+            out[destination.url_field] = (given.get(destination.company_url)
+                                          if isinstance(given, dict) else None)
+    return out
+
+
+async def send_delivery(session: Any, config: Config, company: Company, destination: Destination,
+                        lead: Mapping[str, Any], event: Mapping[str, Any],
+                        facts: EventFacts) -> Outcome:
+    """Send one lead event to one destination the company has configured."""
+    payload = destination.event(company, lead, event, facts)
+    if isinstance(payload, Outcome):
+        return payload
+    settings = company.settings.get(destination.name) or {}
+    url, body, headers = destination.request(config, settings, payload)
+    return await post_json(session, destination, url, body, headers, config.delivery_timeout)
 
 
 DUE = ("((status = 'pending' AND next_attempt_at <= ?) OR "
@@ -3988,14 +4086,17 @@ async def finish_delivery(db: Storage, row: Mapping[str, Any], outcome: Outcome,
     await db.transact(run)
 
 
-async def run_delivery(app: web.Application, row: Mapping[str, Any]) -> Outcome:
-    db, config = app[DB], app[CONFIG]
+async def run_delivery(db: Storage, config: Config, sessions: tuple[Any, Any],
+                       row: Mapping[str, Any]) -> Outcome:
+    """Send one claimed outbox row. `sessions`: the open HTTP session and the one that connects
+    to public addresses only (see session_for)."""
     company = await get_company(db, row["company_id"])
     lead = await db.fetchone("SELECT * FROM leads WHERE id = ?", row["lead_id"])
     event = await db.fetchone("SELECT * FROM lead_events WHERE id = ?", row["event_row_id"])
     if company is None or lead is None or event is None:
         return Outcome("failed", error="the lead or its event no longer exists")
-    if row["destination"] not in configured_destinations(company):
+    destination = DESTINATIONS.get(row["destination"])
+    if destination is None or not destination.configured(company.settings):
         return Outcome("skipped", error=f"{row['destination']} is no longer set up")
     user_agent = None
     if lead["visit_id"] is not None:
@@ -4007,19 +4108,19 @@ async def run_delivery(app: web.Application, row: Mapping[str, Any]) -> Outcome:
             "SELECT event_id FROM lead_events WHERE lead_id = ? AND name = 'purchase' AND "
             "id < ? ORDER BY id DESC LIMIT 1", lead["id"], event["id"])
         purchase_id = purchase["event_id"] if purchase else None
-    session = app[HTTP]
-    if row["destination"] == "crm_webhook":
-        crm_url = (company.settings.get("crm_webhook") or {}).get("url")
-        session = outbound_session(app, company, "crm_webhook.url", crm_url)
-    return await send_delivery(session, config, company, row["destination"], lead, event,
-                               user_agent, purchase_id)
+    session = sessions[0]
+    if destination.url_field:
+        url = destination_urls(company.settings)[destination.url_field]
+        session = session_for(config, company, destination.url_field, url, sessions)
+    return await send_delivery(session, config, company, destination, lead, event,
+                               EventFacts(user_agent, purchase_id))
 
 
-async def deliver(app: web.Application, row: Mapping[str, Any]) -> None:
+async def deliver(db: Storage, config: Config, sessions: tuple[Any, Any],
+                  row: Mapping[str, Any]) -> None:
     """Send one claimed outbox row and record how it went."""
-    config, db = app[CONFIG], app[DB]
     try:
-        outcome = await run_delivery(app, row)
+        outcome = await run_delivery(db, config, sessions, row)
     except Exception as exc:  # noqa: BLE001 - a bug must not stop the other deliveries
         log.exception("delivery %s failed unexpectedly", row["id"])
         outcome = Outcome("retry", error=f"internal error: {exc!r}"[:500])
@@ -4035,11 +4136,11 @@ async def deliver(app: web.Application, row: Mapping[str, Any]) -> None:
                                    "error": outcome.error}})
 
 
-async def delivery_worker(app: web.Application, wake: asyncio.Event,
-                          stopping: asyncio.Event) -> None:
+async def delivery_worker(db: Storage, config: Config, sessions: tuple[Any, Any],
+                          wake: asyncio.Event, stopping: asyncio.Event) -> None:
     """Send due deliveries, up to DELIVERY_CONCURRENCY at once: a row is claimed only when a
-    slot is free and is sent at once, so no claimed row waits behind another company's."""
-    config, db = app[CONFIG], app[DB]
+    slot is free and is sent at once, so no claimed row waits behind another company's. `wake`
+    set: rows may be due now; `stopping` set: finish what is in flight and return."""
     lock = config.delivery_timeout + DELIVERY_LOCK_MARGIN
     sending: set[asyncio.Task] = set()
 
@@ -4057,7 +4158,8 @@ async def delivery_worker(app: web.Application, wake: asyncio.Event,
             except Exception:  # noqa: BLE001 - the database may be briefly away; try again later
                 log.exception("delivery worker: could not claim deliveries")
         for row in rows:
-            task = asyncio.create_task(deliver(app, row), name=f"delivery-{row['id']}")
+            task = asyncio.create_task(deliver(db, config, sessions, row),
+                                       name=f"delivery-{row['id']}")
             sending.add(task)
             task.add_done_callback(finished)
         if rows:
@@ -4627,6 +4729,11 @@ def outbound_session(app: web.Application, company: Company, field: str, url: st
     return session_for(app[CONFIG], company, field, url, (app[HTTP], app[COMPANY_HTTP]))
 
 
+def wake_worker(app: web.Application) -> None:
+    """Tell the delivery worker that outbox rows may be due now (it also polls for them)."""
+    app[DELIVERY_WAKE].set()
+
+
 def require_bearer(request: web.Request, *accepted: str) -> None:
     """401 unless the request's bearer is one of the `accepted` operator tokens."""
     if not bearer_is(request, *accepted):
@@ -5159,8 +5266,7 @@ async def check_outbound_urls(request: web.Request, company: Company, settings: 
     company's new ones must be public (400 naming the field) unless ALLOW_PRIVATE_URLS is on."""
     if is_admin(request):
         return record_operator_urls(settings, urls)
-    current = {"evolution_url": company.evolution_url,
-               "crm_webhook.url": (company.settings.get("crm_webhook") or {}).get("url")}
+    current = {"evolution_url": company.evolution_url, **destination_urls(company.settings)}
     if not request.app[CONFIG].allow_private_urls:
         for field, url in urls.items():
             if url != current[field] and not operator_set(company, field, url):
@@ -6039,10 +6145,6 @@ async def webhook_ingest(request: web.Request) -> web.Response:
 # HTTP handlers: conversion events, deliveries and the Google Ads export
 # ##################################################################################################
 
-def wake_worker(request: web.Request) -> None:
-    request.app[DELIVERY_WAKE].set()
-
-
 async def company_lead(request: web.Request, company: Company) -> dict:
     lead_id = parse_id(request.match_info["lead_id"])
     if lead_id is None:
@@ -6091,7 +6193,7 @@ async def add_lead_event(request: web.Request) -> web.Response:
     if event["lead_id"] != lead["id"]:
         raise http_error(409, "event_id is already used by another lead's event")
     if created:
-        wake_worker(request)
+        wake_worker(request.app)
     return json_response({"ok": True, "event": event_json(event), "duplicate": not created},
                              status=201 if created else 200)
 
@@ -6169,7 +6271,7 @@ async def retry_delivery(request: web.Request) -> web.Response:
     if row["status"] != "pending":
         raise http_error(409, f"Only failed deliveries can be retried (this one is "
                               f"{row['status']})")
-    wake_worker(request)
+    wake_worker(request.app)
     return json_response({"ok": True, "delivery": delivery_json(row)})
 
 
@@ -6535,12 +6637,14 @@ async def http_client_ctx(app: web.Application):
 
 async def delivery_worker_ctx(app: web.Application):
     stopping = asyncio.Event()
-    task = asyncio.create_task(delivery_worker(app, app[DELIVERY_WAKE], stopping),
-                               name="delivery-worker")
+    sessions = (app[HTTP], app[COMPANY_HTTP])  # opened by http_client_ctx, before this one
+    task = asyncio.create_task(
+        delivery_worker(app[DB], app[CONFIG], sessions, app[DELIVERY_WAKE], stopping),
+        name="delivery-worker")
     yield
     # Finish the delivery in flight, hand back the rest, stop.
     stopping.set()
-    app[DELIVERY_WAKE].set()
+    wake_worker(app)
     try:
         await asyncio.wait_for(task, app[CONFIG].delivery_timeout + 5)
     except asyncio.TimeoutError:
