@@ -358,6 +358,17 @@ class NotJson(ValueError):
     """A body that is not JSON we accept; the message says why, for a 400."""
 
 
+class Refused(Exception):
+    """The domain's refusal of a request: the HTTP status and the one sentence to answer with.
+    Domain and storage code raise it (or a batch returns it as an item's result); the error
+    middleware answers it as SPEC §4's {"error": sentence}, the CLI prints the sentence."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 def _refuse_constant(name: str) -> Any:
     raise NotJson("NaN and Infinity are not numbers in JSON")
 
@@ -437,25 +448,6 @@ def parse_json(raw: bytes, scrub: bool = False) -> Any:
     return value
 
 
-def http_error(status: int, message: str, **extra: Any) -> web.HTTPException:
-    """An aiohttp HTTP exception whose body is SPEC §4's {"error": sentence}."""
-    cls = web.HTTPException
-    for candidate in (web.HTTPBadRequest, web.HTTPUnauthorized, web.HTTPForbidden,
-                      web.HTTPNotFound, web.HTTPMethodNotAllowed, web.HTTPConflict, web.HTTPGone,
-                      web.HTTPRequestEntityTooLarge, web.HTTPUnsupportedMediaType,
-                      web.HTTPTooManyRequests, web.HTTPInternalServerError, web.HTTPBadGateway,
-                      web.HTTPServiceUnavailable):
-        if candidate.status_code == status:
-            cls = candidate
-            break
-    body = json_dumps({"error": message, **extra})
-    if cls is web.HTTPMethodNotAllowed:
-        return cls("?", extra.get("allow", []), text=body, content_type="application/json")
-    if cls is web.HTTPRequestEntityTooLarge:
-        return cls(max_size=0, actual_size=0, text=body, content_type="application/json")
-    return cls(text=body, content_type="application/json")
-
-
 def now() -> float:
     return time.time()
 
@@ -494,7 +486,7 @@ def parse_time(value: Any, field: str, clamp: bool = False) -> float:
             ts = float(value)
         except OverflowError:  # an int past a float's range
             if not clamp:
-                raise http_error(400, f"{field} is out of range") from None
+                raise Refused(400, f"{field} is out of range") from None
             ts = TIME_MAX if value > 0 else TIME_MIN
     elif isinstance(value, str) and re.fullmatch(r"[0-9]{9,11}(\.[0-9]+)?", value.strip()):
         ts = float(value)  # unix seconds written as text (query strings)
@@ -508,13 +500,13 @@ def parse_time(value: Any, field: str, clamp: bool = False) -> float:
             pass
         except OverflowError:  # year 1 at a positive offset is year 0 in UTC
             if not clamp:
-                raise http_error(400, f"{field} is out of range") from None
+                raise Refused(400, f"{field} is out of range") from None
             ts = TIME_MIN
     if ts is None:
-        raise http_error(400, f"{field} must be an ISO 8601 time or unix seconds")
+        raise Refused(400, f"{field} must be an ISO 8601 time or unix seconds")
     if not TIME_MIN <= ts <= TIME_MAX:
         if not clamp:
-            raise http_error(400, f"{field} is out of range")
+            raise Refused(400, f"{field} is out of range")
         ts = min(max(ts, TIME_MIN), TIME_MAX)
     return ts
 
@@ -533,7 +525,7 @@ def parse_range(query: Mapping[str, str], zone: zoneinfo.ZoneInfo | None = None
             try:
                 day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=zone or timezone.utc)
             except ValueError:
-                raise http_error(400, f"{field} must be a date or an ISO 8601 time") from None
+                raise Refused(400, f"{field} must be a date or an ISO 8601 time") from None
             try:
                 if field == "to":
                     day = (day.replace(tzinfo=None) + timedelta(days=1)).replace(
@@ -1769,33 +1761,33 @@ def _validate_destination(name: str, value: Any, current: Any) -> dict | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise http_error(400, f"{name} must be an object or null")
+        raise Refused(400, f"{name} must be an object or null")
     merged = dict(current) if isinstance(current, dict) else {}
     for key, field in value.items():
         where = f"{name}.{key}"
         if key not in DESTINATION_FIELDS[name]:
-            raise http_error(400, f"Unknown field: {where}")
+            raise Refused(400, f"Unknown field: {where}")
         if field is None:
             merged.pop(key, None)
         elif key == "enabled":
             if not isinstance(field, bool):
-                raise http_error(400, f"{where} must be true or false")
+                raise Refused(400, f"{where} must be true or false")
             merged[key] = field
         elif key == "event_names":
             valid = isinstance(field, dict) and all(
                 isinstance(k, str) and (v is None or isinstance(v, (str, dict)))
                 for k, v in field.items())
             if not valid:
-                raise http_error(400, f"{where} must map event names to platform event names")
+                raise Refused(400, f"{where} must map event names to platform event names")
             merged[key] = field
         elif key == "url":
             if not isinstance(field, str) or not re.match(r"^https?://\S+\Z", field) \
                     or len(field) > 1024:
-                raise http_error(400, f"{where} must be an http(s) URL")
+                raise Refused(400, f"{where} must be an http(s) URL")
             merged[key] = field
         else:
             if not isinstance(field, str) or not field.strip() or len(field) > 1024:
-                raise http_error(400, f"{where} must be non-empty text")
+                raise Refused(400, f"{where} must be non-empty text")
             merged[key] = field.strip()
     return merged
 
@@ -1804,11 +1796,11 @@ def _validate_mapping(key: str, value: Any, allowed: tuple[str, ...] | None) -> 
     if not isinstance(value, dict) or not all(
             isinstance(k, str) and k and (v is None or isinstance(v, str))
             for k, v in value.items()):
-        raise http_error(400, f"{key} must be an object of names")
+        raise Refused(400, f"{key} must be an object of names")
     if allowed is not None:
         for k, v in value.items():
             if v is not None and v not in allowed:
-                raise http_error(400, f"{key}: {v!r} is not one of {', '.join(allowed)}")
+                raise Refused(400, f"{key}: {v!r} is not one of {', '.join(allowed)}")
     return {k: v for k, v in value.items() if v is not None}
 
 
@@ -1827,44 +1819,44 @@ def validate_settings(patch: Mapping[str, Any], current: Mapping[str, Any] | Non
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise http_error(400, "allowed_origins must be a list of origins")
+                raise Refused(400, "allowed_origins must be a list of origins")
             for origin in value:
                 if origin != "*" and not re.match(r"^https?://[^/\s]+/?\Z", origin):
-                    raise http_error(400, f"allowed_origins: {origin!r} is not an origin "
-                                          "like https://example.com")
+                    raise Refused(400, f"allowed_origins: {origin!r} is not an origin "
+                                       "like https://example.com")
             out[key] = [o.rstrip("/") for o in value]
         elif key == "code_mode":
             if value not in ("visible", "invisible", "both"):
-                raise http_error(400, "code_mode must be visible, invisible or both")
+                raise Refused(400, "code_mode must be visible, invisible or both")
             out[key] = value
         elif key == "code_template":
             if not isinstance(value, str) or "{code}" not in value or len(value) > 64:
-                raise http_error(400, "code_template must be text of at most 64 characters "
-                                      "containing {code}")
+                raise Refused(400, "code_template must be text of at most 64 characters "
+                                   "containing {code}")
             out[key] = value
         elif key in ("attribution_window_days", "window_minutes"):
             high = 365 if key == "attribution_window_days" else 1440
             value = whole_number(value)
             if value is None or not 1 <= value <= high:
-                raise http_error(400, f"{key} must be a whole number from 1 to {high}")
+                raise Refused(400, f"{key} must be a whole number from 1 to {high}")
             out[key] = value
         elif key in ("store_first_message", "window_match", "webhook_auth_required"):
             if not isinstance(value, bool):
-                raise http_error(400, f"{key} must be true or false")
+                raise Refused(400, f"{key} must be true or false")
             out[key] = value
         elif key == "timezone":
             try:
                 zoneinfo.ZoneInfo(value)
             except (zoneinfo.ZoneInfoNotFoundError, TypeError, ValueError):
-                raise http_error(400, "timezone must be an IANA name like America/Sao_Paulo") \
-                    from None
+                raise Refused(400, "timezone must be an IANA name like America/Sao_Paulo"
+                              ) from None
             out[key] = value
         elif key == "currency":
             if not isinstance(value, str) or not re.match(r"^[A-Za-z]{3}\Z", value):
-                raise http_error(400, "currency must be a three-letter ISO 4217 code")
+                raise Refused(400, "currency must be a three-letter ISO 4217 code")
             out[key] = value.upper()
         else:
-            raise http_error(400, f"Unknown field: {key}")
+            raise Refused(400, f"Unknown field: {key}")
     return out
 
 
@@ -1874,12 +1866,12 @@ def validate_evolution(patch: Mapping[str, Any]) -> dict:
         url = patch["evolution_url"]
         if url is not None and (not isinstance(url, str)
                                 or not re.match(r"^https?://\S+\Z", url) or len(url) > 512):
-            raise http_error(400, "evolution_url must be an http(s) URL or null")
+            raise Refused(400, "evolution_url must be an http(s) URL or null")
         out["evolution_url"] = url.rstrip("/") if url else None
     if "evolution_key" in patch:
         key = patch["evolution_key"]
         if key is not None and (not isinstance(key, str) or not key or len(key) > 512):
-            raise http_error(400, "evolution_key must be text or null")
+            raise Refused(400, "evolution_key must be text or null")
         out["evolution_key"] = key or None
     return out
 
@@ -1905,7 +1897,7 @@ async def create_company(db: Storage, company_id: str, name: str, settings: Mapp
         return True
 
     if not await db.transact(run):
-        raise http_error(409, f"Company {company_id} already exists")
+        raise Refused(409, f"Company {company_id} already exists")
     return {"company_id": company_id, "name": name, "token": token,
             "webhook_secret": webhook_secret}
 
@@ -1935,7 +1927,7 @@ async def create_token(db: Storage, company_id: str, name: str | None = None) ->
 
     row = await db.transact(run)
     if row is None:
-        raise http_error(404, "Company not found")
+        raise Refused(404, "Company not found")
     return {"id": row["id"], "name": row["name"], "created_at": iso(row["created_at"]),
             "token": token}
 
@@ -2085,10 +2077,10 @@ def _clean(value: Any, field: str, limit: int = FIELD_MAX, numbers: bool = True)
     if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise http_error(400, f"{field} must be a string")
+        raise Refused(400, f"{field} must be a string")
     value = value.strip()
     if len(value) > limit:
-        raise http_error(400, f"{field} is longer than {limit} characters")
+        raise Refused(400, f"{field} is longer than {limit} characters")
     return value or None
 
 
@@ -2138,35 +2130,35 @@ class TrackingInput:
 
 def parse_tracking(body: Any) -> TrackingInput:
     if not isinstance(body, dict):
-        raise http_error(400, "Body must be a JSON object")
+        raise Refused(400, "Body must be a JSON object")
     for key in ("company_id", "companie_id"):  # the second: the tracker's original spelling
         if key in body and (not isinstance(body[key], str) or not body[key].strip()):
-            raise http_error(400, f"{key} is required")
+            raise Refused(400, f"{key} is required")
     company_id = body.get("company_id", body.get("companie_id"))
     if company_id is None:
-        raise http_error(400, "company_id is required")
+        raise Refused(400, "company_id is required")
     event = body.get("event")
     if event is None:
         event = "pageview"
     elif event not in ("pageview", "whatsapp_click"):
-        raise http_error(400, "event must be pageview or whatsapp_click")
+        raise Refused(400, "event must be pageview or whatsapp_click")
     visitor_id = _clean(body.get("visitor_id"), "visitor_id", 64, numbers=False)
     if visitor_id is not None and not _VISITOR_ID_RE.match(visitor_id):
-        raise http_error(400, "visitor_id may only hold letters, digits, '-', '_' and '.'")
+        raise Refused(400, "visitor_id may only hold letters, digits, '-', '_' and '.'")
     raw_code = _clean(body.get("code"), "code", 64, numbers=False)
     touch = _touch_from(body)
     if "page_url" in touch:
         touch.update(_url_params(touch["page_url"], touch))
     first = body.get("first_touch")
     if first is not None and not isinstance(first, dict):
-        raise http_error(400, "first_touch must be an object")
+        raise Refused(400, "first_touch must be an object")
     first_touch = None
     if first:
         first_touch = _touch_from(first, "first_touch.")
         ts = first.get("ts")
         if ts is not None:
             if not isinstance(ts, (int, float)) or isinstance(ts, bool):
-                raise http_error(400, "first_touch.ts must be a number (milliseconds)")
+                raise Refused(400, "first_touch.ts must be a number (milliseconds)")
             first_touch["ts"] = ts
     phone = _clean(body.get("whatsapp_phone"), "whatsapp_phone", 64)
     return TrackingInput(company_id.strip(), event, visitor_id,
@@ -2293,7 +2285,7 @@ async def insert_visits(tx, visits: list[dict]) -> None:
 
 async def track_batch(tx, items: list[TrackingInput]) -> list:
     """Store tracking requests (Storage.submit's `run`): one (company, {session_id, visitor_id,
-    code}) per item, or the HTTP error refusing it. Items are applied in order, so a visitor's
+    code}) per item, or the Refused saying why not. Items are applied in order, so a visitor's
     two requests in one batch see each other, with a few set-wise statements for them all."""
     ts = now()
     companies = await companies_by_id(tx, {t.company_id for t in items})
@@ -2309,10 +2301,10 @@ async def track_batch(tx, items: list[TrackingInput]) -> list:
     for t in items:
         company = companies.get(t.company_id)
         if company is None:
-            results.append(http_error(404, "Company not found"))
+            results.append(Refused(404, "Company not found"))
             continue
         if not origin_allowed(company, t.origin):
-            results.append(http_error(403, "Origin not allowed"))
+            results.append(Refused(403, "Origin not allowed"))
             continue
         window = company.settings["attribution_window_days"] * 86400  # seconds
         visitor_id = t.visitor_id or uuid.uuid4().hex
@@ -3339,14 +3331,14 @@ async def refuse_private_url(field: str, url: str) -> None:
     except (ValueError, TypeError):
         host = port = None
     if not host:
-        raise http_error(400, f"{field} must be an http(s) URL")
+        raise Refused(400, f"{field} must be an http(s) URL")
     try:
         infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
             host, port or 443, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT)
     except (OSError, UnicodeError, ValueError, asyncio.TimeoutError):
-        raise http_error(400, f"{field}: its host name does not resolve") from None
+        raise Refused(400, f"{field}: its host name does not resolve") from None
     if not infos or not all(_sockaddr_public(info[4]) for info in infos):
-        raise http_error(400, PRIVATE_URL_REFUSED.format(field=field))
+        raise Refused(400, PRIVATE_URL_REFUSED.format(field=field))
 
 
 def operator_set(company: Company, field: str, url: str | None) -> bool:
@@ -4365,6 +4357,25 @@ class Doctor:
 # ##################################################################################################
 # HTTP: keys, request helpers and authentication
 # ##################################################################################################
+
+def http_error(status: int, message: str, **extra: Any) -> web.HTTPException:
+    """An aiohttp HTTP exception whose body is SPEC §4's {"error": sentence}."""
+    cls = web.HTTPException
+    for candidate in (web.HTTPBadRequest, web.HTTPUnauthorized, web.HTTPForbidden,
+                      web.HTTPNotFound, web.HTTPMethodNotAllowed, web.HTTPConflict, web.HTTPGone,
+                      web.HTTPRequestEntityTooLarge, web.HTTPUnsupportedMediaType,
+                      web.HTTPTooManyRequests, web.HTTPInternalServerError, web.HTTPBadGateway,
+                      web.HTTPServiceUnavailable):
+        if candidate.status_code == status:
+            cls = candidate
+            break
+    body = json_dumps({"error": message, **extra})
+    if cls is web.HTTPMethodNotAllowed:
+        return cls("?", extra.get("allow", []), text=body, content_type="application/json")
+    if cls is web.HTTPRequestEntityTooLarge:
+        return cls(max_size=0, actual_size=0, text=body, content_type="application/json")
+    return cls(text=body, content_type="application/json")
+
 
 DB = web.AppKey("db", Storage)
 CONFIG = web.AppKey("config", Config)
@@ -6471,6 +6482,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         if "%00" in request.raw_path:  # (the HTTP parser refuses a raw NUL or bytes not UTF-8)
             raise http_error(400, "The address holds a NUL character (%00)")
         response = await handler(request)
+    except Refused as exc:  # the domain's refusal: the JSON http_error(status, message) gives
+        response = web.Response(status=exc.status, text=json_dumps({"error": exc.message}),
+                                content_type="application/json")
     except web.HTTPException as exc:
         if exc.status < 400:
             exc.headers["X-Request-Id"] = request_id
@@ -6676,7 +6690,7 @@ async def cli_token_add(config: Config, args: argparse.Namespace) -> Any:
 async def cli_token_list(config: Config, args: argparse.Namespace) -> Any:
     async def run(db: Storage) -> dict:
         if await get_company(db, args.company_id) is None:
-            raise http_error(404, "Company not found")
+            raise Refused(404, "Company not found")
         return {"company_id": args.company_id,
                 "tokens": await company_tokens(db, args.company_id)}
 
@@ -6690,9 +6704,9 @@ async def cli_token_revoke(config: Config, args: argparse.Namespace) -> Any:
 
     async def run(db: Storage) -> dict:
         if await get_company(db, args.company_id) is None:
-            raise http_error(404, "Company not found")
+            raise Refused(404, "Company not found")
         if not await revoke_token(db, args.company_id, token_id):
-            raise http_error(404, "Token not found")
+            raise Refused(404, "Token not found")
         return {"ok": True, "company_id": args.company_id, "id": token_id}
 
     return await _with_storage(config, run)
@@ -6902,8 +6916,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except web.HTTPException as exc:
-        print(f"error: {json.loads(exc.text)['error']}", file=sys.stderr)
+    except Refused as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
         return 1
 
 
