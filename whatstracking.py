@@ -364,14 +364,6 @@ def setup_logging(config: Config) -> None:
 json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
-def json_response(data: Any, status: int = 200,
-                  headers: Mapping[str, str] | None = None) -> web.Response:
-    """A JSON answer through the strict encoder; a stray surrogate (a header echoed back) becomes
-    '?' rather than a 500."""
-    return web.Response(body=json_dumps(data).encode("utf-8", "replace"), status=status,
-                        headers=headers, content_type="application/json", charset="utf-8")
-
-
 class NotJson(ValueError):
     """A body that is not JSON we accept; the message says why, for a 400."""
 
@@ -4385,6 +4377,14 @@ class Doctor:
 # ##################################################################################################
 # HTTP: keys, request helpers and authentication
 # ##################################################################################################
+
+def json_response(data: Any, status: int = 200,
+                  headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON answer through the strict encoder; a stray surrogate (a header echoed back) becomes
+    '?' rather than a 500."""
+    return web.Response(body=json_dumps(data).encode("utf-8", "replace"), status=status,
+                        headers=headers, content_type="application/json", charset="utf-8")
+
 
 def http_error(status: int, message: str, **extra: Any) -> web.HTTPException:
     """An aiohttp HTTP exception whose body is SPEC §4's {"error": sentence}."""
