@@ -62,6 +62,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
 
+import aiohttp
 from aiohttp import web
 
 # ##################################################################################################
@@ -152,6 +153,12 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "webhook_auth_required": True,
 }
 WINDOW_CONFIDENCE = 0.5
+# A lead's lifecycle (see "Domain: conversion events"); what follows "lead" is recorded by hand
+# (POST /api/leads/{id}/events) or by a WhatsApp label (the label_events setting).
+EVENT_NAMES = ("lead", "qualified", "purchase", "refund", "lost")
+FOLLOW_UP_EVENTS = EVENT_NAMES[1:]
+DELIVERY_STATUSES = ("pending", "sending", "delivered", "failed", "skipped")  # an outbox row's
+CURRENCY_RE = re.compile(r"^[A-Za-z]{3}\Z")  # an ISO 4217 code, any case (stored upper-case)
 # Our event name → the Google Ads conversion action name written in the offline-conversions CSV.
 DEFAULT_GOOGLE_ADS_CONVERSIONS = {"lead": "WhatsApp Lead", "qualified": "WhatsApp Qualified Lead",
                                   "purchase": "WhatsApp Purchase"}
@@ -187,7 +194,7 @@ class Config:
     meta_graph_url: str = DEFAULT_META_GRAPH_URL
     ga4_mp_url: str = DEFAULT_GA4_MP_URL
     sqlite_synchronous: str = "FULL"
-    evolution_timeout: float = 15.0  # seconds for one Evolution API call
+    evolution_timeout: int = 15  # seconds for one Evolution API call (EVOLUTION_TIMEOUT: whole)
     meta_api_version: str = DEFAULT_META_API_VERSION
     delivery_timeout: float = 10.0  # seconds for one conversion delivery
     delivery_retry_seconds: float = 30.0  # first retry delay; doubles each attempt
@@ -242,62 +249,73 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     """Build the Config from an environment mapping; raise ConfigError with one readable sentence."""
     env = os.environ if environ is None else environ
 
-    def get(name: str, default: str = "") -> str:
-        return (env.get(name) or default).strip()
+    def get(name: str, default: Any = "") -> str:
+        """The variable `name`, or `default` (a Config default, written there once) as text."""
+        return (env.get(name) or str(default)).strip()
 
-    database_url = get("DATABASE_URL", DEFAULT_DATABASE_URL)
+    database_url = get("DATABASE_URL", Config.database_url)
     if not database_url.startswith(("sqlite:", "postgres://", "postgresql://")):
         raise ConfigError("DATABASE_URL must start with sqlite:/// or postgresql://.")
-    log_format = get("LOG_FORMAT", "text").lower()
+    log_format = get("LOG_FORMAT", Config.log_format).lower()
     if log_format not in ("json", "text"):
         raise ConfigError("LOG_FORMAT must be json or text.")
-    log_level = get("LOG_LEVEL", "INFO").upper()
+    log_level = get("LOG_LEVEL", Config.log_level).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL.")
-    synchronous = get("SQLITE_SYNCHRONOUS", "FULL").upper()
+    synchronous = get("SQLITE_SYNCHRONOUS", Config.sqlite_synchronous).upper()
     if synchronous not in ("FULL", "NORMAL"):
         raise ConfigError("SQLITE_SYNCHRONOUS must be FULL or NORMAL.")
     urls = {}
-    for name, default in (("PUBLIC_URL", ""), ("EVOLUTION_API_URL", ""),
-                          ("META_GRAPH_URL", DEFAULT_META_GRAPH_URL),
-                          ("GA4_MP_URL", DEFAULT_GA4_MP_URL)):
+    for name, default in (("PUBLIC_URL", Config.public_url),
+                          ("EVOLUTION_API_URL", Config.evolution_api_url),
+                          ("META_GRAPH_URL", Config.meta_graph_url),
+                          ("GA4_MP_URL", Config.ga4_mp_url)):
         value = get(name, default).rstrip("/")
         if value and not value.startswith(("http://", "https://")):
             raise ConfigError(f"{name} must start with http:// or https://.")
         urls[name] = value
     return Config(
-        host=get("HOST", DEFAULT_HOST),
-        port=_parse_int("PORT", get("PORT", str(DEFAULT_PORT)), 0, 65535),
+        host=get("HOST", Config.host),
+        port=_parse_int("PORT", get("PORT", Config.port), 0, 65535),
         database_url=database_url,
         public_url=urls["PUBLIC_URL"],
-        admin_token=get("ADMIN_TOKEN"),
-        metrics_token=get("METRICS_TOKEN"),
-        webhook_shared_token=get("WEBHOOK_SHARED_TOKEN"),
+        admin_token=get("ADMIN_TOKEN", Config.admin_token),
+        metrics_token=get("METRICS_TOKEN", Config.metrics_token),
+        webhook_shared_token=get("WEBHOOK_SHARED_TOKEN", Config.webhook_shared_token),
         evolution_api_url=urls["EVOLUTION_API_URL"],
-        evolution_api_key=get("EVOLUTION_API_KEY"),
+        evolution_api_key=get("EVOLUTION_API_KEY", Config.evolution_api_key),
         log_level=log_level,
         log_format=log_format,
-        trust_proxy=_parse_trust_proxy(get("TRUST_PROXY")),
-        retention_days=_parse_int("RETENTION_DAYS", get("RETENTION_DAYS", "0"), 0, 36500),
+        trust_proxy=_parse_trust_proxy(get("TRUST_PROXY", Config.trust_proxy)),
+        retention_days=_parse_int("RETENTION_DAYS", get("RETENTION_DAYS", Config.retention_days),
+                                  0, 36500),
         meta_graph_url=urls["META_GRAPH_URL"],
         ga4_mp_url=urls["GA4_MP_URL"],
         sqlite_synchronous=synchronous,
-        evolution_timeout=_parse_int("EVOLUTION_TIMEOUT", get("EVOLUTION_TIMEOUT", "15"), 1, 300),
-        meta_api_version=get("META_API_VERSION", DEFAULT_META_API_VERSION),
-        delivery_timeout=_parse_float("DELIVERY_TIMEOUT", get("DELIVERY_TIMEOUT", "10"), 0.1, 300),
+        evolution_timeout=_parse_int(
+            "EVOLUTION_TIMEOUT", get("EVOLUTION_TIMEOUT", Config.evolution_timeout), 1, 300),
+        meta_api_version=get("META_API_VERSION", Config.meta_api_version),
+        delivery_timeout=_parse_float(
+            "DELIVERY_TIMEOUT", get("DELIVERY_TIMEOUT", Config.delivery_timeout), 0.1, 300),
         delivery_retry_seconds=_parse_float(
-            "DELIVERY_RETRY_SECONDS", get("DELIVERY_RETRY_SECONDS", "30"), 0.01, 86400),
+            "DELIVERY_RETRY_SECONDS", get("DELIVERY_RETRY_SECONDS", Config.delivery_retry_seconds),
+            0.01, 86400),
         delivery_poll_seconds=_parse_float(
-            "DELIVERY_POLL_SECONDS", get("DELIVERY_POLL_SECONDS", "5"), 0.01, 3600),
+            "DELIVERY_POLL_SECONDS", get("DELIVERY_POLL_SECONDS", Config.delivery_poll_seconds),
+            0.01, 3600),
         delivery_concurrency=_parse_int(
-            "DELIVERY_CONCURRENCY", get("DELIVERY_CONCURRENCY", "16"), 1, 1000),
+            "DELIVERY_CONCURRENCY", get("DELIVERY_CONCURRENCY", Config.delivery_concurrency),
+            1, 1000),
         delivery_per_company=_parse_int(
-            "DELIVERY_PER_COMPANY", get("DELIVERY_PER_COMPANY", "4"), 1, 1000),
-        allow_private_urls=_parse_bool("ALLOW_PRIVATE_URLS", get("ALLOW_PRIVATE_URLS")),
-        rate_limit_tracking=_parse_int("RATE_LIMIT_TRACKING", get("RATE_LIMIT_TRACKING", "600"),
-                                       0, 10_000_000),
-        rate_limit_public=_parse_int("RATE_LIMIT_PUBLIC", get("RATE_LIMIT_PUBLIC", "60"), 0,
-                                     10_000_000),
+            "DELIVERY_PER_COMPANY", get("DELIVERY_PER_COMPANY", Config.delivery_per_company),
+            1, 1000),
+        allow_private_urls=_parse_bool(
+            "ALLOW_PRIVATE_URLS", get("ALLOW_PRIVATE_URLS", Config.allow_private_urls)),
+        rate_limit_tracking=_parse_int(
+            "RATE_LIMIT_TRACKING", get("RATE_LIMIT_TRACKING", Config.rate_limit_tracking),
+            0, 10_000_000),
+        rate_limit_public=_parse_int(
+            "RATE_LIMIT_PUBLIC", get("RATE_LIMIT_PUBLIC", Config.rate_limit_public), 0, 10_000_000),
     )
 
 
@@ -339,16 +357,19 @@ def setup_logging(config: Config) -> None:
 json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
-def json_response(data: Any, status: int = 200,
-                  headers: Mapping[str, str] | None = None) -> web.Response:
-    """A JSON answer through the strict encoder; a stray surrogate (a header echoed back) becomes
-    '?' rather than a 500."""
-    return web.Response(body=json_dumps(data).encode("utf-8", "replace"), status=status,
-                        headers=headers, content_type="application/json", charset="utf-8")
-
-
 class NotJson(ValueError):
     """A body that is not JSON we accept; the message says why, for a 400."""
+
+
+class Refused(Exception):
+    """The domain's refusal of a request: the HTTP status and the one sentence to answer with.
+    Domain and storage code raise it (or a batch returns it as an item's result); the error
+    middleware answers it as SPEC §4's {"error": sentence}, the CLI prints the sentence."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 def _refuse_constant(name: str) -> Any:
@@ -430,23 +451,9 @@ def parse_json(raw: bytes, scrub: bool = False) -> Any:
     return value
 
 
-def http_error(status: int, message: str, **extra: Any) -> web.HTTPException:
-    """An aiohttp HTTP exception whose body is SPEC §4's {"error": sentence}."""
-    cls = web.HTTPException
-    for candidate in (web.HTTPBadRequest, web.HTTPUnauthorized, web.HTTPForbidden,
-                      web.HTTPNotFound, web.HTTPMethodNotAllowed, web.HTTPConflict, web.HTTPGone,
-                      web.HTTPRequestEntityTooLarge, web.HTTPUnsupportedMediaType,
-                      web.HTTPTooManyRequests, web.HTTPInternalServerError, web.HTTPBadGateway,
-                      web.HTTPServiceUnavailable):
-        if candidate.status_code == status:
-            cls = candidate
-            break
-    body = json_dumps({"error": message, **extra})
-    if cls is web.HTTPMethodNotAllowed:
-        return cls("?", extra.get("allow", []), text=body, content_type="application/json")
-    if cls is web.HTTPRequestEntityTooLarge:
-        return cls(max_size=0, actual_size=0, text=body, content_type="application/json")
-    return cls(text=body, content_type="application/json")
+def one_of(choices: tuple[str, ...]) -> str:
+    """The choices as a refusal names them: "a, b or c"."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
 
 
 def now() -> float:
@@ -478,8 +485,8 @@ def plausible_time(value: Any) -> float | None:
 
 
 def parse_time(value: Any, field: str, clamp: bool = False) -> float:
-    """ISO 8601 (``Z`` or offset) or unix seconds → unix seconds, from year 1 to 9999 (400
-    outside: no answer could show it; or, with `clamp`, the nearer end of that range, for a
+    """ISO 8601 (``Z`` or offset) or unix seconds → unix seconds, from year 1 to 9999 (Refused
+    400 outside: no answer could show it; or, with `clamp`, the nearer end of that range, for a
     bound that only has to be before or after everything)."""
     ts = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -487,7 +494,7 @@ def parse_time(value: Any, field: str, clamp: bool = False) -> float:
             ts = float(value)
         except OverflowError:  # an int past a float's range
             if not clamp:
-                raise http_error(400, f"{field} is out of range") from None
+                raise Refused(400, f"{field} is out of range") from None
             ts = TIME_MAX if value > 0 else TIME_MIN
     elif isinstance(value, str) and re.fullmatch(r"[0-9]{9,11}(\.[0-9]+)?", value.strip()):
         ts = float(value)  # unix seconds written as text (query strings)
@@ -501,13 +508,13 @@ def parse_time(value: Any, field: str, clamp: bool = False) -> float:
             pass
         except OverflowError:  # year 1 at a positive offset is year 0 in UTC
             if not clamp:
-                raise http_error(400, f"{field} is out of range") from None
+                raise Refused(400, f"{field} is out of range") from None
             ts = TIME_MIN
     if ts is None:
-        raise http_error(400, f"{field} must be an ISO 8601 time or unix seconds")
+        raise Refused(400, f"{field} must be an ISO 8601 time or unix seconds")
     if not TIME_MIN <= ts <= TIME_MAX:
         if not clamp:
-            raise http_error(400, f"{field} is out of range")
+            raise Refused(400, f"{field} is out of range")
         ts = min(max(ts, TIME_MIN), TIME_MAX)
     return ts
 
@@ -526,7 +533,7 @@ def parse_range(query: Mapping[str, str], zone: zoneinfo.ZoneInfo | None = None
             try:
                 day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=zone or timezone.utc)
             except ValueError:
-                raise http_error(400, f"{field} must be a date or an ISO 8601 time") from None
+                raise Refused(400, f"{field} must be a date or an ISO 8601 time") from None
             try:
                 if field == "to":
                     day = (day.replace(tzinfo=None) + timedelta(days=1)).replace(
@@ -1431,17 +1438,18 @@ def to_dollar_params(sql: str) -> str:
     return "".join(out)
 
 
-_SET_WISE: dict[str, str | None] = {}  # statement text → its set-wise form, or None
 _INSERT_VALUES_RE = re.compile(
     r"(?P<head>INSERT INTO \w+ \([\w, ]+\)) VALUES \((?:\?, )*\?\)(?P<tail>[^?]*)", re.S)
 _UPDATE_BY_ID_RE = re.compile(r"UPDATE (?P<table>\w+) SET (?P<set>[^;]+?) WHERE id = \?", re.S)
 
 
 class PostgresTx(DeferredWrites):
-    def __init__(self, conn: Any, set_wise: bool = True) -> None:
+    def __init__(self, conn: Any, set_wise: dict[str, str | None] | None) -> None:
         self.conn = conn
-        # Learning a statement's parameter types takes a named prepared statement, which a
-        # transaction pooler (Supabase's port 6543, no statement cache) cannot keep.
+        # Its storage's set-wise forms (statement text → its form, or None), learnt as they come;
+        # None: no set-wise writes, as learning a statement's parameter types takes a named
+        # prepared statement, which a transaction pooler (Supabase's port 6543, no statement
+        # cache) cannot keep.
         self.set_wise = set_wise
         self._ids: dict[str, collections.deque] = {}  # table → ids reserved, in order
         self._start()
@@ -1461,10 +1469,10 @@ class PostgresTx(DeferredWrites):
     async def executemany(self, sql: str, rows: list[tuple]) -> None:
         """Many rows: one statement over arrays when the statement has a set-wise form (see
         `_set_wise_form`), else one execution per row, pipelined in one round trip."""
-        if len(rows) > 1 and self.set_wise:
-            if sql not in _SET_WISE:
-                _SET_WISE[sql] = await self._set_wise_form(sql)
-            set_wise = _SET_WISE[sql]
+        if len(rows) > 1 and self.set_wise is not None:
+            if sql not in self.set_wise:
+                self.set_wise[sql] = await self._set_wise_form(sql)
+            set_wise = self.set_wise[sql]
             # (An UPDATE joined to its rows changes a row once: one id twice goes in order.)
             if set_wise is not None and not (set_wise.startswith("UPDATE") and
                                              len({row[-1] for row in rows}) < len(rows)):
@@ -1567,6 +1575,7 @@ class PostgresStorage(Storage):
             # Supabase's transaction pooler (port 6543) cannot keep prepared statements.
             cache_size = 0 if parts.port == 6543 else 100
         self.statement_cache_size = cache_size
+        self.set_wise: dict[str, str | None] = {}  # statement text → its set-wise form, or None
         self.dsn = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept)))
         self.pool = None
         self._pending: dict[Any, list] = {}  # batched kind → [(item, future)] waiting
@@ -1619,7 +1628,7 @@ class PostgresStorage(Storage):
             raise StorageError("the database is closed")
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                tx = PostgresTx(conn, self.statement_cache_size > 0)
+                tx = PostgresTx(conn, self.set_wise if self.statement_cache_size > 0 else None)
                 value = await fn(tx)
                 await tx.flush()
                 return value
@@ -1645,7 +1654,7 @@ class PostgresStorage(Storage):
     async def _attempt(self, run: Callable[[Any, list], Awaitable[list]], items: list) -> list:
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                tx = PostgresTx(conn, self.statement_cache_size > 0)
+                tx = PostgresTx(conn, self.set_wise if self.statement_cache_size > 0 else None)
                 results = await run(tx, items)
                 await tx.flush()
                 return results
@@ -1696,6 +1705,7 @@ class PostgresStorage(Storage):
 # ##################################################################################################
 
 COMPANY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+ID_RULE = "1-64 letters, digits, '-', '_' or '.'"  # COMPANY_ID_RE (and CONNECTION_ID_RE) in words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1762,33 +1772,33 @@ def _validate_destination(name: str, value: Any, current: Any) -> dict | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise http_error(400, f"{name} must be an object or null")
+        raise Refused(400, f"{name} must be an object or null")
     merged = dict(current) if isinstance(current, dict) else {}
     for key, field in value.items():
         where = f"{name}.{key}"
         if key not in DESTINATION_FIELDS[name]:
-            raise http_error(400, f"Unknown field: {where}")
+            raise Refused(400, f"Unknown field: {where}")
         if field is None:
             merged.pop(key, None)
         elif key == "enabled":
             if not isinstance(field, bool):
-                raise http_error(400, f"{where} must be true or false")
+                raise Refused(400, f"{where} must be true or false")
             merged[key] = field
         elif key == "event_names":
             valid = isinstance(field, dict) and all(
                 isinstance(k, str) and (v is None or isinstance(v, (str, dict)))
                 for k, v in field.items())
             if not valid:
-                raise http_error(400, f"{where} must map event names to platform event names")
+                raise Refused(400, f"{where} must map event names to platform event names")
             merged[key] = field
         elif key == "url":
-            if not isinstance(field, str) or not re.match(r"^https?://\S+\Z", field) \
-                    or len(field) > 1024:
-                raise http_error(400, f"{where} must be an http(s) URL")
+            if (not isinstance(field, str) or not re.match(r"^https?://\S+\Z", field)
+                    or len(field) > 1024):
+                raise Refused(400, f"{where} must be an http(s) URL")
             merged[key] = field
         else:
             if not isinstance(field, str) or not field.strip() or len(field) > 1024:
-                raise http_error(400, f"{where} must be non-empty text")
+                raise Refused(400, f"{where} must be non-empty text")
             merged[key] = field.strip()
     return merged
 
@@ -1797,67 +1807,67 @@ def _validate_mapping(key: str, value: Any, allowed: tuple[str, ...] | None) -> 
     if not isinstance(value, dict) or not all(
             isinstance(k, str) and k and (v is None or isinstance(v, str))
             for k, v in value.items()):
-        raise http_error(400, f"{key} must be an object of names")
+        raise Refused(400, f"{key} must be an object of names")
     if allowed is not None:
         for k, v in value.items():
             if v is not None and v not in allowed:
-                raise http_error(400, f"{key}: {v!r} is not one of {', '.join(allowed)}")
+                raise Refused(400, f"{key}: {v!r} is not one of {', '.join(allowed)}")
     return {k: v for k, v in value.items() if v is not None}
 
 
 def validate_settings(patch: Mapping[str, Any], current: Mapping[str, Any] | None = None) -> dict:
-    """Check company settings; return them normalised or raise 400 naming the field."""
+    """Check company settings; return them normalised or Refused(400) naming the field."""
     current = current or {}
     out: dict[str, Any] = {}
     for key, value in patch.items():
         if key in DESTINATION_FIELDS:
             out[key] = _validate_destination(key, value, current.get(key))
         elif key == "label_events":
-            out[key] = _validate_mapping(key, value, ("qualified", "purchase", "refund", "lost"))
+            out[key] = _validate_mapping(key, value, FOLLOW_UP_EVENTS)
         elif key == "google_ads_conversions":
             out[key] = _validate_mapping(key, value, None)
         elif key == "allowed_origins":
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise http_error(400, "allowed_origins must be a list of origins")
+                raise Refused(400, "allowed_origins must be a list of origins")
             for origin in value:
                 if origin != "*" and not re.match(r"^https?://[^/\s]+/?\Z", origin):
-                    raise http_error(400, f"allowed_origins: {origin!r} is not an origin "
-                                          "like https://example.com")
+                    raise Refused(400, f"allowed_origins: {origin!r} is not an origin "
+                                       "like https://example.com")
             out[key] = [o.rstrip("/") for o in value]
         elif key == "code_mode":
             if value not in ("visible", "invisible", "both"):
-                raise http_error(400, "code_mode must be visible, invisible or both")
+                raise Refused(400, "code_mode must be visible, invisible or both")
             out[key] = value
         elif key == "code_template":
             if not isinstance(value, str) or "{code}" not in value or len(value) > 64:
-                raise http_error(400, "code_template must be text of at most 64 characters "
-                                      "containing {code}")
+                raise Refused(400, "code_template must be text of at most 64 characters "
+                                   "containing {code}")
             out[key] = value
         elif key in ("attribution_window_days", "window_minutes"):
             high = 365 if key == "attribution_window_days" else 1440
             value = whole_number(value)
             if value is None or not 1 <= value <= high:
-                raise http_error(400, f"{key} must be a whole number from 1 to {high}")
+                raise Refused(400, f"{key} must be a whole number from 1 to {high}")
             out[key] = value
         elif key in ("store_first_message", "window_match", "webhook_auth_required"):
             if not isinstance(value, bool):
-                raise http_error(400, f"{key} must be true or false")
+                raise Refused(400, f"{key} must be true or false")
             out[key] = value
         elif key == "timezone":
             try:
                 zoneinfo.ZoneInfo(value)
             except (zoneinfo.ZoneInfoNotFoundError, TypeError, ValueError):
-                raise http_error(400, "timezone must be an IANA name like America/Sao_Paulo") \
-                    from None
+                raise Refused(400, "timezone must be an IANA name like America/Sao_Paulo"
+                              ) from None
             out[key] = value
         elif key == "currency":
-            if not isinstance(value, str) or not re.match(r"^[A-Za-z]{3}\Z", value):
-                raise http_error(400, "currency must be a three-letter ISO 4217 code")
+            if not isinstance(value, str) or not CURRENCY_RE.match(value):
+                raise Refused(400, "currency must be a three-letter ISO 4217 code")
             out[key] = value.upper()
         else:
-            raise http_error(400, f"Unknown field: {key}")
+            raise Refused(400, f"Unknown field: {key}")
     return out
 
 
@@ -1867,12 +1877,12 @@ def validate_evolution(patch: Mapping[str, Any]) -> dict:
         url = patch["evolution_url"]
         if url is not None and (not isinstance(url, str)
                                 or not re.match(r"^https?://\S+\Z", url) or len(url) > 512):
-            raise http_error(400, "evolution_url must be an http(s) URL or null")
+            raise Refused(400, "evolution_url must be an http(s) URL or null")
         out["evolution_url"] = url.rstrip("/") if url else None
     if "evolution_key" in patch:
         key = patch["evolution_key"]
         if key is not None and (not isinstance(key, str) or not key or len(key) > 512):
-            raise http_error(400, "evolution_key must be text or null")
+            raise Refused(400, "evolution_key must be text or null")
         out["evolution_key"] = key or None
     return out
 
@@ -1898,7 +1908,7 @@ async def create_company(db: Storage, company_id: str, name: str, settings: Mapp
         return True
 
     if not await db.transact(run):
-        raise http_error(409, f"Company {company_id} already exists")
+        raise Refused(409, f"Company {company_id} already exists")
     return {"company_id": company_id, "name": name, "token": token,
             "webhook_secret": webhook_secret}
 
@@ -1928,7 +1938,7 @@ async def create_token(db: Storage, company_id: str, name: str | None = None) ->
 
     row = await db.transact(run)
     if row is None:
-        raise http_error(404, "Company not found")
+        raise Refused(404, "Company not found")
     return {"id": row["id"], "name": row["name"], "created_at": iso(row["created_at"]),
             "token": token}
 
@@ -2012,16 +2022,13 @@ def code_check(body: str) -> str:
     return CROCKFORD[sum((2 * i + 1) * _CODE_VALUE[c] for i, c in enumerate(body)) % 32]
 
 
-_RANDOM_POOL = bytearray()  # bytes from os.urandom, read 4 KiB at a time (not one call per code)
 _BYTE_TO_CROCKFORD = bytes(ord(CROCKFORD[b & 31]) for b in range(256))  # 256 % 32 == 0: uniform
-os.register_at_fork(after_in_child=_RANDOM_POOL.clear)  # a child never reuses its parent's bytes
 
 
 def new_code() -> str:
-    if len(_RANDOM_POOL) < CODE_BODY_LEN:
-        _RANDOM_POOL[:] = os.urandom(4096)
-    body = _RANDOM_POOL[-CODE_BODY_LEN:].translate(_BYTE_TO_CROCKFORD).decode()
-    del _RANDOM_POOL[-CODE_BODY_LEN:]  # each byte is used once
+    # One os.urandom call per code (a getrandom system call, ~0.4 µs): no pool of bytes kept
+    # between calls, so no state a fork could share.
+    body = os.urandom(CODE_BODY_LEN).translate(_BYTE_TO_CROCKFORD).decode()
     return body + code_check(body)
 
 
@@ -2078,10 +2085,10 @@ def _clean(value: Any, field: str, limit: int = FIELD_MAX, numbers: bool = True)
     if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise http_error(400, f"{field} must be a string")
+        raise Refused(400, f"{field} must be a string")
     value = value.strip()
     if len(value) > limit:
-        raise http_error(400, f"{field} is longer than {limit} characters")
+        raise Refused(400, f"{field} is longer than {limit} characters")
     return value or None
 
 
@@ -2131,35 +2138,35 @@ class TrackingInput:
 
 def parse_tracking(body: Any) -> TrackingInput:
     if not isinstance(body, dict):
-        raise http_error(400, "Body must be a JSON object")
+        raise Refused(400, "Body must be a JSON object")
     for key in ("company_id", "companie_id"):  # the second: the tracker's original spelling
         if key in body and (not isinstance(body[key], str) or not body[key].strip()):
-            raise http_error(400, f"{key} is required")
+            raise Refused(400, f"{key} is required")
     company_id = body.get("company_id", body.get("companie_id"))
     if company_id is None:
-        raise http_error(400, "company_id is required")
+        raise Refused(400, "company_id is required")
     event = body.get("event")
     if event is None:
         event = "pageview"
     elif event not in ("pageview", "whatsapp_click"):
-        raise http_error(400, "event must be pageview or whatsapp_click")
+        raise Refused(400, "event must be pageview or whatsapp_click")
     visitor_id = _clean(body.get("visitor_id"), "visitor_id", 64, numbers=False)
     if visitor_id is not None and not _VISITOR_ID_RE.match(visitor_id):
-        raise http_error(400, "visitor_id may only hold letters, digits, '-', '_' and '.'")
+        raise Refused(400, "visitor_id may only hold letters, digits, '-', '_' and '.'")
     raw_code = _clean(body.get("code"), "code", 64, numbers=False)
     touch = _touch_from(body)
     if "page_url" in touch:
         touch.update(_url_params(touch["page_url"], touch))
     first = body.get("first_touch")
     if first is not None and not isinstance(first, dict):
-        raise http_error(400, "first_touch must be an object")
+        raise Refused(400, "first_touch must be an object")
     first_touch = None
     if first:
         first_touch = _touch_from(first, "first_touch.")
         ts = first.get("ts")
         if ts is not None:
             if not isinstance(ts, (int, float)) or isinstance(ts, bool):
-                raise http_error(400, "first_touch.ts must be a number (milliseconds)")
+                raise Refused(400, "first_touch.ts must be a number (milliseconds)")
             first_touch["ts"] = ts
     phone = _clean(body.get("whatsapp_phone"), "whatsapp_phone", 64)
     return TrackingInput(company_id.strip(), event, visitor_id,
@@ -2286,7 +2293,7 @@ async def insert_visits(tx, visits: list[dict]) -> None:
 
 async def track_batch(tx, items: list[TrackingInput]) -> list:
     """Store tracking requests (Storage.submit's `run`): one (company, {session_id, visitor_id,
-    code}) per item, or the HTTP error refusing it. Items are applied in order, so a visitor's
+    code}) per item, or the Refused saying why not. Items are applied in order, so a visitor's
     two requests in one batch see each other, with a few set-wise statements for them all."""
     ts = now()
     companies = await companies_by_id(tx, {t.company_id for t in items})
@@ -2302,10 +2309,10 @@ async def track_batch(tx, items: list[TrackingInput]) -> list:
     for t in items:
         company = companies.get(t.company_id)
         if company is None:
-            results.append(http_error(404, "Company not found"))
+            results.append(Refused(404, "Company not found"))
             continue
         if not origin_allowed(company, t.origin):
-            results.append(http_error(403, "Origin not allowed"))
+            results.append(Refused(403, "Origin not allowed"))
             continue
         window = company.settings["attribution_window_days"] * 86400  # seconds
         visitor_id = t.visitor_id or uuid.uuid4().hex
@@ -2519,7 +2526,6 @@ def ad_attribution(info: Mapping[str, Any]) -> dict:
 # up (Meta, GA4, its CRM webhook); a background worker sends them. Nothing is lost on a restart.
 # ##################################################################################################
 
-EVENT_NAMES = ("lead", "qualified", "purchase", "refund", "lost")
 
 
 # The destinations themselves (DESTINATIONS) are classes in "Integrations: conversions out".
@@ -3313,8 +3319,9 @@ def refused_address(exc: BaseException) -> bool:
 
 
 async def refuse_private_url(field: str, url: str) -> None:
-    """400 naming the field when a URL's host is, or resolves to, a non-public address (any
-    spelling: 2130706433, 0x7f.1, [::ffff:127.0.0.1] are all resolved to 127.0.0.1 first)."""
+    """Refused(400) naming the field when a URL's host is, or resolves to, a non-public address
+    (any spelling: 2130706433, 0x7f.1, [::ffff:127.0.0.1] are all resolved to 127.0.0.1
+    first)."""
     import yarl
 
     try:
@@ -3323,14 +3330,14 @@ async def refuse_private_url(field: str, url: str) -> None:
     except (ValueError, TypeError):
         host = port = None
     if not host:
-        raise http_error(400, f"{field} must be an http(s) URL")
+        raise Refused(400, f"{field} must be an http(s) URL")
     try:
         infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
             host, port or 443, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT)
     except (OSError, UnicodeError, ValueError, asyncio.TimeoutError):
-        raise http_error(400, f"{field}: its host name does not resolve") from None
+        raise Refused(400, f"{field}: its host name does not resolve") from None
     if not infos or not all(_sockaddr_public(info[4]) for info in infos):
-        raise http_error(400, PRIVATE_URL_REFUSED.format(field=field))
+        raise Refused(400, PRIVATE_URL_REFUSED.format(field=field))
 
 
 def operator_set(company: Company, field: str, url: str | None) -> bool:
@@ -3346,7 +3353,8 @@ def company_chose(config: Config, company: Company, field: str, url: str | None)
 
 
 def session_for(config: Config, company: Company, field: str, url: str | None,
-                sessions: tuple[Any, Any]) -> Any:
+                sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession]
+                ) -> aiohttp.ClientSession:
     """Of the two outbound sessions (open, public addresses only), the one for this URL: the
     restricted one unless the URL is the operator's or ALLOW_PRIVATE_URLS is on."""
     if config.allow_private_urls or not company_chose(config, company, field, url):
@@ -3383,7 +3391,14 @@ def record_operator_urls(settings: Mapping[str, Any], urls: Mapping[str, str]) -
 EVOLUTION_EVENTS = ["MESSAGES_UPSERT", "CONNECTION_UPDATE", "QRCODE_UPDATED", "LABELS_EDIT",
                     "LABELS_ASSOCIATION"]
 WEBHOOK_SECRET_HEADER = "x-webhook-secret"
-CONNECTION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+CONNECTION_ID_RE = COMPANY_ID_RE  # an instance name we create or adopt: the same rule (ID_RULE)
+
+
+def is_connection_id(value: Any) -> bool:
+    """Whether `value` is a connectionId by CONNECTION_ID_RE, as the management calls check it.
+    The onboarding link, its page and QR and /public/get-connection look a name up as given
+    instead (a row a webhook made is named by Evolution, not by this rule)."""
+    return isinstance(value, str) and CONNECTION_ID_RE.match(value) is not None
 
 
 class EvolutionError(Exception):
@@ -3413,7 +3428,7 @@ def evolution_message(body: Any) -> str:
 
 
 class EvolutionClient:
-    def __init__(self, session: Any, base_url: str, api_key: str, timeout: float,
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str, timeout: float,
                  company_chose: bool = False) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
@@ -3426,8 +3441,6 @@ class EvolutionClient:
     async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """(HTTP status, parsed JSON) of one Evolution call; EvolutionError(502) when Evolution
         cannot be reached, is too slow, or answers something that is not JSON."""
-        import aiohttp
-
         url = self.base_url + path
         try:
             async with self.session.request(
@@ -3443,8 +3456,8 @@ class EvolutionClient:
             raise EvolutionError(400, "evolution_url is not a usable http(s) URL") from None
         except aiohttp.ClientError as exc:
             if refused_address(exc):
-                raise EvolutionError(400, PRIVATE_URL_REFUSED.format(field="evolution_url")) \
-                    from None
+                raise EvolutionError(
+                    400, PRIVATE_URL_REFUSED.format(field="evolution_url")) from None
             raise self.unreachable() or EvolutionError(
                 502, f"Evolution API is unreachable at {self.base_url} "
                      f"({exc.__class__.__name__})") from None
@@ -4308,7 +4321,8 @@ class Doctor:
     """One run of the checks: the HTTP session, a bound on calls in flight, and each Evolution
     server's answer (asked once however many companies share it)."""
 
-    def __init__(self, config: Config, db: Storage | None, sessions: tuple[Any, Any]) -> None:
+    def __init__(self, config: Config, db: Storage | None,
+                 sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession]) -> None:
         self.config = config
         self.db = db
         self.sessions = sessions  # (open, public addresses only): see session_for
@@ -4338,8 +4352,6 @@ class Doctor:
         return passed(name, f"{self.db.dialect}, schema {MIGRATIONS[-1][0]} (up to date)")
 
     async def public_url(self) -> Check:
-        import aiohttp
-
         name = "PUBLIC_URL"
         if not self.config.public_url:
             return failed(name, "not set, so Evolution is given no address to post messages to",
@@ -4468,12 +4480,39 @@ class Doctor:
 # HTTP: keys, request helpers and authentication
 # ##################################################################################################
 
+def json_response(data: Any, status: int = 200,
+                  headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON answer through the strict encoder; a stray surrogate (a header echoed back) becomes
+    '?' rather than a 500."""
+    return web.Response(body=json_dumps(data).encode("utf-8", "replace"), status=status,
+                        headers=headers, content_type="application/json", charset="utf-8")
+
+
+def http_error(status: int, message: str, **extra: Any) -> web.HTTPException:
+    """An aiohttp HTTP exception whose body is SPEC §4's {"error": sentence}."""
+    cls = web.HTTPException
+    for candidate in (web.HTTPBadRequest, web.HTTPUnauthorized, web.HTTPForbidden,
+                      web.HTTPNotFound, web.HTTPMethodNotAllowed, web.HTTPConflict, web.HTTPGone,
+                      web.HTTPRequestEntityTooLarge, web.HTTPUnsupportedMediaType,
+                      web.HTTPTooManyRequests, web.HTTPInternalServerError, web.HTTPBadGateway,
+                      web.HTTPServiceUnavailable):
+        if candidate.status_code == status:
+            cls = candidate
+            break
+    body = json_dumps({"error": message, **extra})
+    if cls is web.HTTPMethodNotAllowed:
+        return cls("?", extra.get("allow", []), text=body, content_type="application/json")
+    if cls is web.HTTPRequestEntityTooLarge:
+        return cls(max_size=0, actual_size=0, text=body, content_type="application/json")
+    return cls(text=body, content_type="application/json")
+
+
 DB = web.AppKey("db", Storage)
 CONFIG = web.AppKey("config", Config)
 TRACKER = web.AppKey("tracker", dict)
-HTTP = web.AppKey("http", object)  # the aiohttp.ClientSession for outbound calls
+HTTP = web.AppKey("http", aiohttp.ClientSession)  # for outbound calls
 # The session for URLs companies chose: it connects to public addresses only.
-COMPANY_HTTP = web.AppKey("company_http", object)
+COMPANY_HTTP = web.AppKey("company_http", aiohttp.ClientSession)
 DELIVERY_WAKE = web.AppKey("delivery_wake", asyncio.Event)  # set: deliveries are waiting
 # Typed request storage where aiohttp has it (3.13+); a plain key on older releases.
 REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
@@ -5150,7 +5189,7 @@ async def create_company_route(request: web.Request) -> web.Response:
     given = {key: body.pop(key) for key in ("company_id", "id") if key in body}
     for key, value in given.items():  # `id`: the same, for older clients; company_id wins
         if not isinstance(value, str) or not COMPANY_ID_RE.match(value):
-            raise http_error(400, f"{key} must be 1-64 letters, digits, '-', '_' or '.'")
+            raise http_error(400, f"{key} must be {ID_RULE}")
     company_id = given.get("company_id", given.get("id"))
     if company_id is None:
         raise http_error(400, "company_id is required")
@@ -5309,8 +5348,8 @@ def lead_filters(query: Mapping[str, str], company: Company, db: Storage
             args.append(query[field])
     method = query.get("match_method")
     if method:
-        if method not in ("code", "ctwa", "window", "none"):
-            raise http_error(400, "match_method must be code, ctwa, window or none")
+        if method not in MATCH_METHODS:
+            raise http_error(400, f"match_method must be {one_of(MATCH_METHODS)}")
         sql += " AND match_method = ?"
         args.append(method)
     search = query.get("q", "").strip()
@@ -5490,8 +5529,8 @@ async def connection_request(request: web.Request, place: str = "body"
     connection_id = places[where].get("connectionId")
     if not isinstance(connection_id, str) or not connection_id:
         raise http_error(400, "connectionId is required")
-    if not CONNECTION_ID_RE.match(connection_id):
-        raise http_error(400, "connectionId must be 1-64 letters, digits, '-', '_' or '.'")
+    if not is_connection_id(connection_id):
+        raise http_error(400, f"connectionId must be {ID_RULE}")
     return await acting_company(request, body), connection_id
 
 
@@ -5556,8 +5595,8 @@ def adoption_request(body: Mapping[str, Any]) -> tuple[str, str | None]:
         raise http_error(400, "adopt must be true: an instance that exists on the Evolution "
                               "server is adopted (POST /api/create-instance makes a new one)")
     connection_id = body.get("connectionId")
-    if not isinstance(connection_id, str) or not CONNECTION_ID_RE.match(connection_id):
-        raise http_error(400, "connectionId must be 1-64 letters, digits, '-', '_' or '.'")
+    if not is_connection_id(connection_id):
+        raise http_error(400, f"connectionId must be {ID_RULE}")
     token = body.get("instance_token")
     if token is not None and (not isinstance(token, str) or not 0 < len(token) <= 256):
         raise http_error(400, "instance_token must be text of at most 256 characters")
@@ -5615,8 +5654,8 @@ async def adopt_connection(request: web.Request) -> web.Response:
     evolution = evolution_for(request, company)
     # On the shared default server every company reaches every instance with the global key:
     # only the instance's own token shows that it is this company's.
-    if given_token is None and \
-            evolution.base_url == request.app[CONFIG].evolution_api_url.rstrip("/"):
+    if (given_token is None
+            and evolution.base_url == request.app[CONFIG].evolution_api_url.rstrip("/")):
         # 403, not 400: the request is well formed; it has not shown the instance is the company's.
         raise http_error(403, "instance_token is required on the shared Evolution server: "
                               "give the instance's own token (its apikey)")
@@ -5639,8 +5678,8 @@ async def create_instance(request: web.Request) -> web.Response:
     body = await object_body(request)
     company = await acting_company(request, body)
     connection_id = body.get("connectionId")
-    if not isinstance(connection_id, str) or not CONNECTION_ID_RE.match(connection_id):
-        raise http_error(400, "connectionId must be 1-64 letters, digits, '-', '_' or '.'")
+    if not is_connection_id(connection_id):
+        raise http_error(400, f"connectionId must be {ID_RULE}")
     number = body.get("number")
     if number is not None and (not isinstance(number, str) or not 8 <= len(digits(number)) <= 15):
         raise http_error(400, "number must be a phone number with country code")
@@ -5831,8 +5870,8 @@ async def current_qr(request: web.Request, company: Company, connection_id: str)
     409 (with the state) when the number is already connected."""
     db = request.app[DB]
     row = await get_connection(db, company.id, connection_id)
-    if qr_string(row["qr_code"]) and row["qr_at"] and now() - row["qr_at"] < QR_FRESH_SECONDS \
-            and row["state"] != "open":
+    if (qr_string(row["qr_code"]) and row["qr_at"] and now() - row["qr_at"] < QR_FRESH_SECONDS
+            and row["state"] != "open"):
         return qr_payload(row["qr_code"], row["qr_pairing_code"], row["state"])
     body = await evolution_call(evolution_for(request, company).connect(connection_id))
     instance = body.get("instance")
@@ -6162,14 +6201,14 @@ async def add_lead_event(request: web.Request) -> web.Response:
     company = await acting_company(request, body)
     lead = await company_lead(request, company)
     name = body.get("name")
-    if name not in EVENT_NAMES[1:]:
-        raise http_error(400, "name must be qualified, purchase, refund or lost")
+    if name not in FOLLOW_UP_EVENTS:
+        raise http_error(400, f"name must be {one_of(FOLLOW_UP_EVENTS)}")
     value = body.get("value")
     if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
                               or value < 0 or value > 1e12):
         raise http_error(400, "value must be a number from 0")
     currency = body.get("currency", company.settings["currency"])
-    if not isinstance(currency, str) or not re.match(r"^[A-Za-z]{3}\Z", currency):
+    if not isinstance(currency, str) or not CURRENCY_RE.match(currency):
         raise http_error(400, "currency must be a three-letter ISO 4217 code")
     occurred_at = now()
     if body.get("occurred_at") is not None:
@@ -6232,8 +6271,8 @@ async def list_deliveries(request: web.Request) -> web.Response:
     args: list[Any] = [company.id]
     status = request.query.get("status")
     if status is not None:
-        if status not in ("pending", "sending", "delivered", "failed", "skipped"):
-            raise http_error(400, "status must be pending, sending, delivered, failed or skipped")
+        if status not in DELIVERY_STATUSES:
+            raise http_error(400, f"status must be {one_of(DELIVERY_STATUSES)}")
         sql += " AND d.status = ?"
         args.append(status)
     if "lead_id" in request.query:
@@ -6573,6 +6612,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         if "%00" in request.raw_path:  # (the HTTP parser refuses a raw NUL or bytes not UTF-8)
             raise http_error(400, "The address holds a NUL character (%00)")
         response = await handler(request)
+    except Refused as exc:  # the domain's refusal: the JSON http_error(status, message) gives
+        response = web.Response(status=exc.status, text=json_dumps({"error": exc.message}),
+                                content_type="application/json")
     except web.HTTPException as exc:
         if exc.status < 400:
             exc.headers["X-Request-Id"] = request_id
@@ -6616,11 +6658,9 @@ async def storage_ctx(app: web.Application):
     await db.close()  # flushes units of work still queued
 
 
-def new_http_session(public_only: bool = False) -> Any:
+def new_http_session(public_only: bool = False) -> aiohttp.ClientSession:
     """An aiohttp.ClientSession for outbound calls (the server's, and the CLI's `check`);
     `public_only`: it connects to public addresses only (URLs companies chose)."""
-    import aiohttp
-
     connector = aiohttp.TCPConnector(socket_factory=public_socket) if public_only else None
     return aiohttp.ClientSession(connector=connector,
                                  timeout=aiohttp.ClientTimeout(total=60, connect=10),
@@ -6747,7 +6787,7 @@ async def cli_rollup(config: Config, args: argparse.Namespace) -> Any:
 
 async def cli_company_add(config: Config, args: argparse.Namespace) -> Any:
     if not COMPANY_ID_RE.match(args.id):
-        raise ConfigError("ID must be 1-64 letters, digits, '-', '_' or '.'.")
+        raise ConfigError(f"ID must be {ID_RULE}.")
     evolution = validate_evolution({k: v for k, v in (("evolution_url", args.evolution_url),
                                                       ("evolution_key", args.evolution_key))
                                     if v is not None})
@@ -6780,7 +6820,7 @@ async def cli_token_add(config: Config, args: argparse.Namespace) -> Any:
 async def cli_token_list(config: Config, args: argparse.Namespace) -> Any:
     async def run(db: Storage) -> dict:
         if await get_company(db, args.company_id) is None:
-            raise http_error(404, "Company not found")
+            raise Refused(404, "Company not found")
         return {"company_id": args.company_id,
                 "tokens": await company_tokens(db, args.company_id)}
 
@@ -6794,9 +6834,9 @@ async def cli_token_revoke(config: Config, args: argparse.Namespace) -> Any:
 
     async def run(db: Storage) -> dict:
         if await get_company(db, args.company_id) is None:
-            raise http_error(404, "Company not found")
+            raise Refused(404, "Company not found")
         if not await revoke_token(db, args.company_id, token_id):
-            raise http_error(404, "Token not found")
+            raise Refused(404, "Token not found")
         return {"ok": True, "company_id": args.company_id, "id": token_id}
 
     return await _with_storage(config, run)
@@ -7009,8 +7049,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except web.HTTPException as exc:
-        print(f"error: {json.loads(exc.text)['error']}", file=sys.stderr)
+    except Refused as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
         return 1
 
 

@@ -375,8 +375,8 @@ async def test_deferred_rows_on_postgres_with_and_without_a_statement_cache(data
             "raw BYTEA)"))
         insert = "INSERT INTO wide_items (id, label, n, raw) VALUES (?, ?, ?, ?)"
         update = "UPDATE wide_items SET label = COALESCE(?, label), n = ? WHERE id = ?"
-        whatstracking._SET_WISE.pop(insert, None)
-        whatstracking._SET_WISE.pop(update, None)
+        db.set_wise.pop(insert, None)
+        db.set_wise.pop(update, None)
 
         async def run(tx):
             for n in range(1, 4):
@@ -394,7 +394,7 @@ async def test_deferred_rows_on_postgres_with_and_without_a_statement_cache(data
         assert [(r["id"], r["label"], r["n"], bytes(r["raw"])) for r in rows] == [
             (1, "second", 40.0, b"\x01\x00\xff"), (2, "first", 30.0, b"\x02\x00\xff"),
             (3, "item 3 ☕", 50.0, b"\x03\x00\xff")]
-        assert (insert in whatstracking._SET_WISE) == (update in whatstracking._SET_WISE) == \
+        assert (insert in db.set_wise) == (update in db.set_wise) == \
             (cache != "0")
     finally:
         await db.close()

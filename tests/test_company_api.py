@@ -469,3 +469,15 @@ async def test_leads_bad_limit_or_cursor_is_400(api, params, field):
     data = await resp.json()
     assert resp.status == 400, data
     assert field in data["error"]
+
+
+def test_the_domain_refuses_with_its_own_error_not_an_http_answer():
+    """Called outside a request (the CLI, the worker, a test), domain code raises Refused with a
+    status and a sentence; the error middleware turns it into the JSON answer."""
+    with pytest.raises(whatstracking.Refused) as refused:
+        whatstracking.validate_settings({"currency": "euro"})
+    assert (refused.value.status, refused.value.message) == (
+        400, "currency must be a three-letter ISO 4217 code")
+    with pytest.raises(whatstracking.Refused) as refused:
+        whatstracking.parse_tracking({"company_id": "acme", "event": "purchase"})
+    assert refused.value.status == 400 and "event must be" in refused.value.message

@@ -216,6 +216,13 @@ def test_enums_follow_the_code(spec):
         "pending", "sending", "delivered", "failed", "skipped"}
 
 
+def test_delivery_statuses_follow_the_code(spec):
+    statuses = [deref(spec, p)["schema"]["enum"]
+                for p in spec["paths"]["/api/deliveries"]["get"]["parameters"]
+                if deref(spec, p)["name"] == "status"]
+    assert statuses == [list(whatstracking.DELIVERY_STATUSES)]
+
+
 async def test_served_at_get_openapi_json(aiohttp_client, tmp_path, spec):
     config = whatstracking.load_config({"DATABASE_URL": f"sqlite:///{tmp_path}/served.db"})
     client = await aiohttp_client(whatstracking.create_app(config))
