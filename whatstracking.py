@@ -60,7 +60,7 @@ import uuid
 import zoneinfo
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping, Protocol
 
 from aiohttp import web
 
@@ -627,7 +627,7 @@ VERIFIED_INDEX = ("CREATE UNIQUE INDEX connections_verified ON connections (id) 
                   "WHERE verified = 1 AND deleted_at IS NULL")
 
 
-async def verify_connections_hash_secrets(tx) -> None:
+async def verify_connections_hash_secrets(tx: Tx) -> None:
     """Migration 6 (a Python step: SQLite has no SHA-256 in SQL, and one hash_token keeps both
     backends identical). Connections become `verified` (manageable) when the company made them
     with create-instance, which stored their instance token; rows known only from webhook
@@ -907,6 +907,30 @@ def insert_sql(table: str, columns: tuple[str, ...]) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
+class Tx(Protocol):
+    """What a unit of work may do with its transaction (SqliteTx and PostgresTx; see
+    DeferredWrites for the deferred writes). Reads and immediate writes see the unit's own
+    deferred writes: a statement naming a table with writes pending flushes them first (free
+    when nothing is pending), so no unit flushes by hand."""
+
+    memo: dict[Any, Any]  # the unit's cache of reads; domain code goes through a UnitCache
+
+    async def fetchone(self, sql: str, *args: Any) -> dict | None: ...
+    async def fetchall(self, sql: str, *args: Any) -> list[dict]: ...
+    async def execute(self, sql: str, *args: Any) -> int: ...
+    async def executemany(self, sql: str, rows: list[tuple]) -> None: ...
+    def defer(self, sql: str, *args: Any) -> None: ...
+    def defer_row(self, sql: str, row: dict, columns: tuple[str, ...]) -> None: ...
+    def add(self, sql: str, key: tuple, values: tuple) -> None: ...
+    async def flush(self) -> None: ...
+    def savepoint(self) -> contextlib.AbstractAsyncContextManager[Any]: ...
+    async def new_id(self, table: str) -> int: ...
+    async def stock_ids(self, wanted: Mapping[str, int]) -> None: ...
+    async def lock_keys(self, keys: list[str]) -> None: ...
+    def any_of(self, column: str, values: list) -> tuple[str, list]: ...
+    def rows_of(self, types: tuple[str, ...], rows: list[tuple]) -> tuple[str, list]: ...
+
+
 class Storage:
     """What the application needs from a database; subclasses provide the primitives."""
 
@@ -947,11 +971,11 @@ class Storage:
     async def fetchall(self, sql: str, *args: Any) -> list[dict]:
         raise NotImplementedError
 
-    async def transact(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def transact(self, fn: Callable[[Tx], Awaitable[Any]]) -> Any:
         """Run ``await fn(tx)`` in a transaction; return its result once committed."""
         raise NotImplementedError
 
-    async def submit(self, run: Callable[[Any, list], Awaitable[list]], item: Any,
+    async def submit(self, run: Callable[[Tx, list], Awaitable[list]], item: Any,
                      spread: bool = False) -> Any:
         """Batched units of work: ``await run(tx, items)`` handles many concurrent items of one
         kind in one go (set-wise statements, one round trip for all) and returns one result per
@@ -986,12 +1010,12 @@ class Storage:
                         break
         return results
 
-    async def lock_migrations(self, tx: Any) -> None:
+    async def lock_migrations(self, tx: Tx) -> None:
         """Keep other processes out while migrating (SQLite's write transaction already does)."""
 
     async def migrate(self) -> list[int]:
         """Apply the pending migrations in one transaction; return the versions applied."""
-        async def run(tx) -> list[int]:
+        async def run(tx: Tx) -> list[int]:
             await self.lock_migrations(tx)
             for statement in self.migration_statements(
                     "CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -1334,14 +1358,14 @@ class SqliteStorage(Storage):
     async def fetchall(self, sql: str, *args: Any) -> list[dict]:
         return [dict(r) for r in await self._reader.execute_fetchall(sql, args)]
 
-    async def transact(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def transact(self, fn: Callable[[Tx], Awaitable[Any]]) -> Any:
         if self._loop_task is None or self._loop_task.done():
             raise StorageError("the database is closed")
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((fn, future))
         return await future
 
-    async def submit(self, run: Callable[[Any, list], Awaitable[list]], item: Any,
+    async def submit(self, run: Callable[[Tx, list], Awaitable[list]], item: Any,
                      spread: bool = False) -> Any:
         if self._loop_task is None or self._loop_task.done():
             raise StorageError("the database is closed")
@@ -1379,7 +1403,7 @@ class SqliteStorage(Storage):
                 batch.append(item)
             await self._run_batch(batch)
 
-    async def _attempt(self, run: Callable[[Any, list], Awaitable[list]], items: list) -> list:
+    async def _attempt(self, run: Callable[[Tx, list], Awaitable[list]], items: list) -> list:
         tx = SqliteTx(self._writer)
         async with tx.savepoint():
             results = await run(tx, items)
@@ -1621,7 +1645,7 @@ class PostgresStorage(Storage):
     async def fetchall(self, sql: str, *args: Any) -> list[dict]:
         return [dict(r) for r in await self.pool.fetch(to_dollar_params(sql), *args)]
 
-    async def transact(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def transact(self, fn: Callable[[Tx], Awaitable[Any]]) -> Any:
         if self.pool is None:
             raise StorageError("the database is closed")
         async with self.pool.acquire() as conn:
@@ -1631,7 +1655,7 @@ class PostgresStorage(Storage):
                 await tx.flush()
                 return value
 
-    async def submit(self, run: Callable[[Any, list], Awaitable[list]], item: Any,
+    async def submit(self, run: Callable[[Tx, list], Awaitable[list]], item: Any,
                      spread: bool = False) -> Any:
         """Items wait while POSTGRES_BATCHES_IN_FLIGHT transactions of their kind run; the next
         free one takes all that wait (up to BATCH_MAX), or with `spread` its share of them. Under
@@ -1649,7 +1673,7 @@ class PostgresStorage(Storage):
             task.add_done_callback(self._flushes.discard)
         return await future
 
-    async def _attempt(self, run: Callable[[Any, list], Awaitable[list]], items: list) -> list:
+    async def _attempt(self, run: Callable[[Tx, list], Awaitable[list]], items: list) -> list:
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 tx = PostgresTx(conn, self.statement_cache_size > 0)
@@ -1657,7 +1681,7 @@ class PostgresStorage(Storage):
                 await tx.flush()
                 return results
 
-    async def _flush(self, run: Callable[[Any, list], Awaitable[list]]) -> None:
+    async def _flush(self, run: Callable[[Tx, list], Awaitable[list]]) -> None:
         import asyncpg
 
         retryable = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError,
@@ -1693,7 +1717,7 @@ class PostgresStorage(Storage):
             if idle:
                 self._idle[run] -= 1
 
-    async def lock_migrations(self, tx: Any) -> None:
+    async def lock_migrations(self, tx: Tx) -> None:
         # Several processes may start at once: one migrates, the others wait and find it done.
         await tx.execute(f"SELECT pg_advisory_xact_lock({self.MIGRATION_LOCK})")
 
@@ -1756,7 +1780,7 @@ async def get_company(db: Storage, company_id: str) -> Company | None:
     return Company.from_row(row) if row else None
 
 
-async def companies_by_id(tx, company_ids: set[str]) -> dict[str, Company]:
+async def companies_by_id(tx: Tx, company_ids: set[str]) -> dict[str, Company]:
     """The companies of a batch's items, read in one statement; unknown ids are left out."""
     where, args = tx.any_of("id", list(company_ids))
     return {row["id"]: Company.from_row(row)
@@ -1892,7 +1916,7 @@ async def create_company(db: Storage, company_id: str, name: str, settings: Mapp
     webhook_secret = new_secret("whs_")
     t = now()
 
-    async def run(tx) -> bool:
+    async def run(tx: Tx) -> bool:
         if await tx.fetchone("SELECT id FROM companies WHERE id = ?", company_id):
             return False
         await tx.execute(
@@ -1925,7 +1949,7 @@ async def create_token(db: Storage, company_id: str, name: str | None = None) ->
     """Make an API token for a company: {id, name, created_at, token}, the value shown once."""
     token = new_secret("wt_")
 
-    async def run(tx) -> dict | None:
+    async def run(tx: Tx) -> dict | None:
         if not await tx.fetchone("SELECT id FROM companies WHERE id = ?", company_id):
             return None
         return await tx.fetchone(
@@ -2215,7 +2239,7 @@ ROLLUP_UPSERT = (
     "matched = visit_rollup.matched + excluded.matched")
 
 
-def rollup_count(tx, visit: Mapping[str, Any], sign: int) -> None:
+def rollup_count(tx: Tx, visit: Mapping[str, Any], sign: int) -> None:
     """Add (sign 1) or take away (sign -1) `visit`'s contribution to the report counters. The
     transaction sums them per counter row and writes each row once, just before COMMIT."""
     bucket = int(visit["created_at"] // ROLLUP_BUCKET)
@@ -2231,7 +2255,7 @@ async def rebuild_rollup(db: Storage) -> int:
     """Recount visit_rollup from the visits (after visits were changed by hand); returns rows."""
     fill, = db.migration_statements(ROLLUP_FILL)
 
-    async def run(tx) -> int:
+    async def run(tx: Tx) -> int:
         await tx.execute("DELETE FROM visit_rollup")
         await tx.execute(fill)
         return (await tx.fetchone("SELECT COUNT(*) AS n FROM visit_rollup"))["n"]
@@ -2252,7 +2276,7 @@ TRACKING_EVENT_INSERT = (
     "utm_medium, utm_campaign, whatsapp_phone, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
-async def _known_visits(tx, items: list[TrackingInput], companies: Mapping[str, Any]
+async def _known_visits(tx: Tx, items: list[TrackingInput], companies: Mapping[str, Any]
                         ) -> tuple[dict, dict]:
     """The stored visits the items may continue: by (company, code) and the latest by (company,
     visitor)."""
@@ -2277,7 +2301,7 @@ async def _known_visits(tx, items: list[TrackingInput], companies: Mapping[str, 
     return by_code, latest
 
 
-async def insert_visits(tx, visits: list[dict]) -> None:
+async def insert_visits(tx: Tx, visits: list[dict]) -> None:
     """Insert new visits in one statement. A code somebody else holds (one not read, as a new
     random code among many stored ones may be, or one a concurrent transaction just took) is
     replaced by a new one and that visit inserted again: the others are not run again."""
@@ -2291,7 +2315,7 @@ async def insert_visits(tx, visits: list[dict]) -> None:
             visit["code"] = new_code()
 
 
-async def track_batch(tx, items: list[TrackingInput]) -> list:
+async def track_batch(tx: Tx, items: list[TrackingInput]) -> list:
     """Store tracking requests (Storage.submit's `run`): one (company, {session_id, visitor_id,
     code}) per item, or the HTTP error refusing it. Items are applied in order, so a visitor's
     two requests in one batch see each other, with a few set-wise statements for them all."""
@@ -2557,7 +2581,7 @@ LEAD_EVENT_INSERT = insert_sql("lead_events", LEAD_EVENT_COLUMNS)
 NEW_LEAD_EVENT_INSERT = insert_sql("lead_events", ("id", *LEAD_EVENT_COLUMNS))  # id from new_id
 
 
-async def record_event(tx, company: Company, lead_id: int, name: str, event_id: str,
+async def record_event(tx: Tx, company: Company, lead_id: int, name: str, event_id: str,
                        occurred_at: float, source: str, value: float | None = None,
                        currency: str | None = None, new: bool = False) -> tuple[dict, bool]:
     """Insert a lead event and its outbox rows; (event row, created). An existing event_id is
@@ -2612,7 +2636,7 @@ def delivery_json(row: Mapping[str, Any]) -> dict:
             "response": delivery_response(row.get("response"))}
 
 
-async def apply_label_edit(tx, company_id: str, connection_id: str, data: Any) -> dict:
+async def apply_label_edit(tx: Tx, company_id: str, connection_id: str, data: Any) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("id"), (str, int)):
         return {"ignored": "no label"}
     name = data.get("name") if isinstance(data.get("name"), str) else None
@@ -2626,7 +2650,7 @@ async def apply_label_edit(tx, company_id: str, connection_id: str, data: Any) -
     return {"label": str(data["id"])}
 
 
-async def apply_label_association(tx, company: Company, connection_id: str, data: Any) -> dict:
+async def apply_label_association(tx: Tx, company: Company, connection_id: str, data: Any) -> dict:
     """A label added to a lead's chat records the event the company mapped that label to."""
     if not isinstance(data, dict) or data.get("type") != "add":
         return {"ignored": "not a label added"}
@@ -2661,7 +2685,7 @@ async def apply_label_association(tx, company: Company, connection_id: str, data
 # Domain: connections, contacts and leads
 # ##################################################################################################
 
-async def ensure_connection(tx, company_id: str, connection_id: str) -> dict:
+async def ensure_connection(tx: Tx, company_id: str, connection_id: str) -> dict:
     """The connection row for an Evolution instance, created the first time it is heard from
     (kept in the transaction's memo: a batch of messages to one number reads it once)."""
     key = ("connection", company_id, connection_id)
@@ -2682,7 +2706,7 @@ CONTACT_COLUMNS = ("id", "company_id", "phone", "lid", "name", "created_at", "up
 CONTACT_INSERT = insert_sql("contacts", CONTACT_COLUMNS)
 
 
-async def prefetch_contacts(tx, company_id: str, msgs: list[InboundMessage]) -> None:
+async def prefetch_contacts(tx: Tx, company_id: str, msgs: list[InboundMessage]) -> None:
     """Read the contacts of the senders of `msgs` (by phone and by LID, in one statement) into
     the transaction's memo, where `resolve_contact` finds them; a sender form not found is
     remembered as unknown."""
@@ -2708,7 +2732,7 @@ async def prefetch_contacts(tx, company_id: str, msgs: list[InboundMessage]) -> 
                 tx.memo[("contact", company_id, form, row[form])] = row
 
 
-async def resolve_contact(tx, company_id: str, msg: InboundMessage) -> tuple[dict, bool]:
+async def resolve_contact(tx: Tx, company_id: str, msg: InboundMessage) -> tuple[dict, bool]:
     """Find or create the sender's contact, merging a LID-only contact once the phone is known.
     Returns (contact, is_new). A new contact is written at the end of the transaction; until
     then it lives in the memo, where the sender's next message in the transaction finds it."""
@@ -2762,7 +2786,7 @@ async def resolve_contact(tx, company_id: str, msg: InboundMessage) -> tuple[dic
     return dict(contact), False
 
 
-async def insert_messages(tx, company_id: str, keys: list[tuple[str, str]]) -> None:
+async def insert_messages(tx: Tx, company_id: str, keys: list[tuple[str, str]]) -> None:
     """Record inbound messages, (connection_id, message_id) each, in one statement: the memo
     gets each one's row id, or None for a message seen before (a redelivery)."""
     keys = list(dict.fromkeys(keys))
@@ -2784,7 +2808,7 @@ CODE_VISIT_SELECT = (
     "WHERE v.company_id = ? AND v.expires_at > ? AND ")
 
 
-async def prefetch_code_visits(tx, company_id: str, codes: list[str]) -> None:
+async def prefetch_code_visits(tx: Tx, company_id: str, codes: list[str]) -> None:
     """Read the live visits of `codes` (and whether a lead took each code) in one statement,
     into the transaction's memo, where `_visit_for_code` finds them."""
     codes = [c for c in dict.fromkeys(codes) if ("code visit", company_id, c) not in tx.memo]
@@ -2797,7 +2821,7 @@ async def prefetch_code_visits(tx, company_id: str, codes: list[str]) -> None:
         tx.memo[("code visit", company_id, code)] = found.get(code)
 
 
-async def _visit_for_code(tx, company_id: str, codes: list[str], contact_id: int
+async def _visit_for_code(tx: Tx, company_id: str, codes: list[str], contact_id: int
                           ) -> tuple[dict | None, str | None]:
     """The live visit of the first code that can attribute this contact, or why none can."""
     reason = None
@@ -2818,7 +2842,7 @@ async def _visit_for_code(tx, company_id: str, codes: list[str], contact_id: int
     return None, reason
 
 
-async def _window_visit(tx, company: Company, connection: dict) -> dict | None:
+async def _window_visit(tx: Tx, company: Company, connection: dict) -> dict | None:
     if not company.settings["window_match"] or not connection.get("phone"):
         return None
     await tx.flush()  # visits matched earlier in this transaction are not free
@@ -2836,7 +2860,7 @@ LEAD_INSERT = insert_sql("leads", (
     "clicked_at", "created_at"))
 
 
-async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
+async def insert_lead(tx: Tx, company: Company, connection_id: str, contact: dict,
                       msg: InboundMessage, method: str, confidence: float, visit: dict | None,
                       attribution: dict, context_info: dict | None) -> int | None:
     """Insert a lead and its `lead` event; None if its code or ad click is already taken."""
@@ -2877,7 +2901,7 @@ async def insert_lead(tx, company: Company, connection_id: str, contact: dict,
     return lead_id
 
 
-async def match_message(tx, company: Company, connection: dict, msg: InboundMessage) -> dict:
+async def match_message(tx: Tx, company: Company, connection: dict, msg: InboundMessage) -> dict:
     """Apply SPEC §6's lead rules to one inbound message inside a unit of work."""
     key = ("message", company.id, connection["id"], msg.message_id)
     if key not in tx.memo:
@@ -2934,7 +2958,7 @@ async def match_message(tx, company: Company, connection: dict, msg: InboundMess
     return result
 
 
-async def apply_connection_update(tx, company_id: str, connection_id: str, data: Any) -> dict:
+async def apply_connection_update(tx: Tx, company_id: str, connection_id: str, data: Any) -> dict:
     if not isinstance(data, dict):
         return {"ignored": "no data"}
     await ensure_connection(tx, company_id, connection_id)
@@ -2961,7 +2985,7 @@ def qr_string(value: Any) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= QR_CODE_MAX else None
 
 
-async def apply_qrcode_update(tx, company_id: str, connection_id: str, data: Any) -> dict:
+async def apply_qrcode_update(tx: Tx, company_id: str, connection_id: str, data: Any) -> dict:
     qr = data.get("qrcode") if isinstance(data, dict) else None
     await ensure_connection(tx, company_id, connection_id)
     tx.memo.pop(("connection", company_id, connection_id))  # changed below
@@ -3004,7 +3028,7 @@ def inbound_message(envelope: Any, event_hint: str = "") -> tuple[str, InboundMe
     return (instance, msg) if isinstance(msg, InboundMessage) else None
 
 
-async def process_envelope(tx, company: Company, envelope: Any, event_hint: str = "") -> dict:
+async def process_envelope(tx: Tx, company: Company, envelope: Any, event_hint: str = "") -> dict:
     """Process one Evolution webhook envelope inside a unit of work."""
     if not isinstance(envelope, dict):
         return {"ignored": "not an Evolution envelope"}
@@ -3262,7 +3286,7 @@ async def purge_expired(db: Storage, retention_days: int) -> dict:
                           ("webhook_deliveries", "received_at"), ("messages", "created_at")):
         total = 0
         while True:
-            async def run(tx, table=table, column=column) -> int:
+            async def run(tx: Tx, table=table, column=column) -> int:
                 return await tx.execute(
                     f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} "
                     f"WHERE {column} < ? ORDER BY id LIMIT ?)", cutoff, RETENTION_CHUNK)
@@ -3913,7 +3937,7 @@ async def claim_deliveries(db: Storage, lock_seconds: float, limit: int = 16,
     all of the workers. Due: pending rows whose time has come, and rows a crashed worker left
     `sending` past their lock. Safe with several processes (SKIP LOCKED). A large backlog costs
     one grouped scan (no sort of it): only each chosen company's first rows are read."""
-    async def run(tx) -> list[dict]:
+    async def run(tx: Tx) -> list[dict]:
         ts = now()
         companies = await tx.fetchall(
             "SELECT company_id, MIN(CASE WHEN status = 'pending' OR locked_until < ? THEN "
@@ -3978,7 +4002,7 @@ async def finish_delivery(db: Storage, row: Mapping[str, Any], outcome: Outcome,
                 wait = max(wait, min(outcome.retry_after, 86400))
             next_at = ts + wait
 
-    async def run(tx) -> None:
+    async def run(tx: Tx) -> None:
         await tx.execute(
             "UPDATE deliveries SET status = ?, next_attempt_at = ?, locked_until = NULL, "
             "last_status = ?, last_error = ?, response = ?, delivered_at = ?, updated_at = ? "
@@ -4752,7 +4776,7 @@ def redact_apikey(raw: bytes) -> bytes:
     return b"".join(parts) + raw[start:] if parts else raw
 
 
-async def _store_delivery(tx, company_id: str | None, source: str, raw: bytes,
+async def _store_delivery(tx: Tx, company_id: str | None, source: str, raw: bytes,
                           headers: Mapping[str, str], envelope: Any, status: str = "received",
                           result: dict | None = None, error: str | None = None,
                           delivery_id: int | None = None) -> int:
@@ -4781,7 +4805,7 @@ async def _store_delivery(tx, company_id: str | None, source: str, raw: bytes,
     return row["id"]
 
 
-async def _header_authenticated(tx, company: Company, given: str | None,
+async def _header_authenticated(tx: Tx, company: Company, given: str | None,
                                 envelope: Any) -> bool:
     """The company's webhook secret, or the secret of the connection the envelope names (a
     connection's secret speaks for that instance only, and only while it is not deleted). Both
@@ -4799,7 +4823,7 @@ async def _header_authenticated(tx, company: Company, given: str | None,
     return bool(row) and same_secret(given, row["webhook_secret"])
 
 
-async def _apikey_authenticated(tx, company: Company, envelope: Any) -> bool:
+async def _apikey_authenticated(tx: Tx, company: Company, envelope: Any) -> bool:
     if not isinstance(envelope, dict):
         return False
     instance, apikey = envelope.get("instance"), envelope.get("apikey")
@@ -4810,7 +4834,7 @@ async def _apikey_authenticated(tx, company: Company, envelope: Any) -> bool:
     return bool(row) and same_secret(apikey, row["instance_token"])
 
 
-async def ingest_envelope(tx, company: Company, raw: bytes, envelope: Any,
+async def ingest_envelope(tx: Tx, company: Company, raw: bytes, envelope: Any,
                           headers: Mapping[str, str], source: str, event_hint: str = "",
                           delivery_id: int | None = None, isolated: bool = True) -> dict:
     """Process a delivery and store its raw body with the outcome; both commit together, but a
@@ -4867,7 +4891,7 @@ class WebhookInput:
     accepted: bool = False  # set by the batch: authenticated, so its body may be stored
 
 
-async def prefetch_messages(tx, inbound: list[tuple[str, str, InboundMessage]],
+async def prefetch_messages(tx: Tx, inbound: list[tuple[str, str, InboundMessage]],
                             record: bool) -> collections.Counter:
     """What the messages of a batch of deliveries, (company_id, instance, message) each, will
     read, in one statement per kind instead of one per message: the visits of their codes, their
@@ -4903,7 +4927,7 @@ async def prefetch_messages(tx, inbound: list[tuple[str, str, InboundMessage]],
     return wanted
 
 
-async def webhook_batch(tx, items: list[WebhookInput]) -> list:
+async def webhook_batch(tx: Tx, items: list[WebhookInput]) -> list:
     """Ingest Evolution deliveries (Storage.submit's `run`): one result per item, or the HTTP
     error refusing it (a refusal stores nothing). Items are applied in order in one transaction:
     each company is read once, what their messages read is read for all at once, and the writes
@@ -5090,7 +5114,7 @@ async def update_company(request: web.Request) -> web.Response:
     url = evolution.get("evolution_url", company.evolution_url)
     key = evolution.get("evolution_key", company.evolution_key)
 
-    async def run(tx) -> None:
+    async def run(tx: Tx) -> None:
         await tx.execute(
             "UPDATE companies SET name = ?, settings = ?, evolution_url = ?, evolution_key = ?, "
             "webhook_secret = ?, updated_at = ? WHERE id = ?",
@@ -5364,7 +5388,7 @@ async def update_connection(db: Storage, company_id: str, connection_id: str, **
                             ) -> None:
     assignments = ", ".join(f"{name} = ?" for name in fields)
 
-    async def run(tx) -> None:
+    async def run(tx: Tx) -> None:
         await tx.execute(f"UPDATE connections SET {assignments}, updated_at = ? "
                          "WHERE company_id = ? AND id = ?",
                          *fields.values(), now(), company_id, connection_id)
@@ -5479,7 +5503,7 @@ async def store_adopted(db: Storage, company: Company, connection_id: str, found
     phone = digits(jid_user(owner)) if owner.endswith(JID_PHONE) else None
     ts = now()
 
-    async def run(tx) -> dict:
+    async def run(tx: Tx) -> dict:
         return await tx.fetchone(
             "INSERT INTO connections (company_id, id, state, phone, profile_name, picture_url, "
             "instance_id, instance_token, webhook_secret, verified, created_at, updated_at) "
@@ -5556,7 +5580,7 @@ async def create_instance(request: web.Request) -> web.Response:
     pairing = qr.get("pairingCode") if isinstance(qr.get("pairingCode"), str) else None
     ts = now()
 
-    async def run(tx) -> dict:
+    async def run(tx: Tx) -> dict:
         # A connection deleted earlier under this name, or known only from webhooks, comes back
         # to life with new secrets; all undone when another company took the name meanwhile.
         await tx.execute("DELETE FROM connections WHERE company_id = ? AND id = ?",
@@ -5626,7 +5650,7 @@ async def delete_instance_completely(request: web.Request) -> web.Response:
     await get_connection(db, company.id, connection_id, include_deleted=True)
     existed = await evolution_call(evolution_for(request, company).delete(connection_id))
 
-    async def run(tx) -> None:
+    async def run(tx: Tx) -> None:
         await tx.execute("DELETE FROM connections WHERE company_id = ? AND id = ?",
                          company.id, connection_id)
 
@@ -5668,7 +5692,7 @@ async def signing_key(db: Storage, company: Company) -> str:
     if company.signing_key:
         return company.signing_key
 
-    async def run(tx) -> str:
+    async def run(tx: Tx) -> str:
         await tx.execute("UPDATE companies SET signing_key = ? WHERE id = ? AND "
                          "signing_key IS NULL", new_secret("sk_"), company.id)
         row = await tx.fetchone("SELECT signing_key FROM companies WHERE id = ?", company.id)
@@ -6151,7 +6175,7 @@ async def retry_delivery(request: web.Request) -> web.Response:
     if delivery_id is None:
         raise http_error(404, "Not found")
 
-    async def run(tx) -> dict | None:
+    async def run(tx: Tx) -> dict | None:
         row = await tx.fetchone("SELECT * FROM deliveries WHERE id = ? AND company_id = ?",
                                 delivery_id, company.id)
         if row is None or row["status"] != "failed":
@@ -6358,7 +6382,7 @@ async def erase_contact(db: Storage, company_id: str, phone: str) -> dict:
     """Erase one person (LGPD/GDPR): their leads with events and deliveries, message records,
     the contact, and the raw webhook bodies that mention the number. Visits stay (they hold no
     personal data) but their codes are spent, so nobody else can be matched to them."""
-    async def run(tx) -> dict:
+    async def run(tx: Tx) -> dict:
         contacts = [r["id"] for r in await tx.fetchall(
             "SELECT id FROM contacts WHERE company_id = ? AND phone = ?", company_id, phone)]
         lead_rows = await tx.fetchall(
@@ -6396,7 +6420,7 @@ async def erase_contact(db: Storage, company_id: str, phone: str) -> dict:
                                "WHERE company_id = ?", company_id)
     low, high = bounds["low"], bounds["high"]
     while low is not None and low <= high:
-        async def scan(tx, start=low) -> int:
+        async def scan(tx: Tx, start=low) -> int:
             return await tx.execute(
                 "DELETE FROM webhook_deliveries WHERE company_id = ? AND id >= ? AND id < ? "
                 f"AND {db.blob_contains('body')}", company_id, start, start + ERASE_WINDOW,
