@@ -1057,6 +1057,9 @@ class Storage:
         return [s.strip() for s in sql.split(";") if s.strip()]
 
 
+_WRITTEN_TABLE_RE = re.compile(r"\s*(?:INSERT INTO|UPDATE|DELETE FROM)\s+(\w+)", re.I)
+
+
 class DeferredWrites:
     """What a transaction object keeps for the end of its transaction (both dialects).
 
@@ -1076,15 +1079,27 @@ class DeferredWrites:
       several tables in one statement where that saves round trips (Postgres).
 
     A savepoint flushes on entry and, when rolled back, drops what was deferred inside it along
-    with the memo. The storages flush before every COMMIT.
+    with the memo. The storages flush before every COMMIT. And a statement run now (a read, or a
+    write that reads) flushes first when its text names a table with writes pending: the unit
+    sees its own writes, and writes to tables nobody reads back still go set-wise at the end.
     """
 
     def _start(self) -> None:
         self._deferred: list[tuple[str, Any]] = []
         self._sums: dict[str, dict[tuple, tuple]] = {}
+        self._tables: set[str] = set()  # the tables with writes pending
         self.memo: dict[Any, Any] = {}
 
+    async def _see_pending(self, sql: str) -> None:
+        """Flush before `sql` when it names a table with writes pending (free when none are)."""
+        if self._tables and any(re.search(rf"\b{t}\b", sql) for t in self._tables):
+            await self.flush()
+
+    def _pending(self, sql: str) -> None:
+        self._tables.add(_WRITTEN_TABLE_RE.match(sql)[1])
+
     def defer(self, sql: str, *args: Any) -> None:
+        self._pending(sql)
         self._deferred.append((sql, args))
 
     def defer_row(self, sql: str, row: dict, columns: tuple[str, ...]) -> None:
@@ -1093,9 +1108,11 @@ class DeferredWrites:
             return tuple(row[c] for c in columns)
 
         row["_pending"] = True
+        self._pending(sql)
         self._deferred.append((sql, values))
 
     def add(self, sql: str, key: tuple, values: tuple) -> None:
+        self._pending(sql)
         sums = self._sums.setdefault(sql, {})
         old = sums.get(key)
         sums[key] = values if old is None else tuple(a + b for a, b in zip(old, values))
@@ -1103,6 +1120,7 @@ class DeferredWrites:
     async def flush(self) -> None:
         deferred, sums = self._deferred, self._sums
         self._deferred, self._sums = [], {}
+        self._tables.clear()
         grouped: dict[str, list[tuple]] = {}
         for sql, args in deferred:
             grouped.setdefault(sql, []).append(args() if callable(args) else args)
@@ -1115,6 +1133,7 @@ class DeferredWrites:
 
     def _discard(self) -> None:
         self._deferred, self._sums = [], {}
+        self._tables.clear()
         self.memo.clear()
 
 
@@ -1135,6 +1154,7 @@ class SqliteTx(DeferredWrites):
         self._start()
 
     async def fetchone(self, sql: str, *args: Any) -> dict | None:
+        await self._see_pending(sql)
         cur = self.conn.execute(sql, args)
         try:
             row = cur.fetchone()
@@ -1143,6 +1163,7 @@ class SqliteTx(DeferredWrites):
         return dict(row) if row is not None else None
 
     async def fetchall(self, sql: str, *args: Any) -> list[dict]:
+        await self._see_pending(sql)
         cur = self.conn.execute(sql, args)
         try:
             return [dict(r) for r in cur.fetchall()]
@@ -1151,6 +1172,7 @@ class SqliteTx(DeferredWrites):
 
     async def execute(self, sql: str, *args: Any) -> int:
         """Run a statement; return the number of rows it changed."""
+        await self._see_pending(sql)
         cur = self.conn.execute(sql, args)
         try:
             return cur.rowcount
@@ -1478,13 +1500,16 @@ class PostgresTx(DeferredWrites):
         self._start()
 
     async def fetchone(self, sql: str, *args: Any) -> dict | None:
+        await self._see_pending(sql)
         row = await self.conn.fetchrow(to_dollar_params(sql), *args)
         return dict(row) if row is not None else None
 
     async def fetchall(self, sql: str, *args: Any) -> list[dict]:
+        await self._see_pending(sql)
         return [dict(r) for r in await self.conn.fetch(to_dollar_params(sql), *args)]
 
     async def execute(self, sql: str, *args: Any) -> int:
+        await self._see_pending(sql)
         status = await self.conn.execute(to_dollar_params(sql), *args)
         tail = status.rsplit(" ", 1)[-1]
         return int(tail) if tail.isdigit() else 0
@@ -2667,7 +2692,6 @@ async def apply_label_association(tx: Tx, company: Company, connection_id: str, 
         return {"ignored": "label not mapped to an event"}
     column, value = ("lid", jid_user(chat)) if chat.endswith(JID_LID) else \
         ("phone", digits(jid_user(chat)))
-    await tx.flush()  # a contact and lead made earlier in this transaction may not be written yet
     lead = await tx.fetchone(
         f"SELECT l.id FROM leads l JOIN contacts c ON c.id = l.contact_id "
         f"WHERE c.company_id = ? AND c.{column} = ? ORDER BY l.id DESC LIMIT 1",
@@ -2762,8 +2786,7 @@ async def resolve_contact(tx: Tx, company_id: str, msg: InboundMessage) -> tuple
     folded = by_lid is not None and by_lid is not contact
     if not folded and (phone, lid) == (contact["phone"], contact["lid"]):
         return dict(contact), False
-    # A form of the sender learned (rare): write what waits first, then change the rows.
-    await tx.flush()
+    # A form of the sender learned (rare): change the rows (what waits is written first).
     if folded:  # the same person was first known only by LID: fold that contact into this one
         await tx.execute("UPDATE leads SET contact_id = ?, phone = ? WHERE contact_id = ?",
                          by_phone["id"], msg.phone, by_lid["id"])
@@ -2845,7 +2868,6 @@ async def _visit_for_code(tx: Tx, company_id: str, codes: list[str], contact_id:
 async def _window_visit(tx: Tx, company: Company, connection: dict) -> dict | None:
     if not company.settings["window_match"] or not connection.get("phone"):
         return None
-    await tx.flush()  # visits matched earlier in this transaction are not free
     since = now() - company.settings["window_minutes"] * 60
     rows = await tx.fetchall(
         "SELECT * FROM visits WHERE company_id = ? AND click_phone = ? AND clicked_at >= ? "
