@@ -2709,11 +2709,62 @@ async def apply_label_association(tx: Tx, company: Company, connection_id: str, 
 # Domain: connections, contacts and leads
 # ##################################################################################################
 
+class UnitCache:
+    """What a unit of work of this domain has read, kept for the rest of the unit so a batch
+    reads each row once: connections, contacts by phone and by LID (None: known not to exist),
+    the live visit of a code (with whether a lead took it), and the row id of a message recorded
+    in the unit. A getter answers `UNKNOWN` for what the unit has not read yet. Whoever changes
+    such a row says so through the matching setter or invalidator. The cache lives in `tx.memo`,
+    which a rolled-back savepoint clears with what was written inside it."""
+
+    UNKNOWN: Any = object()
+    __slots__ = ("_memo",)
+
+    def __init__(self, tx: Tx) -> None:
+        self._memo = tx.memo
+
+    def connection(self, company_id: str, connection_id: str) -> dict | Any:
+        return self._memo.get(("connection", company_id, connection_id), self.UNKNOWN)
+
+    def set_connection(self, company_id: str, connection_id: str, row: dict) -> None:
+        self._memo[("connection", company_id, connection_id)] = row
+
+    def forget_connection(self, company_id: str, connection_id: str) -> None:
+        self._memo.pop(("connection", company_id, connection_id), None)
+
+    def contact(self, company_id: str, form: str, value: str) -> dict | None | Any:
+        """The contact whose `form` ("phone" or "lid") is `value`; None: there is none."""
+        return self._memo.get(("contact", company_id, form, value), self.UNKNOWN)
+
+    def set_contact(self, company_id: str, form: str, value: str, row: dict | None) -> None:
+        self._memo[("contact", company_id, form, value)] = row
+
+    def code_visit(self, company_id: str, code: str) -> dict | None | Any:
+        """The live visit of `code` with `code_lead_id`/`code_contact_id`; None: none is live."""
+        return self._memo.get(("code visit", company_id, code), self.UNKNOWN)
+
+    def set_code_visit(self, company_id: str, code: str, row: dict | None) -> None:
+        self._memo[("code visit", company_id, code)] = row
+
+    def has_message(self, company_id: str, connection_id: str, message_id: str) -> bool:
+        return ("message", company_id, connection_id, message_id) in self._memo
+
+    def set_message(self, company_id: str, connection_id: str, message_id: str,
+                    row_id: int | None) -> None:
+        """The message's row id recorded in this unit, or None for one seen before."""
+        self._memo[("message", company_id, connection_id, message_id)] = row_id
+
+    def take_message(self, company_id: str, connection_id: str, message_id: str) -> int | None:
+        """The row id, forgotten: a second copy in the unit is recorded (and refused) anew."""
+        return self._memo.pop(("message", company_id, connection_id, message_id))
+
+
 async def ensure_connection(tx: Tx, company_id: str, connection_id: str) -> dict:
     """The connection row for an Evolution instance, created the first time it is heard from
-    (kept in the transaction's memo: a batch of messages to one number reads it once)."""
-    key = ("connection", company_id, connection_id)
-    if key not in tx.memo:
+    (kept in the unit's cache: a batch of messages to one number reads it once)."""
+    cache = UnitCache(tx)
+    row = cache.connection(company_id, connection_id)
+    if row is cache.UNKNOWN:
         select = "SELECT * FROM connections WHERE company_id = ? AND id = ?"
         row = await tx.fetchone(select, company_id, connection_id)
         if row is None:
@@ -2722,8 +2773,8 @@ async def ensure_connection(tx: Tx, company_id: str, connection_id: str) -> dict
                              "VALUES (?, ?, ?, ?) ON CONFLICT (company_id, id) DO NOTHING",
                              company_id, connection_id, ts, ts)
             row = await tx.fetchone(select, company_id, connection_id)
-        tx.memo[key] = row
-    return tx.memo[key]
+        cache.set_connection(company_id, connection_id, row)
+    return row
 
 
 CONTACT_COLUMNS = ("id", "company_id", "phone", "lid", "name", "created_at", "updated_at")
@@ -2732,12 +2783,14 @@ CONTACT_INSERT = insert_sql("contacts", CONTACT_COLUMNS)
 
 async def prefetch_contacts(tx: Tx, company_id: str, msgs: list[InboundMessage]) -> None:
     """Read the contacts of the senders of `msgs` (by phone and by LID, in one statement) into
-    the transaction's memo, where `resolve_contact` finds them; a sender form not found is
-    remembered as unknown."""
+    the unit's cache, where `resolve_contact` finds them; a sender form not found is
+    remembered as having no contact."""
+    cache = UnitCache(tx)
     wanted = {}
     for form in ("phone", "lid"):
         values = {getattr(m, form) for m in msgs if getattr(m, form)}
-        wanted[form] = [v for v in values if ("contact", company_id, form, v) not in tx.memo]
+        wanted[form] = [v for v in values
+                        if cache.contact(company_id, form, v) is cache.UNKNOWN]
     if not wanted["phone"] and not wanted["lid"]:
         return
     # One SELECT per column, joined: an OR of the two is planned by SQLite as a scan.
@@ -2749,22 +2802,22 @@ async def prefetch_contacts(tx: Tx, company_id: str, msgs: list[InboundMessage])
             args += [company_id, *more]
     for form, values in wanted.items():
         for value in values:
-            tx.memo[("contact", company_id, form, value)] = None
+            cache.set_contact(company_id, form, value, None)
     for row in await tx.fetchall(" UNION ".join(parts), *args):
         for form in ("phone", "lid"):
             if row[form]:
-                tx.memo[("contact", company_id, form, row[form])] = row
+                cache.set_contact(company_id, form, row[form], row)
 
 
 async def resolve_contact(tx: Tx, company_id: str, msg: InboundMessage) -> tuple[dict, bool]:
     """Find or create the sender's contact, merging a LID-only contact once the phone is known.
     Returns (contact, is_new). A new contact is written at the end of the transaction; until
-    then it lives in the memo, where the sender's next message in the transaction finds it."""
+    then it lives in the unit's cache, where the sender's next message in the unit finds it."""
     ts = now()
     await prefetch_contacts(tx, company_id, [msg])  # (nothing to read when prefetched)
-    memo = tx.memo
-    by_phone = msg.phone and memo[("contact", company_id, "phone", msg.phone)]
-    by_lid = msg.lid and memo[("contact", company_id, "lid", msg.lid)]
+    cache = UnitCache(tx)
+    by_phone = msg.phone and cache.contact(company_id, "phone", msg.phone)
+    by_lid = msg.lid and cache.contact(company_id, "lid", msg.lid)
     if by_phone is None and by_lid is None:
         contact = {"id": await tx.new_id("contacts"), "company_id": company_id,
                    "phone": msg.phone, "lid": msg.lid, "name": msg.name, "created_at": ts,
@@ -2772,7 +2825,7 @@ async def resolve_contact(tx: Tx, company_id: str, msg: InboundMessage) -> tuple
         tx.defer_row(CONTACT_INSERT, contact, CONTACT_COLUMNS)  # a taken phone or LID fails
         for form in ("phone", "lid"):  # the batch, which is then run item by item
             if contact[form]:
-                memo[("contact", company_id, form, contact[form])] = contact
+                cache.set_contact(company_id, form, contact[form], contact)
         return dict(contact), True
     for row in {id(r): r for r in (by_phone, by_lid) if r}.values():
         # This message's name and time, on the contact (and on one about to be folded into it).
@@ -2792,7 +2845,7 @@ async def resolve_contact(tx: Tx, company_id: str, msg: InboundMessage) -> tuple
                          by_phone["id"], msg.phone, by_lid["id"])
         await tx.execute("DELETE FROM contacts WHERE id = ?", by_lid["id"])
         if by_lid["phone"]:
-            memo[("contact", company_id, "phone", by_lid["phone"])] = None
+            cache.set_contact(company_id, "phone", by_lid["phone"], None)
     if phone != contact["phone"]:
         await tx.execute("UPDATE leads SET phone = ? WHERE contact_id = ? AND phone IS NULL",
                          phone, contact["id"])
@@ -2805,24 +2858,25 @@ async def resolve_contact(tx: Tx, company_id: str, msg: InboundMessage) -> tuple
     contact.update(phone=phone, lid=lid)
     for form in ("phone", "lid"):
         if contact[form]:
-            memo[("contact", company_id, form, contact[form])] = contact
+            cache.set_contact(company_id, form, contact[form], contact)
     return dict(contact), False
 
 
 async def insert_messages(tx: Tx, company_id: str, keys: list[tuple[str, str]]) -> None:
-    """Record inbound messages, (connection_id, message_id) each, in one statement: the memo
-    gets each one's row id, or None for a message seen before (a redelivery)."""
+    """Record inbound messages, (connection_id, message_id) each, in one statement: the unit's
+    cache gets each one's row id, or None for a message seen before (a redelivery)."""
     keys = list(dict.fromkeys(keys))
     ts = now()
+    cache = UnitCache(tx)
     rows, args = tx.rows_of(("text", "text", "text", "float8"),
                             [(company_id, c, m, ts) for c, m in keys])
     for c, m in keys:
-        tx.memo[("message", company_id, c, m)] = None
+        cache.set_message(company_id, c, m, None)
     for row in await tx.fetchall(
             f"INSERT INTO messages (company_id, connection_id, message_id, created_at) {rows} "
             "ON CONFLICT (company_id, connection_id, message_id) DO NOTHING "
             "RETURNING id, connection_id, message_id", *args):
-        tx.memo[("message", company_id, row["connection_id"], row["message_id"])] = row["id"]
+        cache.set_message(company_id, row["connection_id"], row["message_id"], row["id"])
 
 
 CODE_VISIT_SELECT = (
@@ -2833,25 +2887,27 @@ CODE_VISIT_SELECT = (
 
 async def prefetch_code_visits(tx: Tx, company_id: str, codes: list[str]) -> None:
     """Read the live visits of `codes` (and whether a lead took each code) in one statement,
-    into the transaction's memo, where `_visit_for_code` finds them."""
-    codes = [c for c in dict.fromkeys(codes) if ("code visit", company_id, c) not in tx.memo]
+    into the unit's cache, where `_visit_for_code` finds them."""
+    cache = UnitCache(tx)
+    codes = [c for c in dict.fromkeys(codes)
+             if cache.code_visit(company_id, c) is cache.UNKNOWN]
     if not codes:
         return
     where, args = tx.any_of("v.code", codes)
     found = {row["code"]: row for row in
              await tx.fetchall(CODE_VISIT_SELECT + where, company_id, now(), *args)}
     for code in codes:
-        tx.memo[("code visit", company_id, code)] = found.get(code)
+        cache.set_code_visit(company_id, code, found.get(code))
 
 
 async def _visit_for_code(tx: Tx, company_id: str, codes: list[str], contact_id: int
                           ) -> tuple[dict | None, str | None]:
     """The live visit of the first code that can attribute this contact, or why none can."""
-    reason = None
+    reason, cache = None, UnitCache(tx)
     for code in codes:
-        key = ("code visit", company_id, code)
-        if key in tx.memo:
-            visit = tx.memo[key] and dict(tx.memo[key])
+        visit = cache.code_visit(company_id, code)
+        if visit is not cache.UNKNOWN:
+            visit = visit and dict(visit)
         else:
             visit = await tx.fetchone(CODE_VISIT_SELECT + "v.code = ?", company_id, now(), code)
         if visit is None:
@@ -2925,10 +2981,10 @@ async def insert_lead(tx: Tx, company: Company, connection_id: str, contact: dic
 
 async def match_message(tx: Tx, company: Company, connection: dict, msg: InboundMessage) -> dict:
     """Apply SPEC §6's lead rules to one inbound message inside a unit of work."""
-    key = ("message", company.id, connection["id"], msg.message_id)
-    if key not in tx.memo:
+    cache = UnitCache(tx)
+    if not cache.has_message(company.id, connection["id"], msg.message_id):
         await insert_messages(tx, company.id, [(connection["id"], msg.message_id)])
-    message_row_id = tx.memo.pop(key)  # (a second copy in the transaction inserts anew)
+    message_row_id = cache.take_message(company.id, connection["id"], msg.message_id)
     if message_row_id is None:
         return {"ignored": "duplicate"}
     contact, is_new = await resolve_contact(tx, company.id, msg)
@@ -2943,9 +2999,9 @@ async def match_message(tx: Tx, company: Company, connection: dict, msg: Inbound
         if lead_id is None:
             reason = "code already matched"
         else:  # the code is taken now, by this contact (and the visit has its lead)
-            tx.memo[("code visit", company.id, visit["code"])] = {
+            cache.set_code_visit(company.id, visit["code"], {
                 **visit, "lead_id": visit["lead_id"] or lead_id, "code_lead_id": lead_id,
-                "code_contact_id": contact["id"]}
+                "code_contact_id": contact["id"]})
     elif msg.ad_context is not None:
         attribution = ad_attribution(msg.ad_context)
         clid = attribution["ctwa_clid"]
@@ -2984,7 +3040,7 @@ async def apply_connection_update(tx: Tx, company_id: str, connection_id: str, d
     if not isinstance(data, dict):
         return {"ignored": "no data"}
     await ensure_connection(tx, company_id, connection_id)
-    tx.memo.pop(("connection", company_id, connection_id))  # changed below
+    UnitCache(tx).forget_connection(company_id, connection_id)  # changed below
     state = data.get("state") if isinstance(data.get("state"), str) else None
     wuid = data.get("wuid")
     phone = digits(jid_user(wuid)) if isinstance(wuid, str) and wuid.endswith(JID_PHONE) else None
@@ -3010,7 +3066,7 @@ def qr_string(value: Any) -> str | None:
 async def apply_qrcode_update(tx: Tx, company_id: str, connection_id: str, data: Any) -> dict:
     qr = data.get("qrcode") if isinstance(data, dict) else None
     await ensure_connection(tx, company_id, connection_id)
-    tx.memo.pop(("connection", company_id, connection_id))  # changed below
+    UnitCache(tx).forget_connection(company_id, connection_id)  # changed below
     if not isinstance(qr, dict) or qr_string(qr.get("code")) is None:
         # "QR code limit reached": Evolution gave up waiting for a scan. (Or no QR at all: longer
         # than QR_CODE_MAX. Either way the QR shown until now is stale.)
@@ -4923,7 +4979,7 @@ async def prefetch_messages(tx: Tx, inbound: list[tuple[str, str, InboundMessage
     by_company: dict[str, list[tuple[str, InboundMessage]]] = {}
     for company_id, instance, msg in inbound:
         by_company.setdefault(company_id, []).append((instance, msg))
-    wanted = collections.Counter()
+    wanted, cache = collections.Counter(), UnitCache(tx)
     for company_id, found in by_company.items():
         msgs = [msg for _, msg in found]
         codes = {msg.message_id: find_codes(msg.text) for msg in msgs}
@@ -4935,14 +4991,14 @@ async def prefetch_messages(tx: Tx, inbound: list[tuple[str, str, InboundMessage
             await insert_messages(tx, company_id, [(i, msg.message_id) for i, msg in found])
         senders = set()
         for msg in msgs:  # the rows they will likely make
-            known = [tx.memo[("contact", company_id, form, getattr(msg, form))]
+            known = [cache.contact(company_id, form, getattr(msg, form))
                      for form in ("phone", "lid") if getattr(msg, form)]
             new = not any(known) and (msg.phone, msg.lid) not in senders
             if new:
                 senders.add((msg.phone, msg.lid))
                 wanted["contacts"] += 1
             if new or any(
-                    (visit := tx.memo.get(("code visit", company_id, code)))
+                    (visit := cache.code_visit(company_id, code)) not in (None, cache.UNKNOWN)
                     and visit["code_lead_id"] is None for code in codes[msg.message_id]):
                 wanted["leads"] += 1
                 wanted["lead_events"] += 1
