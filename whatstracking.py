@@ -3149,6 +3149,247 @@ def lead_json(row: Mapping[str, Any]) -> dict:
 
 
 # ##################################################################################################
+# Domain: webhook ingestion
+#
+# A delivery from a message source (today Evolution API) becomes stored rows: the webhook batch
+# authenticates each delivery, reads what its messages will need for all of them at once, applies
+# the lead rules (above) one delivery at a time and stores each raw body with its outcome. No HTTP
+# here: a refusal is a value the handler turns into its answer.
+# ##################################################################################################
+
+_APIKEY_RE = re.compile(rb'"apikey"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")')
+
+
+def redact_apikey(raw: bytes) -> bytes:
+    """`raw` with the value of its `apikey` (the instance's token, which authenticates deliveries)
+    replaced, the JSON kept valid: stored bodies are read by people and backups that must not get
+    it. (A key inside a JSON string has escaped quotes: no match.)"""
+    parts, start = [], 0
+    for match in _APIKEY_RE.finditer(raw):  # (a splice: 3x faster than re.sub's template)
+        parts += (raw[start:match.start(1)], b'"[redacted]"')
+        start = match.end()
+    return b"".join(parts) + raw[start:] if parts else raw
+
+
+async def _store_delivery(tx: Tx, company_id: str | None, source: str, raw: bytes,
+                          headers: Mapping[str, str], envelope: Any, status: str = "received",
+                          result: dict | None = None, error: str | None = None,
+                          delivery_id: int | None = None) -> int:
+    """Store a delivery's raw body; with a reserved `delivery_id`, at the end of the transaction
+    (one statement for a batch)."""
+    instance = event = None
+    if isinstance(envelope, dict):
+        instance = envelope.get("instance") if isinstance(envelope.get("instance"), str) else None
+        event = normalize_event(envelope.get("event")) or None
+    kept = {k: clean_text(v) for k, v in headers.items()  # (bytes not UTF-8 come surrogates)
+            if k.lower() in ("content-type", "user-agent", "x-request-id", "x-instance-id",
+                             "x-instance-name", "x-event-type", "x-timestamp")}
+    ts = now()
+    values = (company_id, source, instance and instance[:128], event and event[:64],
+              json_dumps(kept), redact_apikey(raw[:WEBHOOK_BODY_MAX]), 0, status,
+              None if result is None else json_dumps(result), error, ts,
+              None if status == "received" else ts)
+    columns = ("company_id, source, instance, event, headers, body, truncated, status, result, "
+               "error, received_at, processed_at")
+    if delivery_id is not None:
+        tx.defer(f"INSERT INTO webhook_deliveries (id, {columns}) "
+                 f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", delivery_id, *values)
+        return delivery_id
+    row = await tx.fetchone(f"INSERT INTO webhook_deliveries ({columns}) "
+                            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id", *values)
+    return row["id"]
+
+
+async def _header_authenticated(tx: Tx, company: Company, given: str | None,
+                                envelope: Any) -> bool:
+    """The company's webhook secret, or the secret of the connection the envelope names (a
+    connection's secret speaks for that instance only, and only while it is not deleted). Both
+    are stored as their SHA-256."""
+    if not given:
+        return False
+    given = hash_token(given)
+    if same_secret(given, company.webhook_secret):
+        return True
+    instance = envelope.get("instance") if isinstance(envelope, dict) else None
+    if not isinstance(instance, str):
+        return False
+    row = await tx.fetchone("SELECT webhook_secret FROM connections WHERE company_id = ? "
+                            "AND id = ? AND deleted_at IS NULL", company.id, instance)
+    return bool(row) and same_secret(given, row["webhook_secret"])
+
+
+async def _apikey_authenticated(tx: Tx, company: Company, envelope: Any) -> bool:
+    if not isinstance(envelope, dict):
+        return False
+    instance, apikey = envelope.get("instance"), envelope.get("apikey")
+    if not isinstance(instance, str) or not isinstance(apikey, str):
+        return False
+    row = await tx.fetchone("SELECT instance_token FROM connections WHERE company_id = ? AND id = ? "
+                            "AND deleted_at IS NULL", company.id, instance)
+    return bool(row) and same_secret(apikey, row["instance_token"])
+
+
+async def ingest_envelope(tx: Tx, company: Company, raw: bytes, envelope: Any,
+                          headers: Mapping[str, str], source: str, event_hint: str = "",
+                          delivery_id: int | None = None, isolated: bool = True) -> dict:
+    """Process a delivery and store its raw body with the outcome; both commit together, but a
+    processing failure is only recorded on the stored delivery (it can be replayed after a
+    fix). Not `isolated` (one of a batch), a failure raises instead: the batch is rolled back
+    and its deliveries are ingested one by one."""
+    try:
+        async with tx.savepoint() if isolated else contextlib.nullcontext():
+            result = await process_envelope(tx, company, envelope, event_hint)
+    except Exception as exc:  # noqa: BLE001 - recorded on the delivery, re-raised as 500
+        if not isolated:
+            raise
+        delivery_id = await _store_delivery(tx, company.id, source, raw, headers, envelope,
+                                            "failed", error=repr(exc)[:2000],
+                                            delivery_id=delivery_id)
+        log.exception("webhook processing failed (delivery %s)", delivery_id)
+        return {"delivery_id": delivery_id, "failed": True}
+    delivery_id = await _store_delivery(tx, company.id, source, raw, headers, envelope,
+                                        "processed", result, delivery_id=delivery_id)
+    return {"delivery_id": delivery_id, **result}
+
+
+async def store_failed_delivery(db: Storage, company_id: str, source: str, raw: bytes,
+                                headers: Mapping[str, str], envelope: Any,
+                                exc: Exception) -> dict:
+    """Keep a delivery whose own transaction failed after processing (a deferred write, the
+    commit), status failed with the error, in a transaction of its own: it is not lost and can
+    be replayed once the cause is fixed."""
+    log.error("webhook delivery failed; storing its body as failed", exc_info=exc)
+    delivery_id = await db.transact(lambda tx: _store_delivery(
+        tx, company_id, source, raw, headers, envelope, "failed", error=repr(exc)[:2000]))
+    return {"delivery_id": delivery_id, "failed": True}
+
+
+@dataclasses.dataclass(slots=True)
+class WebhookInput:
+    """One `POST /webhook` delivery, read and parsed, waiting for its batch."""
+    company_id: str
+    raw: bytes
+    envelope: Any
+    bad_json: bool
+    headers: Mapping[str, str]
+    secret: str | None  # what the request authenticated with (header or bearer)
+    hint: str  # the event named by the URL's suffix
+
+
+class Ingested(dict):
+    """What the webhook batch made of one delivery: the answer's fields, and what the handler
+    does next (a value: the batch writes nothing into its input)."""
+
+    refused: tuple[int, str] | None = None  # (status, message): not accepted, nothing stored
+    wake: bool = False  # deliveries to send may wait now
+
+    @classmethod
+    def refusal(cls, status: int, message: str) -> "Ingested":
+        out = cls()
+        out.refused = (status, message)
+        return out
+
+
+async def webhook_authenticated(tx: Tx, company: Company, item: WebhookInput) -> bool:
+    """Whether `item` may be stored for `company`: its secret or the instance's apikey
+    matches, or the company turned authentication off (logged)."""
+    if (await _header_authenticated(tx, company, item.secret, item.envelope)
+            or await _apikey_authenticated(tx, company, item.envelope)):
+        return True
+    if company.settings["webhook_auth_required"]:
+        return False
+    log.warning("unauthenticated webhook accepted: company %s turned authentication off",
+                company.id)
+    return True
+
+
+async def prefetch_messages(tx: Tx, inbound: list[tuple[str, str, InboundMessage]],
+                            record: bool) -> collections.Counter:
+    """What the messages of a batch of deliveries, (company_id, instance, message) each, will
+    read, in one statement per kind instead of one per message: the visits of their codes, their
+    senders' contacts and, when `record`, their rows in `messages` (not for a lone delivery: it
+    is recorded inside its savepoint). Returns how many new rows of each table they will likely
+    write (for `stock_ids`)."""
+    by_company: dict[str, list[tuple[str, InboundMessage]]] = {}
+    for company_id, instance, msg in inbound:
+        by_company.setdefault(company_id, []).append((instance, msg))
+    wanted, cache = collections.Counter(), UnitCache(tx)
+    for company_id, found in by_company.items():
+        msgs = [msg for _, msg in found]
+        codes = {msg.message_id: find_codes(msg.text) for msg in msgs}
+        await prefetch_code_visits(tx, company_id, [c for cs in codes.values() for c in cs])
+        await prefetch_contacts(tx, company_id, msgs)
+        if record:
+            for instance in dict.fromkeys(i for i, _ in found):  # first, as process_envelope
+                await ensure_connection(tx, company_id, instance)  # does: one lock order
+            await insert_messages(tx, company_id, [(i, msg.message_id) for i, msg in found])
+        senders = set()
+        for msg in msgs:  # the rows they will likely make
+            known = [cache.contact(company_id, form, getattr(msg, form))
+                     for form in ("phone", "lid") if getattr(msg, form)]
+            new = not any(known) and (msg.phone, msg.lid) not in senders
+            if new:
+                senders.add((msg.phone, msg.lid))
+                wanted["contacts"] += 1
+            if new or any(
+                    (visit := cache.code_visit(company_id, code)) not in (None, cache.UNKNOWN)
+                    and visit["code_lead_id"] is None for code in codes[msg.message_id]):
+                wanted["leads"] += 1
+                wanted["lead_events"] += 1
+    return wanted
+
+
+async def webhook_batch(tx: Tx, items: list[WebhookInput]) -> list:
+    """Ingest Evolution deliveries (Storage.submit's `run`): one Ingested per item (a refusal
+    stores nothing). Items are applied in order in one transaction:
+    each company is read once, what their messages read is read for all at once, and the writes
+    nobody reads back go as one statement each at the end. A lone item runs in a savepoint, so a
+    failure to process it is recorded on its stored delivery."""
+    companies = await companies_by_id(tx, {t.company_id for t in items})
+    results: list = [None] * len(items)
+    accepted: list[tuple[int, WebhookInput, Company]] = []
+    for n, t in enumerate(items):
+        company = companies.get(t.company_id)
+        if company is None:
+            results[n] = Ingested.refusal(404, "Company not found")
+        elif not await webhook_authenticated(tx, company, t):
+            results[n] = Ingested.refusal(401, "Unauthorized")
+        else:
+            accepted.append((n, t, company))
+    inbound = [(company.id, *found) for _, t, company in accepted
+               if (found := inbound_message(t.envelope, t.hint))]
+    wanted = await prefetch_messages(tx, inbound, record=len(items) > 1)
+    wanted["webhook_deliveries"] = len(accepted)
+    await tx.stock_ids(wanted)
+    for n, t, company in accepted:
+        delivery_id = await tx.new_id("webhook_deliveries")
+        if t.bad_json:  # kept for a look, then refused
+            results[n] = Ingested(delivery_id=await _store_delivery(
+                tx, company.id, "evolution", t.raw, t.headers, None, delivery_id=delivery_id),
+                bad_json=True)
+            continue
+        results[n] = Ingested(await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
+                                                    "evolution", t.hint, delivery_id,
+                                                    isolated=len(items) == 1))
+        # A lead or label event has deliveries waiting when the company sends events somewhere.
+        results[n].wake = "lead_id" in results[n] and bool(configured_destinations(company))
+    return results
+
+
+async def store_failed_webhook(db: Storage, item: WebhookInput, exc: Exception) -> dict | None:
+    """store_failed_delivery for a /webhook delivery whose batch failed, when the delivery is
+    one the batch would have accepted; None (nothing stored) for one it would have refused."""
+    async def accepted(tx: Tx) -> bool:
+        company = (await companies_by_id(tx, {item.company_id})).get(item.company_id)
+        return company is not None and await webhook_authenticated(tx, company, item)
+
+    if not await db.transact(accepted):
+        return None
+    return await store_failed_delivery(db, item.company_id, "evolution", item.raw, item.headers,
+                                       item.envelope, exc)
+
+
+# ##################################################################################################
 # Domain: reports
 #
 # Grouped queries (visits, leads, lead events) merged in Python. Visits are counted from the
@@ -4840,212 +5081,12 @@ async def track(request: web.Request) -> web.Response:
 # HTTP handlers: Evolution webhooks
 # ##################################################################################################
 
-_APIKEY_RE = re.compile(rb'"apikey"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")')
-
-
-def redact_apikey(raw: bytes) -> bytes:
-    """`raw` with the value of its `apikey` (the instance's token, which authenticates deliveries)
-    replaced, the JSON kept valid: stored bodies are read by people and backups that must not get
-    it. (A key inside a JSON string has escaped quotes: no match.)"""
-    parts, start = [], 0
-    for match in _APIKEY_RE.finditer(raw):  # (a splice: 3x faster than re.sub's template)
-        parts += (raw[start:match.start(1)], b'"[redacted]"')
-        start = match.end()
-    return b"".join(parts) + raw[start:] if parts else raw
-
-
-async def _store_delivery(tx: Tx, company_id: str | None, source: str, raw: bytes,
-                          headers: Mapping[str, str], envelope: Any, status: str = "received",
-                          result: dict | None = None, error: str | None = None,
-                          delivery_id: int | None = None) -> int:
-    """Store a delivery's raw body; with a reserved `delivery_id`, at the end of the transaction
-    (one statement for a batch)."""
-    instance = event = None
-    if isinstance(envelope, dict):
-        instance = envelope.get("instance") if isinstance(envelope.get("instance"), str) else None
-        event = normalize_event(envelope.get("event")) or None
-    kept = {k: clean_text(v) for k, v in headers.items()  # (bytes not UTF-8 come surrogates)
-            if k.lower() in ("content-type", "user-agent", "x-request-id", "x-instance-id",
-                             "x-instance-name", "x-event-type", "x-timestamp")}
-    ts = now()
-    values = (company_id, source, instance and instance[:128], event and event[:64],
-              json_dumps(kept), redact_apikey(raw[:WEBHOOK_BODY_MAX]), 0, status,
-              None if result is None else json_dumps(result), error, ts,
-              None if status == "received" else ts)
-    columns = ("company_id, source, instance, event, headers, body, truncated, status, result, "
-               "error, received_at, processed_at")
-    if delivery_id is not None:
-        tx.defer(f"INSERT INTO webhook_deliveries (id, {columns}) "
-                 f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", delivery_id, *values)
-        return delivery_id
-    row = await tx.fetchone(f"INSERT INTO webhook_deliveries ({columns}) "
-                            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id", *values)
-    return row["id"]
-
-
-async def _header_authenticated(tx: Tx, company: Company, given: str | None,
-                                envelope: Any) -> bool:
-    """The company's webhook secret, or the secret of the connection the envelope names (a
-    connection's secret speaks for that instance only, and only while it is not deleted). Both
-    are stored as their SHA-256."""
-    if not given:
-        return False
-    given = hash_token(given)
-    if same_secret(given, company.webhook_secret):
-        return True
-    instance = envelope.get("instance") if isinstance(envelope, dict) else None
-    if not isinstance(instance, str):
-        return False
-    row = await tx.fetchone("SELECT webhook_secret FROM connections WHERE company_id = ? "
-                            "AND id = ? AND deleted_at IS NULL", company.id, instance)
-    return bool(row) and same_secret(given, row["webhook_secret"])
-
-
-async def _apikey_authenticated(tx: Tx, company: Company, envelope: Any) -> bool:
-    if not isinstance(envelope, dict):
-        return False
-    instance, apikey = envelope.get("instance"), envelope.get("apikey")
-    if not isinstance(instance, str) or not isinstance(apikey, str):
-        return False
-    row = await tx.fetchone("SELECT instance_token FROM connections WHERE company_id = ? AND id = ? "
-                            "AND deleted_at IS NULL", company.id, instance)
-    return bool(row) and same_secret(apikey, row["instance_token"])
-
-
-async def ingest_envelope(tx: Tx, company: Company, raw: bytes, envelope: Any,
-                          headers: Mapping[str, str], source: str, event_hint: str = "",
-                          delivery_id: int | None = None, isolated: bool = True) -> dict:
-    """Process a delivery and store its raw body with the outcome; both commit together, but a
-    processing failure is only recorded on the stored delivery (it can be replayed after a
-    fix). Not `isolated` (one of a batch), a failure raises instead: the batch is rolled back
-    and its deliveries are ingested one by one."""
-    try:
-        async with tx.savepoint() if isolated else contextlib.nullcontext():
-            result = await process_envelope(tx, company, envelope, event_hint)
-    except Exception as exc:  # noqa: BLE001 - recorded on the delivery, re-raised as 500
-        if not isolated:
-            raise
-        delivery_id = await _store_delivery(tx, company.id, source, raw, headers, envelope,
-                                            "failed", error=repr(exc)[:2000],
-                                            delivery_id=delivery_id)
-        log.exception("webhook processing failed (delivery %s)", delivery_id)
-        return {"delivery_id": delivery_id, "failed": True}
-    delivery_id = await _store_delivery(tx, company.id, source, raw, headers, envelope,
-                                        "processed", result, delivery_id=delivery_id)
-    return {"delivery_id": delivery_id, **result}
-
-
-async def store_failed_delivery(db: Storage, company_id: str, source: str, raw: bytes,
-                                headers: Mapping[str, str], envelope: Any,
-                                exc: Exception) -> dict:
-    """Keep a delivery whose own transaction failed after processing (a deferred write, the
-    commit), status failed with the error, in a transaction of its own: it is not lost and can
-    be replayed once the cause is fixed."""
-    log.error("webhook delivery failed; storing its body as failed", exc_info=exc)
-    delivery_id = await db.transact(lambda tx: _store_delivery(
-        tx, company_id, source, raw, headers, envelope, "failed", error=repr(exc)[:2000]))
-    return {"delivery_id": delivery_id, "failed": True}
-
-
 def failed_delivery_answer(request: web.Request, delivery_id: int) -> web.Response:
     """202, not 500, for a delivery stored but not processed: a sender retries a 500 into the same
     failure, a stored copy each time. The log has the traceback under the request id."""
     return json_response({"ok": False, "delivery_id": delivery_id, "status": "failed",
                           "error": "Processing failed; the delivery is stored",
                           "request_id": request[REQUEST_ID]}, status=202)
-
-
-@dataclasses.dataclass(slots=True)
-class WebhookInput:
-    """One `POST /webhook` delivery, read and parsed, waiting for its batch."""
-    company_id: str
-    raw: bytes
-    envelope: Any
-    bad_json: bool
-    headers: Mapping[str, str]
-    secret: str | None  # what the request authenticated with (header or bearer)
-    hint: str  # the event named by the URL's suffix
-    wake: bool = False  # set by the batch: deliveries to send may wait now
-    accepted: bool = False  # set by the batch: authenticated, so its body may be stored
-
-
-async def prefetch_messages(tx: Tx, inbound: list[tuple[str, str, InboundMessage]],
-                            record: bool) -> collections.Counter:
-    """What the messages of a batch of deliveries, (company_id, instance, message) each, will
-    read, in one statement per kind instead of one per message: the visits of their codes, their
-    senders' contacts and, when `record`, their rows in `messages` (not for a lone delivery: it
-    is recorded inside its savepoint). Returns how many new rows of each table they will likely
-    write (for `stock_ids`)."""
-    by_company: dict[str, list[tuple[str, InboundMessage]]] = {}
-    for company_id, instance, msg in inbound:
-        by_company.setdefault(company_id, []).append((instance, msg))
-    wanted, cache = collections.Counter(), UnitCache(tx)
-    for company_id, found in by_company.items():
-        msgs = [msg for _, msg in found]
-        codes = {msg.message_id: find_codes(msg.text) for msg in msgs}
-        await prefetch_code_visits(tx, company_id, [c for cs in codes.values() for c in cs])
-        await prefetch_contacts(tx, company_id, msgs)
-        if record:
-            for instance in dict.fromkeys(i for i, _ in found):  # first, as process_envelope
-                await ensure_connection(tx, company_id, instance)  # does: one lock order
-            await insert_messages(tx, company_id, [(i, msg.message_id) for i, msg in found])
-        senders = set()
-        for msg in msgs:  # the rows they will likely make
-            known = [cache.contact(company_id, form, getattr(msg, form))
-                     for form in ("phone", "lid") if getattr(msg, form)]
-            new = not any(known) and (msg.phone, msg.lid) not in senders
-            if new:
-                senders.add((msg.phone, msg.lid))
-                wanted["contacts"] += 1
-            if new or any(
-                    (visit := cache.code_visit(company_id, code)) not in (None, cache.UNKNOWN)
-                    and visit["code_lead_id"] is None for code in codes[msg.message_id]):
-                wanted["leads"] += 1
-                wanted["lead_events"] += 1
-    return wanted
-
-
-async def webhook_batch(tx: Tx, items: list[WebhookInput]) -> list:
-    """Ingest Evolution deliveries (Storage.submit's `run`): one result per item, or the HTTP
-    error refusing it (a refusal stores nothing). Items are applied in order in one transaction:
-    each company is read once, what their messages read is read for all at once, and the writes
-    nobody reads back go as one statement each at the end. A lone item runs in a savepoint, so a
-    failure to process it is recorded on its stored delivery."""
-    companies = await companies_by_id(tx, {t.company_id for t in items})
-    results: list = [None] * len(items)
-    accepted: list[tuple[int, WebhookInput, Company]] = []
-    for n, t in enumerate(items):
-        company = companies.get(t.company_id)
-        if company is None:
-            results[n] = http_error(404, "Company not found")
-            continue
-        if not (await _header_authenticated(tx, company, t.secret, t.envelope)
-                or await _apikey_authenticated(tx, company, t.envelope)):
-            if company.settings["webhook_auth_required"]:
-                results[n] = http_error(401, "Unauthorized")
-                continue
-            log.warning("unauthenticated webhook accepted: company %s turned authentication "
-                        "off", company.id)
-        t.accepted = True
-        accepted.append((n, t, company))
-    inbound = [(company.id, *found) for _, t, company in accepted
-               if (found := inbound_message(t.envelope, t.hint))]
-    wanted = await prefetch_messages(tx, inbound, record=len(items) > 1)
-    wanted["webhook_deliveries"] = len(accepted)
-    await tx.stock_ids(wanted)
-    for n, t, company in accepted:
-        delivery_id = await tx.new_id("webhook_deliveries")
-        if t.bad_json:  # kept for a look, then refused
-            results[n] = {"delivery_id": await _store_delivery(
-                tx, company.id, "evolution", t.raw, t.headers, None, delivery_id=delivery_id),
-                "bad_json": True}
-            continue
-        results[n] = await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
-                                           "evolution", t.hint, delivery_id,
-                                           isolated=len(items) == 1)
-        # A lead or label event has deliveries waiting when the company sends events somewhere.
-        t.wake = "lead_id" in results[n] and bool(configured_destinations(company))
-    return results
 
 
 def envelope_instance(envelope: Any) -> str | None:
@@ -5115,21 +5156,20 @@ async def evolution_webhook(request: web.Request) -> web.Response:
     db = request.app[DB]
     try:
         result = await db.submit(webhook_batch, item, spread=True)
-    except web.HTTPException as exc:
-        await note_rejection(request.app, item, exc.status)
-        raise
     except Exception as exc:
-        if not item.accepted:
+        result = await store_failed_webhook(db, item, exc)
+        if result is None:
             raise
-        result = await store_failed_delivery(db, item.company_id, "evolution", raw,
-                                             request.headers, envelope, exc)
+    if getattr(result, "refused", None):
+        await note_rejection(request.app, item, result.refused[0])
+        raise http_error(*result.refused)
     if result.get("bad_json"):
         raise not_json_error(refused, delivery_id=result["delivery_id"])
     await note_delivery(request.app, item.company_id, item.envelope)
     request.app[METRICS].observe_webhook(time.perf_counter() - started)
     if result.get("failed"):
         return failed_delivery_answer(request, result["delivery_id"])
-    if item.wake:
+    if getattr(result, "wake", False):
         request.app[DELIVERY_WAKE].set()
     return json_response({"ok": True, **result})
 
