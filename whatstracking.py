@@ -2505,13 +2505,23 @@ def find_ad_context(data: Mapping[str, Any]) -> dict | None:
 
 @dataclasses.dataclass
 class InboundMessage:
+    """One inbound private message, the same whatever source brought it (see Source): what the
+    lead rules read. Parsed once per delivery; its codes are found once, here."""
+    source: str  # the Source's name
     message_id: str
-    phone: str | None
+    phone: str | None  # the sender, by phone number and/or by WhatsApp LID
     lid: str | None
     name: str | None
     text: str
-    ad_context: dict | None
     timestamp: float | None
+    # A click on an ad, normalised as ad_attribution writes it (utm_source, utm_medium, ad_id,
+    # ctwa_clid, ad_title, landing_page, page_url); the source's raw ad data is kept on the lead.
+    ad: dict | None = None
+    ad_context: dict | None = None
+    codes: list[str] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.codes = find_codes(self.text)
 
 
 def parse_upsert(data: Any) -> InboundMessage | str:
@@ -2551,8 +2561,10 @@ def parse_upsert(data: Any) -> InboundMessage | str:
     # Out of range (1e308, -1e18, years ahead): the receipt time is used; the stored raw body
     # keeps the value sent.
     timestamp = plausible_time(data.get("messageTimestamp"))
-    return InboundMessage(message_id, phone, lid, name, extract_text(data.get("message")) or "",
-                          find_ad_context(data), timestamp)
+    ad_context = find_ad_context(data)
+    return InboundMessage("evolution", message_id, phone, lid, name,
+                          extract_text(data.get("message")) or "", timestamp,
+                          ad_attribution(ad_context) if ad_context else None, ad_context)
 
 
 def ad_attribution(info: Mapping[str, Any]) -> dict:
@@ -2757,6 +2769,15 @@ class UnitCache:
     def take_message(self, company_id: str, connection_id: str, message_id: str) -> int | None:
         """The row id, forgotten: a second copy in the unit is recorded (and refused) anew."""
         return self._memo.pop(("message", company_id, connection_id, message_id))
+
+    def read(self, source: Any, envelope: Any, hint: str = "") -> Any:
+        """`source.read(envelope, hint)`, once per delivery in the unit: the batch's prefetch
+        and the delivery's processing share one parse (and one search for codes)."""
+        key = ("read", source.name, id(envelope), hint)
+        kept = self._memo.get(key)
+        if kept is None or kept[0] is not envelope:
+            kept = self._memo[key] = (envelope, source.read(envelope, hint))
+        return kept[1]
 
 
 async def ensure_connection(tx: Tx, company_id: str, connection_id: str) -> dict:
@@ -2979,6 +3000,12 @@ async def insert_lead(tx: Tx, company: Company, connection_id: str, contact: dic
     return lead_id
 
 
+def makes_lead(msg: InboundMessage, free_code: bool, new_contact: bool) -> bool:
+    """SPEC §6 in one place: a message makes a lead when one of its codes has a live visit no
+    lead took yet, when its sender is a new contact, or when it carries an ad click id."""
+    return free_code or new_contact or bool(msg.ad and msg.ad["ctwa_clid"])
+
+
 async def match_message(tx: Tx, company: Company, connection: dict, msg: InboundMessage) -> dict:
     """Apply SPEC §6's lead rules to one inbound message inside a unit of work."""
     cache = UnitCache(tx)
@@ -2989,9 +3016,11 @@ async def match_message(tx: Tx, company: Company, connection: dict, msg: Inbound
         return {"ignored": "duplicate"}
     contact, is_new = await resolve_contact(tx, company.id, msg)
     result: dict[str, Any] = {"contact_id": contact["id"]}
-    visit, reason = await _visit_for_code(tx, company.id, find_codes(msg.text), contact["id"])
+    visit, reason = await _visit_for_code(tx, company.id, msg.codes, contact["id"])
     lead_id = None
-    if visit is not None:
+    if not makes_lead(msg, visit is not None, is_new):
+        reason = reason or "existing contact"
+    elif visit is not None:
         touch = loads_or(visit["last_touch"], {})
         lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "code", 1.0,
                                     visit, touch, None)
@@ -3002,18 +3031,13 @@ async def match_message(tx: Tx, company: Company, connection: dict, msg: Inbound
             cache.set_code_visit(company.id, visit["code"], {
                 **visit, "lead_id": visit["lead_id"] or lead_id, "code_lead_id": lead_id,
                 "code_contact_id": contact["id"]})
-    elif msg.ad_context is not None:
-        attribution = ad_attribution(msg.ad_context)
-        clid = attribution["ctwa_clid"]
-        if is_new or clid:
-            lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "ctwa", 1.0,
-                                        None, attribution, msg.ad_context)
-            result["match"] = "ctwa"
-            if lead_id is None:
-                reason = "ad click already matched"
-        else:
-            reason = reason or "existing contact"
-    elif is_new:
+    elif msg.ad is not None:
+        lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "ctwa", 1.0,
+                                    None, msg.ad, msg.ad_context)
+        result["match"] = "ctwa"
+        if lead_id is None:
+            reason = "ad click already matched"
+    else:  # a new contact
         visit = await _window_visit(tx, company, connection)
         if visit is not None:
             lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "window",
@@ -3024,8 +3048,6 @@ async def match_message(tx: Tx, company: Company, connection: dict, msg: Inbound
             lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "none", 0.0,
                                         None, {"utm_source": "direct"}, None)
             result["match"] = "none"
-    else:
-        reason = reason or "existing contact"
     if lead_id is not None:
         result["lead_id"] = lead_id
     else:
@@ -3092,43 +3114,6 @@ def envelope_parts(envelope: Any, event_hint: str = "") -> tuple[str, str | None
     if not isinstance(instance, str) or not instance or len(instance) > 128:
         instance = None
     return event, instance
-
-
-def inbound_message(envelope: Any, event_hint: str = "") -> tuple[str, InboundMessage] | None:
-    """(instance, message) when `envelope` is a messages.upsert that process_envelope matches
-    against the leads rules."""
-    if not isinstance(envelope, dict):
-        return None
-    event, instance = envelope_parts(envelope, event_hint)
-    if event != "messages.upsert" or instance is None:
-        return None
-    msg = parse_upsert(envelope.get("data"))
-    return (instance, msg) if isinstance(msg, InboundMessage) else None
-
-
-async def process_envelope(tx: Tx, company: Company, envelope: Any, event_hint: str = "") -> dict:
-    """Process one Evolution webhook envelope inside a unit of work."""
-    if not isinstance(envelope, dict):
-        return {"ignored": "not an Evolution envelope"}
-    event, instance = envelope_parts(envelope, event_hint)
-    if instance is None:
-        return {"event": event, "ignored": "no instance"}
-    data = envelope.get("data")
-    if event == "messages.upsert":
-        msg = parse_upsert(data)
-        if isinstance(msg, str):
-            return {"event": event, "ignored": msg}
-        connection = await ensure_connection(tx, company.id, instance)
-        return {"event": event, **await match_message(tx, company, connection, msg)}
-    if event == "connection.update":
-        return {"event": event, **await apply_connection_update(tx, company.id, instance, data)}
-    if event == "qrcode.updated":
-        return {"event": event, **await apply_qrcode_update(tx, company.id, instance, data)}
-    if event == "labels.edit":
-        return {"event": event, **await apply_label_edit(tx, company.id, instance, data)}
-    if event == "labels.association":
-        return {"event": event, **await apply_label_association(tx, company, instance, data)}
-    return {"event": event or None, "ignored": "event not handled"}
 
 
 def lead_json(row: Mapping[str, Any]) -> dict:
@@ -3229,6 +3214,98 @@ async def _apikey_authenticated(tx: Tx, company: Company, envelope: Any) -> bool
     return bool(row) and same_secret(apikey, row["instance_token"])
 
 
+@dataclasses.dataclass(slots=True)
+class SourceEvent:
+    """What a source reads from one delivery, once: its event, the connection it is for, and
+    its message (for a message event) or the answer for a delivery it ignores."""
+    event: str  # normalised ("messages.upsert"), "" when none
+    connection_id: str | None
+    data: Any = None
+    message: InboundMessage | None = None
+    ignored: dict | None = None  # the whole result, for a delivery nothing is done with
+
+
+EventHandler = Callable[[Tx, Company, str, Any], Awaitable[dict]]
+
+
+class Source:
+    """A message source (a WhatsApp server posting webhooks): how a delivery authenticates,
+    which message it carries, normalised as an InboundMessage that the lead rules read, and its
+    other events, a handler each. A second source is a subclass and an entry in SOURCES."""
+
+    name = ""
+    events: Mapping[str, EventHandler] = {}
+
+    def read(self, envelope: Any, hint: str = "") -> SourceEvent:
+        raise NotImplementedError
+
+    async def authenticate(self, tx: Tx, company: Company, secret: str | None,
+                           envelope: Any) -> bool:
+        raise NotImplementedError
+
+    async def process(self, tx: Tx, company: Company, read: SourceEvent) -> dict:
+        """Apply one delivery inside a unit of work: its message to the lead rules, or its
+        event to the event's handler."""
+        if read.ignored is not None:
+            return read.ignored
+        if read.message is not None:
+            connection = await ensure_connection(tx, company.id, read.connection_id)
+            return {"event": read.event,
+                    **await match_message(tx, company, connection, read.message)}
+        handler = self.events[read.event]
+        return {"event": read.event, **await handler(tx, company, read.connection_id, read.data)}
+
+
+class EvolutionSource(Source):
+    """Evolution API v2 (the Evolution contract, §4-§8): an envelope {event, instance, data,
+    apikey}, the instance being the connection."""
+
+    name = "evolution"
+    message_event = "messages.upsert"
+    events: Mapping[str, EventHandler] = {
+        "connection.update": lambda tx, company, connection_id, data: apply_connection_update(
+            tx, company.id, connection_id, data),
+        "qrcode.updated": lambda tx, company, connection_id, data: apply_qrcode_update(
+            tx, company.id, connection_id, data),
+        "labels.edit": lambda tx, company, connection_id, data: apply_label_edit(
+            tx, company.id, connection_id, data),
+        "labels.association": apply_label_association,
+    }
+
+    def read(self, envelope: Any, hint: str = "") -> SourceEvent:
+        if not isinstance(envelope, dict):
+            return SourceEvent("", None, ignored={"ignored": "not an Evolution envelope"})
+        event, instance = envelope_parts(envelope, hint)
+        if instance is None:
+            return SourceEvent(event, None, ignored={"event": event, "ignored": "no instance"})
+        data = envelope.get("data")
+        if event == self.message_event:
+            msg = parse_upsert(data)
+            if isinstance(msg, str):
+                return SourceEvent(event, instance, data, ignored={"event": event,
+                                                                   "ignored": msg})
+            return SourceEvent(event, instance, data, message=msg)
+        if event not in self.events:
+            return SourceEvent(event, instance, data, ignored={
+                "event": event or None, "ignored": "event not handled"})
+        return SourceEvent(event, instance, data)
+
+    async def authenticate(self, tx: Tx, company: Company, secret: str | None,
+                           envelope: Any) -> bool:
+        return (await _header_authenticated(tx, company, secret, envelope)
+                or await _apikey_authenticated(tx, company, envelope))
+
+
+EVOLUTION = EvolutionSource()
+SOURCES: dict[str, Source] = {s.name: s for s in (EVOLUTION,)}
+
+
+async def process_envelope(tx: Tx, company: Company, envelope: Any, event_hint: str = "") -> dict:
+    """Process one Evolution webhook envelope inside a unit of work (read once per unit)."""
+    return await EVOLUTION.process(tx, company, UnitCache(tx).read(EVOLUTION, envelope,
+                                                                   event_hint))
+
+
 async def ingest_envelope(tx: Tx, company: Company, raw: bytes, envelope: Any,
                           headers: Mapping[str, str], source: str, event_hint: str = "",
                           delivery_id: int | None = None, isolated: bool = True) -> dict:
@@ -3293,8 +3370,7 @@ class Ingested(dict):
 async def webhook_authenticated(tx: Tx, company: Company, item: WebhookInput) -> bool:
     """Whether `item` may be stored for `company`: its secret or the instance's apikey
     matches, or the company turned authentication off (logged)."""
-    if (await _header_authenticated(tx, company, item.secret, item.envelope)
-            or await _apikey_authenticated(tx, company, item.envelope)):
+    if await EVOLUTION.authenticate(tx, company, item.secret, item.envelope):
         return True
     if company.settings["webhook_auth_required"]:
         return False
@@ -3316,24 +3392,23 @@ async def prefetch_messages(tx: Tx, inbound: list[tuple[str, str, InboundMessage
     wanted, cache = collections.Counter(), UnitCache(tx)
     for company_id, found in by_company.items():
         msgs = [msg for _, msg in found]
-        codes = {msg.message_id: find_codes(msg.text) for msg in msgs}
-        await prefetch_code_visits(tx, company_id, [c for cs in codes.values() for c in cs])
+        await prefetch_code_visits(tx, company_id, [c for msg in msgs for c in msg.codes])
         await prefetch_contacts(tx, company_id, msgs)
         if record:
-            for instance in dict.fromkeys(i for i, _ in found):  # first, as process_envelope
+            for instance in dict.fromkeys(i for i, _ in found):  # first, as Source.process
                 await ensure_connection(tx, company_id, instance)  # does: one lock order
             await insert_messages(tx, company_id, [(i, msg.message_id) for i, msg in found])
         senders = set()
-        for msg in msgs:  # the rows they will likely make
+        for msg in msgs:  # the rows they will likely make, by the lead rule itself
             known = [cache.contact(company_id, form, getattr(msg, form))
                      for form in ("phone", "lid") if getattr(msg, form)]
             new = not any(known) and (msg.phone, msg.lid) not in senders
             if new:
                 senders.add((msg.phone, msg.lid))
                 wanted["contacts"] += 1
-            if new or any(
-                    (visit := cache.code_visit(company_id, code)) not in (None, cache.UNKNOWN)
-                    and visit["code_lead_id"] is None for code in codes[msg.message_id]):
+            visits = [cache.code_visit(company_id, code) for code in msg.codes]
+            if makes_lead(msg, any(isinstance(v, dict) and v["code_lead_id"] is None
+                                   for v in visits), new):
                 wanted["leads"] += 1
                 wanted["lead_events"] += 1
     return wanted
@@ -3356,8 +3431,10 @@ async def webhook_batch(tx: Tx, items: list[WebhookInput]) -> list:
             results[n] = Ingested.refusal(401, "Unauthorized")
         else:
             accepted.append((n, t, company))
-    inbound = [(company.id, *found) for _, t, company in accepted
-               if (found := inbound_message(t.envelope, t.hint))]
+    cache = UnitCache(tx)
+    reads = [(company.id, cache.read(EVOLUTION, t.envelope, t.hint)) for _, t, company in accepted]
+    inbound = [(company_id, read.connection_id, read.message) for company_id, read in reads
+               if read.message is not None]
     wanted = await prefetch_messages(tx, inbound, record=len(items) > 1)
     wanted["webhook_deliveries"] = len(accepted)
     await tx.stock_ids(wanted)
