@@ -323,7 +323,8 @@ async def test_deferred_writes_land_with_the_commit_and_counters_are_summed_firs
             tx.add(COUNTER_UPSERT, ("hot",), (1, n))
         tx.add(COUNTER_UPSERT, ("cold",), (2, 0))
         tx.add(COUNTER_UPSERT, ("zero",), (0, 0))  # nothing to count: not written
-        assert await tx.fetchone("SELECT COUNT(*) AS n FROM batch_items") == {"n": 0}
+        # issue 16: a read inside the unit sees the unit's deferred writes (it flushes them)
+        assert await tx.fetchone("SELECT COUNT(*) AS n FROM batch_items") == {"n": 5}
         return "done"
 
     assert await db.transact(unit) == "done"
@@ -332,6 +333,32 @@ async def test_deferred_writes_land_with_the_commit_and_counters_are_summed_firs
     assert [(r["k"], r["n"], r["m"]) for r in rows] == [("cold", 2, 0), ("hot", 5, 10)]
     # one statement for the five rows, one for the counters (in key order)
     assert statements == [("batch_items", 5), ("counters", 2)]
+
+
+async def test_a_read_flushes_only_when_it_names_a_table_with_writes_pending(db):
+    """Reads inside a unit see its deferred writes by construction; a read of other tables
+    costs nothing and leaves the writes to go set-wise at the end."""
+    await make_table(db)
+    statements: list[str] = []
+
+    async def unit(tx):
+        executemany = tx.executemany
+
+        async def spy(sql, rows):
+            statements.append(sql.split()[2])
+            await executemany(sql, rows)
+
+        tx.executemany = spy
+        tx.defer("INSERT INTO batch_items (label) VALUES (?)", "a")
+        assert await tx.fetchone("SELECT 1 AS one") == {"one": 1}
+        assert statements == []
+        assert await tx.fetchone("SELECT COUNT(*) AS n FROM batch_items") == {"n": 1}
+        assert statements == ["batch_items"]
+        tx.defer("INSERT INTO batch_items (label) VALUES (?)", "b")
+        assert await tx.execute("UPDATE batch_items SET label = label || '!'") == 2
+
+    await db.transact(unit)
+    assert await labels(db) == ["a!", "b!"]
 
 
 async def test_ids_given_ahead_never_meet_the_ids_the_table_gives(db):
