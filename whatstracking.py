@@ -2587,8 +2587,6 @@ def ad_attribution(info: Mapping[str, Any]) -> dict:
 # up (Meta, GA4, its CRM webhook); a background worker sends them. Nothing is lost on a restart.
 # ##################################################################################################
 
-
-
 # The destinations themselves (DESTINATIONS) are classes in "Integrations: conversions out".
 def missing_destination_fields(settings: Mapping[str, Any]) -> dict[str, list[str]]:
     """Destination → its required settings still empty, for each destination set up and on."""
