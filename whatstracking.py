@@ -3394,6 +3394,8 @@ class WebhookInput:
     headers: Mapping[str, str]
     secret: str | None  # what the request authenticated with (header or bearer)
     hint: str  # the event named by the URL's suffix
+    source: str = EVOLUTION.name  # the stored delivery's source label (/webhook-ingest's ?source)
+    trusted: bool = False  # authenticated by the caller (/webhook-ingest's shared token)
 
 
 class Ingested(dict):
@@ -3413,7 +3415,7 @@ class Ingested(dict):
 async def webhook_authenticated(tx: Tx, company: Company, item: WebhookInput) -> bool:
     """Whether `item` may be stored for `company`: its secret or the instance's apikey
     matches, or the company turned authentication off (logged)."""
-    if await EVOLUTION.authenticate(tx, company, item.secret, item.envelope):
+    if item.trusted or await EVOLUTION.authenticate(tx, company, item.secret, item.envelope):
         return True
     if company.settings["webhook_auth_required"]:
         return False
@@ -3496,10 +3498,10 @@ async def _webhook_apply(tx: Tx, b: WebhookBatch, t: WebhookInput) -> Ingested:
     delivery_id = await tx.new_id("webhook_deliveries")
     if t.bad_json:  # kept for a look, then refused
         return Ingested(delivery_id=await _store_delivery(
-            tx, company.id, EVOLUTION.name, t.raw, t.headers, None, delivery_id=delivery_id),
+            tx, company.id, t.source, t.raw, t.headers, None, delivery_id=delivery_id),
             bad_json=True)
     result = Ingested(await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
-                                            EVOLUTION.name, t.hint, delivery_id, b.isolated))
+                                            t.source, t.hint, delivery_id, b.isolated))
     # A lead or label event has deliveries waiting when the company sends events somewhere.
     result.wake = "lead_id" in result and bool(configured_destinations(company))
     return result
@@ -3518,7 +3520,7 @@ async def store_failed_webhook(db: Storage, item: WebhookInput, exc: Exception) 
 
     if not await db.transact(accepted):
         return None
-    return await store_failed_delivery(db, item.company_id, "evolution", item.raw, item.headers,
+    return await store_failed_delivery(db, item.company_id, item.source, item.raw, item.headers,
                                        item.envelope, exc)
 
 
@@ -6286,17 +6288,20 @@ async def webhook_ingest(request: web.Request) -> web.Response:
     evolution = (company is not None and isinstance(payload, dict)
                  and isinstance(payload.get("event"), str) and "instance" in payload
                  and "data" in payload)
-    if evolution:
+    if evolution:  # the same batch as /webhook, authenticated here by the shared token
+        item = WebhookInput(company.id, raw, payload, False, request.headers, None, "", source,
+                            trusted=True)
         try:
-            result = await db.transact(lambda tx: ingest_envelope(
-                tx, company, raw, payload, request.headers, source))
+            result = await db.submit(webhook_batch, item)
         except Exception as exc:  # noqa: BLE001 - the body is kept (and the error logged)
             result = await store_failed_delivery(db, company.id, source, raw, request.headers,
                                                  payload, exc)
+        if getattr(result, "refused", None):  # (the company was deleted meanwhile)
+            raise http_error(*result.refused)
         await note_delivery(request.app, company.id, payload)
         if result.get("failed"):
             return failed_delivery_answer(request, result["delivery_id"])
-        if "lead_id" in result:
+        if getattr(result, "wake", False):
             request.app[DELIVERY_WAKE].set()
     else:
         delivery_id = await db.transact(lambda tx: _store_delivery(
