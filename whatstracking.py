@@ -931,6 +931,27 @@ class Tx(Protocol):
     def rows_of(self, types: tuple[str, ...], rows: list[tuple]) -> tuple[str, list]: ...
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class BatchKind:
+    """One kind of batched unit of work (Storage.submit), declared once at module level:
+    `prefetch(tx, items) -> ctx` reads what all the items need at once; `apply(tx, ctx, item)`
+    is the one-item rule (a batch of one runs it too) and returns the item's result, a domain
+    refusal being a result like any other; `write(tx, ctx, results) -> results` writes set-wise
+    what the items made and completes their results. `spread`: the batch's statements grow with
+    each item (see submit). Storage.submit groups the items waiting by their kind."""
+
+    name: str
+    prefetch: Callable[[Tx, list], Awaitable[Any]]
+    apply: Callable[[Tx, Any, Any], Awaitable[Any]]
+    write: Callable[[Tx, Any, list], Awaitable[list]] | None = None
+    spread: bool = False
+
+    async def __call__(self, tx: Tx, items: list) -> list:
+        ctx = await self.prefetch(tx, items)
+        results = [await self.apply(tx, ctx, item) for item in items]
+        return results if self.write is None else await self.write(tx, ctx, results)
+
+
 class Storage:
     """What the application needs from a database; subclasses provide the primitives."""
 
@@ -979,11 +1000,12 @@ class Storage:
                      spread: bool = False) -> Any:
         """Batched units of work: ``await run(tx, items)`` handles many concurrent items of one
         kind in one go (set-wise statements, one round trip for all) and returns one result per
-        item, an exception instance standing for that item's refusal. Returns this item's result
+        item, an exception instance standing for that item's refusal. `run` is a BatchKind
+        declared once (a plain function groups by its identity: tests). Returns this item's result
         once committed, or raises its exception. Should the batch as a whole fail, each item is
-        run on its own (a failing item then fails alone). `spread`: the run's statements grow
-        with each item, so where transactions run side by side (Postgres), the waiting items are
-        shared out among them instead of all going in the next one."""
+        run on its own (a failing item then fails alone). `spread` (or the kind's): the run's
+        statements grow with each item, so where transactions run side by side (Postgres), the
+        waiting items are shared out among them instead of all going in the next one."""
         raise NotImplementedError
 
     @staticmethod
@@ -1691,7 +1713,7 @@ class PostgresStorage(Storage):
             raise StorageError("the database is closed")
         future = asyncio.get_running_loop().create_future()
         self._pending.setdefault(run, []).append((item, future))
-        self._spread[run] = spread
+        self._spread[run] = spread or getattr(run, "spread", False)
         if self._in_flight.get(run, 0) < POSTGRES_BATCHES_IN_FLIGHT:
             self._in_flight[run] = self._in_flight.get(run, 0) + 1
             self._idle[run] = self._idle.get(run, 0) + 1
@@ -1743,6 +1765,9 @@ class PostgresStorage(Storage):
             self._in_flight[run] -= 1
             if idle:
                 self._idle[run] -= 1
+            if not self._in_flight[run] and not pending:  # a kind not waiting keeps no keys
+                for state in (self._pending, self._in_flight, self._spread, self._idle):
+                    state.pop(run, None)
 
     async def lock_migrations(self, tx: Tx) -> None:
         # Several processes may start at once: one migrates, the others wait and find it done.
@@ -2340,95 +2365,113 @@ async def insert_visits(tx: Tx, visits: list[dict]) -> None:
             visit["code"] = new_code()
 
 
-async def track_batch(tx: Tx, items: list[TrackingInput]) -> list:
-    """Store tracking requests (Storage.submit's `run`): one (company, {session_id, visitor_id,
-    code}) per item, or the Refused saying why not. Items are applied in order, so a visitor's
-    two requests in one batch see each other, with a few set-wise statements for them all."""
-    ts = now()
+@dataclasses.dataclass(slots=True)
+class TrackingBatch:
+    """What a tracking batch read (prefetch) and what its items made (apply), to write."""
+    ts: float
+    companies: dict[str, Company]
+    by_code: dict[tuple, dict]  # visits by (company, code), the batch's new ones too
+    latest: dict[tuple, dict]  # the latest visit by (company, visitor)
+    new_visits: list[dict] = dataclasses.field(default_factory=list)
+    changed: dict[int, dict] = dataclasses.field(default_factory=dict)  # stored visits, by id
+    events: list[tuple] = dataclasses.field(default_factory=list)  # (item, visit)
+
+
+async def _tracking_prefetch(tx: Tx, items: list[TrackingInput]) -> TrackingBatch:
     companies = await companies_by_id(tx, {t.company_id for t in items})
     # One visitor's requests in concurrent batches (Postgres) go one batch after the other, each
     # reading the visit the previous one wrote.
     await tx.lock_keys([f"visitor {t.company_id} {t.visitor_id}" for t in items
                         if t.visitor_id and t.company_id in companies])
     by_code, latest = await _known_visits(tx, items, companies)
-    results: list = []
-    new_visits: list[dict] = []
-    changed: dict[int, dict] = {}  # stored visits this batch updates, by id
-    events: list[tuple] = []
-    for t in items:
-        company = companies.get(t.company_id)
-        if company is None:
-            results.append(Refused(404, "Company not found"))
-            continue
-        if not origin_allowed(company, t.origin):
-            results.append(Refused(403, "Origin not allowed"))
-            continue
-        window = company.settings["attribution_window_days"] * 86400  # seconds
-        visitor_id = t.visitor_id or uuid.uuid4().hex
-        visit = None
-        if t.code:
-            row = by_code.get((company.id, t.code))
-            if row and row["visitor_id"] == visitor_id and row["expires_at"] > ts:
-                visit = row
-        if visit is None and t.visitor_id:
-            row = latest.get((company.id, visitor_id))
-            if row and row["expires_at"] > ts:
-                visit = row
-        last_touch, new_campaign = _next_last_touch(
-            loads_or(visit["last_touch"], None) if visit else None, t.touch)
-        previous = visit
-        if visit is not None and visit["lead_id"] is not None and new_campaign:
-            visit = None  # this visit's code already brought a lead: a new ad click, a new code
-        clicked = t.event == "whatsapp_click"
-        if visit is None:
-            if previous is not None:
-                first_touch = loads_or(previous["first_touch"], {})
-            else:
-                first_touch = t.first_touch or dict(last_touch)
-            # The code sent, unless somebody holds it; else a new one (made only when needed).
-            code = t.code
-            while code is None or (company.id, code) in by_code:
-                code = new_code()
-            visit = {"id": None, "company_id": company.id, "visitor_id": visitor_id,
-                     "code": code, "first_touch": json_dumps(first_touch), "pageviews": 0,
-                     "clicks": 0, "clicked_at": None, "click_phone": None, "lead_id": None,
-                     "created_at": ts, "user_agent": None}
-            new_visits.append(visit)
-            by_code[(company.id, code)] = latest[(company.id, visitor_id)] = visit
+    return TrackingBatch(now(), companies, by_code, latest)
+
+
+async def _tracking_apply(tx: Tx, b: TrackingBatch, t: TrackingInput) -> Any:
+    """One tracking request: its visit continued or begun, with the report's counters. Items
+    are applied in order, so a visitor's two requests in one batch see each other."""
+    ts, by_code, latest = b.ts, b.by_code, b.latest
+    company = b.companies.get(t.company_id)
+    if company is None:
+        return Refused(404, "Company not found")
+    if not origin_allowed(company, t.origin):
+        return Refused(403, "Origin not allowed")
+    window = company.settings["attribution_window_days"] * 86400  # seconds
+    visitor_id = t.visitor_id or uuid.uuid4().hex
+    visit = None
+    if t.code:
+        row = by_code.get((company.id, t.code))
+        if row and row["visitor_id"] == visitor_id and row["expires_at"] > ts:
+            visit = row
+    if visit is None and t.visitor_id:
+        row = latest.get((company.id, visitor_id))
+        if row and row["expires_at"] > ts:
+            visit = row
+    last_touch, new_campaign = _next_last_touch(
+        loads_or(visit["last_touch"], None) if visit else None, t.touch)
+    previous = visit
+    if visit is not None and visit["lead_id"] is not None and new_campaign:
+        visit = None  # this visit's code already brought a lead: a new ad click, a new code
+    clicked = t.event == "whatsapp_click"
+    if visit is None:
+        if previous is not None:
+            first_touch = loads_or(previous["first_touch"], {})
         else:
-            rollup_count(tx, visit, -1)
-            if visit["id"] is not None:
-                changed[visit["id"]] = visit
-        visit.update(
-            expires_at=ts + window, utm_source=last_touch.get("utm_source"),
-            utm_medium=last_touch.get("utm_medium"), utm_campaign=last_touch.get("utm_campaign"),
-            last_touch=json_dumps(last_touch), updated_at=ts,
-            user_agent=t.user_agent or visit["user_agent"])
-        if clicked:
-            visit["clicks"] += 1
-            visit["clicked_at"] = ts
-            visit["click_phone"] = t.whatsapp_phone or visit["click_phone"]
-        else:
-            visit["pageviews"] += 1
-        rollup_count(tx, visit, 1)
-        events.append((t, visit))
-        results.append((company, visit, visitor_id))
-    if new_visits:
-        await tx.stock_ids({"visits": len(new_visits)})
-        for visit in new_visits:
+            first_touch = t.first_touch or dict(last_touch)
+        # The code sent, unless somebody holds it; else a new one (made only when needed).
+        code = t.code
+        while code is None or (company.id, code) in by_code:
+            code = new_code()
+        visit = {"id": None, "company_id": company.id, "visitor_id": visitor_id,
+                 "code": code, "first_touch": json_dumps(first_touch), "pageviews": 0,
+                 "clicks": 0, "clicked_at": None, "click_phone": None, "lead_id": None,
+                 "created_at": ts, "user_agent": None}
+        b.new_visits.append(visit)
+        by_code[(company.id, code)] = latest[(company.id, visitor_id)] = visit
+    else:
+        rollup_count(tx, visit, -1)
+        if visit["id"] is not None:
+            b.changed[visit["id"]] = visit
+    visit.update(
+        expires_at=ts + window, utm_source=last_touch.get("utm_source"),
+        utm_medium=last_touch.get("utm_medium"), utm_campaign=last_touch.get("utm_campaign"),
+        last_touch=json_dumps(last_touch), updated_at=ts,
+        user_agent=t.user_agent or visit["user_agent"])
+    if clicked:
+        visit["clicks"] += 1
+        visit["clicked_at"] = ts
+        visit["click_phone"] = t.whatsapp_phone or visit["click_phone"]
+    else:
+        visit["pageviews"] += 1
+    rollup_count(tx, visit, 1)
+    b.events.append((t, visit))
+    return (company, visit, visitor_id)
+
+
+async def _tracking_write(tx: Tx, b: TrackingBatch, results: list) -> list:
+    """The batch's visits and events in a few set-wise statements; then each item's (company,
+    {session_id, visitor_id, code}), its visit's id known."""
+    if b.new_visits:
+        await tx.stock_ids({"visits": len(b.new_visits)})
+        for visit in b.new_visits:
             visit["id"] = await tx.new_id("visits")
-        await insert_visits(tx, new_visits)
-    if changed:
+        await insert_visits(tx, b.new_visits)
+    if b.changed:
         await tx.executemany(VISIT_UPDATE, [tuple(v[c] for c in _VISIT_CHANGES) + (v["id"],)
-                                            for v in changed.values()])
-    if events:
+                                            for v in b.changed.values()])
+    if b.events:
         await tx.executemany(TRACKING_EVENT_INSERT, [
             (visit["company_id"], visit["id"], t.event, t.touch.get("page_url"),
              t.touch.get("referrer"), t.touch.get("utm_source"), t.touch.get("utm_medium"),
-             t.touch.get("utm_campaign"), t.whatsapp_phone, ts) for t, visit in events])
+             t.touch.get("utm_campaign"), t.whatsapp_phone, b.ts) for t, visit in b.events])
     return [r if isinstance(r, Exception) else
             (r[0], {"session_id": r[1]["id"], "visitor_id": r[2], "code": r[1]["code"]})
             for r in results]
+
+
+# Tracking requests (Storage.submit): one (company, {session_id, visitor_id, code}) per item, or
+# the error refusing it. (Handlers look the kind up by its name at call time: tests count it.)
+track_batch = BatchKind("tracking", _tracking_prefetch, _tracking_apply, _tracking_write)
 
 
 # ##################################################################################################
@@ -3339,6 +3382,8 @@ class WebhookInput:
     headers: Mapping[str, str]
     secret: str | None  # what the request authenticated with (header or bearer)
     hint: str  # the event named by the URL's suffix
+    source: str = EVOLUTION.name  # the stored delivery's source label (/webhook-ingest's ?source)
+    trusted: bool = False  # authenticated by the caller (/webhook-ingest's shared token)
 
 
 class Ingested(dict):
@@ -3358,7 +3403,7 @@ class Ingested(dict):
 async def webhook_authenticated(tx: Tx, company: Company, item: WebhookInput) -> bool:
     """Whether `item` may be stored for `company`: its secret or the instance's apikey
     matches, or the company turned authentication off (logged)."""
-    if await EVOLUTION.authenticate(tx, company, item.secret, item.envelope):
+    if item.trusted or await EVOLUTION.authenticate(tx, company, item.secret, item.envelope):
         return True
     if company.settings["webhook_auth_required"]:
         return False
@@ -3402,43 +3447,56 @@ async def prefetch_messages(tx: Tx, inbound: list[tuple[str, str, InboundMessage
     return wanted
 
 
-async def webhook_batch(tx: Tx, items: list[WebhookInput]) -> list:
-    """Ingest Evolution deliveries (Storage.submit's `run`): one Ingested per item (a refusal
-    stores nothing). Items are applied in order in one transaction:
-    each company is read once, what their messages read is read for all at once, and the writes
-    nobody reads back go as one statement each at the end. A lone item runs in a savepoint, so a
-    failure to process it is recorded on its stored delivery."""
+@dataclasses.dataclass(slots=True)
+class WebhookBatch:
+    """What a webhook batch read for its deliveries (prefetch)."""
+    companies: dict[str, Company]
+    accepted: dict[int, Company]  # id(item) → its company, for the deliveries authenticated
+    isolated: bool  # a lone delivery: processed in a savepoint, a failure recorded on it
+
+
+async def _webhook_prefetch(tx: Tx, items: list[WebhookInput]) -> WebhookBatch:
+    """Each company once; each delivery authenticated and read once; what their messages will
+    read, read for all at once; the ids their rows will take, in one statement."""
     companies = await companies_by_id(tx, {t.company_id for t in items})
-    results: list = [None] * len(items)
-    accepted: list[tuple[int, WebhookInput, Company]] = []
-    for n, t in enumerate(items):
+    accepted = {}
+    for t in items:
         company = companies.get(t.company_id)
-        if company is None:
-            results[n] = Ingested.refusal(404, "Company not found")
-        elif not await webhook_authenticated(tx, company, t):
-            results[n] = Ingested.refusal(401, "Unauthorized")
-        else:
-            accepted.append((n, t, company))
+        if company is not None and await webhook_authenticated(tx, company, t):
+            accepted[id(t)] = company
     cache = UnitCache(tx)
-    reads = [(company.id, cache.read(EVOLUTION, t.envelope, t.hint)) for _, t, company in accepted]
+    reads = [(company.id, cache.read(EVOLUTION, t.envelope, t.hint))
+             for t in items if (company := accepted.get(id(t)))]
     inbound = [(company_id, read.connection_id, read.message) for company_id, read in reads
                if read.message is not None]
     wanted = await prefetch_messages(tx, inbound, record=len(items) > 1)
     wanted["webhook_deliveries"] = len(accepted)
     await tx.stock_ids(wanted)
-    for n, t, company in accepted:
-        delivery_id = await tx.new_id("webhook_deliveries")
-        if t.bad_json:  # kept for a look, then refused
-            results[n] = Ingested(delivery_id=await _store_delivery(
-                tx, company.id, "evolution", t.raw, t.headers, None, delivery_id=delivery_id),
-                bad_json=True)
-            continue
-        results[n] = Ingested(await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
-                                                    "evolution", t.hint, delivery_id,
-                                                    isolated=len(items) == 1))
-        # A lead or label event has deliveries waiting when the company sends events somewhere.
-        results[n].wake = "lead_id" in results[n] and bool(configured_destinations(company))
-    return results
+    return WebhookBatch(companies, accepted, isolated=len(items) == 1)
+
+
+async def _webhook_apply(tx: Tx, b: WebhookBatch, t: WebhookInput) -> Ingested:
+    """One delivery: refused (nothing stored), or processed and stored with its outcome; the
+    writes nobody reads back go as one statement each at the end of the unit."""
+    company = b.accepted.get(id(t))
+    if company is None:
+        if t.company_id not in b.companies:
+            return Ingested.refusal(404, "Company not found")
+        return Ingested.refusal(401, "Unauthorized")
+    delivery_id = await tx.new_id("webhook_deliveries")
+    if t.bad_json:  # kept for a look, then refused
+        return Ingested(delivery_id=await _store_delivery(
+            tx, company.id, t.source, t.raw, t.headers, None, delivery_id=delivery_id),
+            bad_json=True)
+    result = Ingested(await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
+                                            t.source, t.hint, delivery_id, b.isolated))
+    # A lead or label event has deliveries waiting when the company sends events somewhere.
+    result.wake = "lead_id" in result and bool(configured_destinations(company))
+    return result
+
+
+# Evolution deliveries (Storage.submit): one Ingested per item.
+webhook_batch = BatchKind("webhook", _webhook_prefetch, _webhook_apply, spread=True)
 
 
 async def store_failed_webhook(db: Storage, item: WebhookInput, exc: Exception) -> dict | None:
@@ -3450,7 +3508,7 @@ async def store_failed_webhook(db: Storage, item: WebhookInput, exc: Exception) 
 
     if not await db.transact(accepted):
         return None
-    return await store_failed_delivery(db, item.company_id, "evolution", item.raw, item.headers,
+    return await store_failed_delivery(db, item.company_id, item.source, item.raw, item.headers,
                                        item.envelope, exc)
 
 
@@ -5376,7 +5434,7 @@ async def evolution_webhook(request: web.Request) -> web.Response:
     started = time.perf_counter()
     db = request.app[DB]
     try:
-        result = await db.submit(webhook_batch, item, spread=True)
+        result = await db.submit(webhook_batch, item)
     except Exception as exc:
         result = await store_failed_webhook(db, item, exc)
         if result is None:
@@ -6373,17 +6431,20 @@ async def webhook_ingest(request: web.Request) -> web.Response:
     evolution = (company is not None and isinstance(payload, dict)
                  and isinstance(payload.get("event"), str) and "instance" in payload
                  and "data" in payload)
-    if evolution:
+    if evolution:  # the same batch as /webhook, authenticated here by the shared token
+        item = WebhookInput(company.id, raw, payload, False, request.headers, None, "", source,
+                            trusted=True)
         try:
-            result = await db.transact(lambda tx: ingest_envelope(
-                tx, company, raw, payload, request.headers, source))
+            result = await db.submit(webhook_batch, item)
         except Exception as exc:  # noqa: BLE001 - the body is kept (and the error logged)
             result = await store_failed_delivery(db, company.id, source, raw, request.headers,
                                                  payload, exc)
+        if getattr(result, "refused", None):  # (the company was deleted meanwhile)
+            raise http_error(*result.refused)
         await note_delivery(request.app, company.id, payload)
         if result.get("failed"):
             return failed_delivery_answer(request, result["delivery_id"])
-        if "lead_id" in result:
+        if getattr(result, "wake", False):
             request.app[DELIVERY_WAKE].set()
     else:
         delivery_id = await db.transact(lambda tx: _store_delivery(

@@ -296,6 +296,36 @@ async def test_migration_5_counts_the_visits_already_stored(database_url, monkey
         await storage.close()
 
 
+async def test_a_declared_kind_runs_prefetch_apply_write_and_leaves_no_keys_behind(db):
+    """A BatchKind: prefetch once, apply per item (a refusal is a result), write once; a kind
+    (or a lambda) with nothing waiting keeps no state in the storage."""
+    calls: list[str] = []
+
+    async def prefetch(tx, items):
+        calls.append("prefetch")
+        return {"seen": []}
+
+    async def apply(tx, ctx, item):
+        ctx["seen"].append(item)
+        return ValueError(item) if item == "no" else item.upper()
+
+    async def write(tx, ctx, results):
+        calls.append(f"write {len(ctx['seen'])}")
+        return results
+
+    kind = whatstracking.BatchKind("test", prefetch, apply, write)
+    assert await db.submit(kind, "a") == "A"
+    with pytest.raises(ValueError):
+        await db.submit(kind, "no")
+    assert calls == ["prefetch", "write 1"] * 2
+    for n in range(3):
+        async def run(tx, items):
+            return items
+        assert await db.submit(run, n) == n
+    for state in ("_pending", "_in_flight", "_spread", "_idle"):
+        assert not getattr(db, state, {}), state
+
+
 # ------------------------------------------------------------------------------------------------
 # Writes deferred to the end of a transaction (DeferredWrites)
 # ------------------------------------------------------------------------------------------------
