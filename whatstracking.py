@@ -4288,7 +4288,7 @@ class Meta(Destination):
 
     def event(self, company: Company, lead: Mapping[str, Any], event: Mapping[str, Any],
               facts: EventFacts) -> dict | Outcome:
-        meta = company.settings.get("meta") or {}
+        meta = company.settings.get(self.name) or {}
         attribution = loads_or(lead["attribution"], {})
         ctwa = lead["match_method"] == "ctwa" and attribution.get("ctwa_clid")
         path = "messaging" if ctwa else "website"
@@ -4380,7 +4380,7 @@ class Ga4(Destination):
               facts: EventFacts) -> dict | Outcome:
         """A refund carries `facts.purchase_id`, the event_id of the purchase it reverses (GA4
         matches refunds to purchases by transaction_id)."""
-        ga4 = company.settings.get("ga4") or {}
+        ga4 = company.settings.get(self.name) or {}
         attribution = loads_or(lead["attribution"], {})
         client_id = attribution.get("ga_client_id")
         if not client_id:
