@@ -3296,8 +3296,9 @@ class Source:
     def read(self, envelope: Any, hint: str = "") -> SourceEvent:
         raise NotImplementedError
 
-    async def authenticate(self, tx: Tx, company: Company, secret: str | None,
-                           envelope: Any) -> bool:
+    async def authenticate(self, tx: Tx, company: Company, item: Any) -> bool:
+        """Whether the delivery `item` (a WebhookInput: raw body, headers, the secret the
+        request gave, envelope) is the source's own for `company`."""
         raise NotImplementedError
 
     async def process(self, tx: Tx, company: Company, read: SourceEvent) -> dict:
@@ -3347,10 +3348,9 @@ class EvolutionSource(Source):
                 "event": event or None, "ignored": "event not handled"})
         return SourceEvent(event, instance, data)
 
-    async def authenticate(self, tx: Tx, company: Company, secret: str | None,
-                           envelope: Any) -> bool:
-        return (await _header_authenticated(tx, company, secret, envelope)
-                or await _apikey_authenticated(tx, company, envelope))
+    async def authenticate(self, tx: Tx, company: Company, item: Any) -> bool:
+        return (await _header_authenticated(tx, company, item.secret, item.envelope)
+                or await _apikey_authenticated(tx, company, item.envelope))
 
 
 EVOLUTION = EvolutionSource()
@@ -3363,16 +3363,26 @@ async def process_envelope(tx: Tx, company: Company, envelope: Any, event_hint: 
                                                                    event_hint))
 
 
+async def process_delivery(tx: Tx, company: Company, via: Source, envelope: Any,
+                           hint: str = "") -> dict:
+    """Process one delivery of the source `via` inside a unit of work (read once per unit).
+    Evolution's goes through process_envelope, its entry point of old (tests wrap it)."""
+    if via is EVOLUTION:
+        return await process_envelope(tx, company, envelope, hint)
+    return await via.process(tx, company, UnitCache(tx).read(via, envelope, hint))
+
+
 async def ingest_envelope(tx: Tx, company: Company, raw: bytes, envelope: Any,
                           headers: Mapping[str, str], source: str, event_hint: str = "",
-                          delivery_id: int | None = None, isolated: bool = True) -> dict:
+                          delivery_id: int | None = None, isolated: bool = True,
+                          via: Source = EVOLUTION) -> dict:
     """Process a delivery and store its raw body with the outcome; both commit together, but a
     processing failure is only recorded on the stored delivery (it can be replayed after a
     fix). Not `isolated` (one of a batch), a failure raises instead: the batch is rolled back
     and its deliveries are ingested one by one."""
     try:
         async with tx.savepoint() if isolated else contextlib.nullcontext():
-            result = await process_envelope(tx, company, envelope, event_hint)
+            result = await process_delivery(tx, company, via, envelope, event_hint)
     except Exception as exc:  # noqa: BLE001 - recorded on the delivery, re-raised as 500
         if not isolated:
             raise
@@ -3410,6 +3420,7 @@ class WebhookInput:
     hint: str  # the event named by the URL's suffix
     source: str = EVOLUTION.name  # the stored delivery's source label (/webhook-ingest's ?source)
     trusted: bool = False  # authenticated by the caller (/webhook-ingest's shared token)
+    via: Source = EVOLUTION  # the source whose deliveries these are: it reads and authenticates
 
 
 class Ingested(dict):
@@ -3429,7 +3440,7 @@ class Ingested(dict):
 async def webhook_authenticated(tx: Tx, company: Company, item: WebhookInput) -> bool:
     """Whether `item` may be stored for `company`: its secret or the instance's apikey
     matches, or the company turned authentication off (logged)."""
-    if item.trusted or await EVOLUTION.authenticate(tx, company, item.secret, item.envelope):
+    if item.trusted or await item.via.authenticate(tx, company, item):
         return True
     if company.settings["webhook_auth_required"]:
         return False
@@ -3491,7 +3502,7 @@ async def _webhook_prefetch(tx: Tx, items: list[WebhookInput]) -> WebhookBatch:
         if company is not None and await webhook_authenticated(tx, company, t):
             accepted[id(t)] = company
     cache = UnitCache(tx)
-    reads = [(company.id, cache.read(EVOLUTION, t.envelope, t.hint))
+    reads = [(company.id, cache.read(t.via, t.envelope, t.hint))
              for t in items if (company := accepted.get(id(t)))]
     inbound = [(company_id, read.connection_id, read.message) for company_id, read in reads
                if read.message is not None]
@@ -3515,7 +3526,7 @@ async def _webhook_apply(tx: Tx, b: WebhookBatch, t: WebhookInput) -> Ingested:
             tx, company.id, t.source, t.raw, t.headers, None, delivery_id=delivery_id),
             bad_json=True)
     result = Ingested(await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
-                                            t.source, t.hint, delivery_id, b.isolated))
+                                            t.source, t.hint, delivery_id, b.isolated, t.via))
     # A lead or label event has deliveries waiting when the company sends events somewhere.
     result.wake = "lead_id" in result and bool(configured_destinations(company))
     return result
