@@ -21,9 +21,23 @@ environment wins), see ``config.example.env``:
     DELIVERY_RETRY_SECONDS, DELIVERY_POLL_SECONDS, DELIVERY_CONCURRENCY, DELIVERY_PER_COMPANY,
     ALLOW_PRIVATE_URLS, RATE_LIMIT_TRACKING, RATE_LIMIT_PUBLIC
 
-Sections, each using only what is above it: constants, config, errors and small helpers, storage
-(SQLite and Postgres behind one interface), domain (codes, attribution, Evolution messages, lead
-matching), HTTP handlers, middlewares, ``create_app()``, CLI, ``main()``.
+Sections (banners), each using only what is above it:
+    Constants · Config · Errors and small helpers
+    Storage: SQLite and Postgres behind one interface; the unit of work (Tx), BatchKind
+    Domain: companies and tokens · tracking codes · website tracking (the tracking batch) ·
+        Evolution API envelopes · conversion events and the delivery outbox · connections,
+        contacts and leads (the lead rules, UnitCache) · webhook ingestion (Source, the webhook
+        batch) · reports · retention
+    Integrations: outbound URLs a company sets · Evolution API v2 · conversions out
+    The doctor (``check`` and GET /api/checks)
+    HTTP: keys, request helpers and authentication
+    HTTP handlers: health and the tracker script · tracking from the website · Evolution
+        webhooks · companies and leads · connections, QR codes and onboarding links · generic
+        webhook ingest · conversion events, deliveries and the Google Ads export · reports and
+        the dashboard · operations and privacy · the doctor
+    Middlewares · Application factory (``create_app()``) · CLI and ``main()``
+Pages shipped beside this file: dashboard.html (and console/, locales/), connect.html and
+connect-error.html; tracker.js.
 """
 
 from __future__ import annotations
@@ -3270,8 +3284,9 @@ class Source:
     def read(self, envelope: Any, hint: str = "") -> SourceEvent:
         raise NotImplementedError
 
-    async def authenticate(self, tx: Tx, company: Company, secret: str | None,
-                           envelope: Any) -> bool:
+    async def authenticate(self, tx: Tx, company: Company, item: Any) -> bool:
+        """Whether the delivery `item` (a WebhookInput: raw body, headers, the secret the
+        request gave, envelope) is the source's own for `company`."""
         raise NotImplementedError
 
     async def process(self, tx: Tx, company: Company, read: SourceEvent) -> dict:
@@ -3321,10 +3336,9 @@ class EvolutionSource(Source):
                 "event": event or None, "ignored": "event not handled"})
         return SourceEvent(event, instance, data)
 
-    async def authenticate(self, tx: Tx, company: Company, secret: str | None,
-                           envelope: Any) -> bool:
-        return (await _header_authenticated(tx, company, secret, envelope)
-                or await _apikey_authenticated(tx, company, envelope))
+    async def authenticate(self, tx: Tx, company: Company, item: Any) -> bool:
+        return (await _header_authenticated(tx, company, item.secret, item.envelope)
+                or await _apikey_authenticated(tx, company, item.envelope))
 
 
 EVOLUTION = EvolutionSource()
@@ -3337,16 +3351,26 @@ async def process_envelope(tx: Tx, company: Company, envelope: Any, event_hint: 
                                                                    event_hint))
 
 
+async def process_delivery(tx: Tx, company: Company, via: Source, envelope: Any,
+                           hint: str = "") -> dict:
+    """Process one delivery of the source `via` inside a unit of work (read once per unit).
+    Evolution's goes through process_envelope, its entry point of old (tests wrap it)."""
+    if via is EVOLUTION:
+        return await process_envelope(tx, company, envelope, hint)
+    return await via.process(tx, company, UnitCache(tx).read(via, envelope, hint))
+
+
 async def ingest_envelope(tx: Tx, company: Company, raw: bytes, envelope: Any,
                           headers: Mapping[str, str], source: str, event_hint: str = "",
-                          delivery_id: int | None = None, isolated: bool = True) -> dict:
+                          delivery_id: int | None = None, isolated: bool = True,
+                          via: Source = EVOLUTION) -> dict:
     """Process a delivery and store its raw body with the outcome; both commit together, but a
     processing failure is only recorded on the stored delivery (it can be replayed after a
     fix). Not `isolated` (one of a batch), a failure raises instead: the batch is rolled back
     and its deliveries are ingested one by one."""
     try:
         async with tx.savepoint() if isolated else contextlib.nullcontext():
-            result = await process_envelope(tx, company, envelope, event_hint)
+            result = await process_delivery(tx, company, via, envelope, event_hint)
     except Exception as exc:  # noqa: BLE001 - recorded on the delivery, re-raised as 500
         if not isolated:
             raise
@@ -3384,6 +3408,7 @@ class WebhookInput:
     hint: str  # the event named by the URL's suffix
     source: str = EVOLUTION.name  # the stored delivery's source label (/webhook-ingest's ?source)
     trusted: bool = False  # authenticated by the caller (/webhook-ingest's shared token)
+    via: Source = EVOLUTION  # the source whose deliveries these are: it reads and authenticates
 
 
 class Ingested(dict):
@@ -3403,7 +3428,7 @@ class Ingested(dict):
 async def webhook_authenticated(tx: Tx, company: Company, item: WebhookInput) -> bool:
     """Whether `item` may be stored for `company`: its secret or the instance's apikey
     matches, or the company turned authentication off (logged)."""
-    if item.trusted or await EVOLUTION.authenticate(tx, company, item.secret, item.envelope):
+    if item.trusted or await item.via.authenticate(tx, company, item):
         return True
     if company.settings["webhook_auth_required"]:
         return False
@@ -3465,7 +3490,7 @@ async def _webhook_prefetch(tx: Tx, items: list[WebhookInput]) -> WebhookBatch:
         if company is not None and await webhook_authenticated(tx, company, t):
             accepted[id(t)] = company
     cache = UnitCache(tx)
-    reads = [(company.id, cache.read(EVOLUTION, t.envelope, t.hint))
+    reads = [(company.id, cache.read(t.via, t.envelope, t.hint))
              for t in items if (company := accepted.get(id(t)))]
     inbound = [(company_id, read.connection_id, read.message) for company_id, read in reads
                if read.message is not None]
@@ -3489,7 +3514,7 @@ async def _webhook_apply(tx: Tx, b: WebhookBatch, t: WebhookInput) -> Ingested:
             tx, company.id, t.source, t.raw, t.headers, None, delivery_id=delivery_id),
             bad_json=True)
     result = Ingested(await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
-                                            t.source, t.hint, delivery_id, b.isolated))
+                                            t.source, t.hint, delivery_id, b.isolated, t.via))
     # A lead or label event has deliveries waiting when the company sends events somewhere.
     result.wake = "lead_id" in result and bool(configured_destinations(company))
     return result
@@ -6196,76 +6221,30 @@ async def generate_qrcode(request: web.Request) -> web.Response:
     return web.Response(body=buffer.getvalue(), content_type=content_type, headers=headers)
 
 
-CONNECT_STYLE = """
-body{font-family:system-ui,sans-serif;max-width:28rem;margin:2rem auto;padding:0 1rem;
-text-align:center;color:#1f2933}
-#qr{width:18rem;height:18rem;image-rendering:pixelated}
-.ok{color:#137333;font-size:1.3rem}.err{color:#b3261e}small{color:#52606d}
-"""
-# The same script for every link and language: the link's QR URL is in the body's data-qr-url and
-# the page's words in a JSON data block (#texts, never run), so its hash in the page's
-# Content-Security-Policy lets it run, and nothing else.
-CONNECT_SCRIPT = """
-(function () {
-  "use strict";
-  var url = document.body.getAttribute("data-qr-url"), statusEl = document.getElementById("status"),
-      img = document.getElementById("qr"), pairing = document.getElementById("pairing"),
-      t = JSON.parse(document.getElementById("texts").textContent);
-  function show(text, cls) { statusEl.textContent = text; statusEl.className = cls || ""; }
-  function stop(text) { img.hidden = true; pairing.hidden = true; show(text, "err"); }
-  function poll() {
-    fetch(url, {cache: "no-store"}).then(function (r) {
-      return r.json().then(function (body) { return {status: r.status, body: body}; });
-    }).then(function (res) {
-      if (res.status === 200) {
-        img.src = res.body.base64; img.hidden = false;
-        show(t.scan);
-        if (res.body.pairingCode) {
-          pairing.hidden = false;
-          pairing.textContent = t.pairing.replace("{code}", res.body.pairingCode);
-        }
-        setTimeout(poll, 3000);
-      } else if (res.status === 409) {
-        img.hidden = true; pairing.hidden = true;
-        show(t.connected + (res.body.phone ? ": +" + res.body.phone : "") +
-             (res.body.profileName ? " (" + res.body.profileName + ")" : ""), "ok");
-        document.body.setAttribute("data-state", "connected");
-      } else if (res.status === 401) {
-        stop(t.invalid);
-      } else if (res.status === 410) {
-        stop(t.expired);
-      } else if (res.status === 404) {
-        stop(t.not_found);
-      } else {
-        show(t.waiting); setTimeout(poll, 3000);
-      }
-    }).catch(function () { show(t.lost); setTimeout(poll, 5000); });
-  }
-  poll();
-})();
-"""
-CONNECT_PAGE = """<!doctype html>
-<html lang="__LANG__"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>__TITLE__</title>
-<style>""" + CONNECT_STYLE + """</style></head><body data-qr-url="__QR_URL__">
-<h1>__TITLE__</h1>
-<p id="status">__LOADING__</p>
-<img id="qr" alt="__QR_ALT__" hidden>
-<p id="pairing" hidden></p>
-<p><small>__HELP__</small></p>
-<script type="application/json" id="texts">__TEXTS__</script>
-<script>""" + CONNECT_SCRIPT + """</script></body></html>
-"""
+def shipped_page(name: str) -> str:
+    """An HTML page shipped beside whatstracking.py, read once at start-up (the hashes of its
+    inline script and style go in its Content-Security-Policy); "" when the install left it out
+    (its route then answers 404)."""
+    try:
+        return (HERE / name).read_text(encoding="utf-8")
+    except OSError:
+        return ""
 
-CONNECT_ERROR_STYLE = """body{font-family:system-ui,sans-serif;max-width:28rem;margin:2rem auto;
-padding:0 1rem;text-align:center;color:#b3261e}"""
-CONNECT_ERROR_PAGE = """<!doctype html>
-<html lang="__LANG__"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1"><title>__TITLE__</title>
-<style>""" + CONNECT_ERROR_STYLE + """</style></head>
-<body><h1>__MESSAGE__</h1><p>__ASK__</p></body></html>
-"""
+
+def inline(tag: str, page: str) -> str:
+    """The content of `page`'s first plain <tag> element (<script>, <style>), "" if none."""
+    match = re.search(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+    return match.group(1) if match else ""
+
+
+# connect.html: the same script for every link and language. The link's QR URL is in the body's
+# data-qr-url and the page's words in a JSON data block (#texts, never run), so the script's hash
+# in the page's Content-Security-Policy lets it run, and nothing else. __MARKERS__ are filled in
+# by connect_page_template and connect_page.
+CONNECT_PAGE = shipped_page("connect.html")
+CONNECT_SCRIPT, CONNECT_STYLE = inline("script", CONNECT_PAGE), inline("style", CONNECT_PAGE)
+CONNECT_ERROR_PAGE = shipped_page("connect-error.html")
+CONNECT_ERROR_STYLE = inline("style", CONNECT_ERROR_PAGE)
 # The page's languages (locales/<language>.json, keys connect.*); the first is the default.
 CONNECT_LANGUAGES = ("pt-BR", "en")
 CONNECT_ERROR_KEYS = {401: "connect.error.invalid", 410: "connect.error.expired",
@@ -6361,6 +6340,8 @@ async def connect_page(request: web.Request) -> web.Response:
     rate_limit(request, "public")
     connection_id = request.match_info["connection_id"]
     language = connect_language(request)
+    if not CONNECT_PAGE or not CONNECT_ERROR_PAGE:
+        raise http_error(404, "Not found")  # (the install left connect.html out)
     try:
         company = await verify_link(request.app[DB], request.query, connection_id)
         row = await request.app[DB].fetchone(

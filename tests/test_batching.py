@@ -659,3 +659,36 @@ async def test_one_code_in_concurrent_batches_makes_one_lead(api):
     matched = await api.db.fetchone("SELECT SUM(matched) AS n FROM visit_rollup "
                                     "WHERE dimension = ''")
     assert matched["n"] == 1
+
+
+async def test_a_second_message_source_is_one_class(api):
+    """A Source subclass (read, authenticate, events) goes through the same webhook batch and
+    lead rules as Evolution's deliveries: nothing else names the source."""
+    class Plain(whatstracking.Source):
+        name = "plain"
+
+        def read(self, envelope, hint=""):
+            msg = whatstracking.InboundMessage(self.name, envelope["id"], envelope["from"], None,
+                                               None, envelope["text"], None)
+            return whatstracking.SourceEvent("message", "plain-number", envelope, message=msg)
+
+        async def authenticate(self, tx, company, item):
+            return item.secret == "plain-secret"
+
+    tracked = await api.track(visitor_id="v-plain", page_url=f"{SITE}?utm_source=google")
+
+    def item(secret: str, message_id: str) -> whatstracking.WebhookInput:
+        envelope = {"id": message_id, "from": "5511955550000",
+                    "text": f"Oi {whatstracking.message_code(tracked['code'])}"}
+        return whatstracking.WebhookInput(api.company_id, json.dumps(envelope).encode(),
+                                          envelope, False, {}, secret, "", "plain", via=Plain())
+
+    answer = await api.db.submit(whatstracking.webhook_batch, item("plain-secret", "m1"))
+    assert answer["match"] == "code" and answer["event"] == "message"
+    refused = await api.db.submit(whatstracking.webhook_batch, item("wrong", "m2"))
+    assert refused.refused == (401, "Unauthorized") and not dict(refused)
+    lead = await api.db.fetchone("SELECT visit_id, phone FROM leads WHERE id = ?",
+                                 answer["lead_id"])
+    assert (lead["visit_id"], lead["phone"]) == (tracked["session_id"], "5511955550000")
+    stored = await api.db.fetchall("SELECT source FROM webhook_deliveries")
+    assert [r["source"] for r in stored] == ["plain"]
