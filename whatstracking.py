@@ -2747,8 +2747,8 @@ async def apply_label_association(tx: Tx, company: Company, connection_id: str, 
     name = (company.settings.get("label_events") or {}).get(label["name"])
     if not name:
         return {"ignored": "label not mapped to an event"}
-    column, value = ("lid", jid_user(chat)) if chat.endswith(JID_LID) else \
-        ("phone", digits(jid_user(chat)))
+    column, value = (("lid", jid_user(chat)) if chat.endswith(JID_LID)
+                     else ("phone", digits(jid_user(chat))))
     lead = await tx.fetchone(
         f"SELECT l.id FROM leads l JOIN contacts c ON c.id = l.contact_id "
         f"WHERE c.company_id = ? AND c.{column} = ? ORDER BY l.id DESC LIMIT 1",
@@ -3780,6 +3780,8 @@ async def purge_expired(db: Storage, retention_days: int) -> dict:
 # ##################################################################################################
 
 OPERATOR_URLS = "operator_urls"  # company settings key, never shown nor settable by a company
+# The two outbound HTTP sessions: (open, connecting to public addresses only); see session_for.
+Sessions = tuple[aiohttp.ClientSession, aiohttp.ClientSession]
 RESOLVE_TIMEOUT = 5  # seconds to resolve a URL's host name when the URL is set
 PRIVATE_URL_REFUSED = ("{field} must point to a public internet address, not a loopback, "
                        "private or link-local one (only the operator can set such a URL)")
@@ -3854,8 +3856,7 @@ def company_chose(config: Config, company: Company, field: str, url: str | None)
 
 
 def session_for(config: Config, company: Company, field: str, url: str | None,
-                sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession]
-                ) -> aiohttp.ClientSession:
+                sessions: Sessions) -> aiohttp.ClientSession:
     """Of the two outbound sessions (open, public addresses only), the one for this URL: the
     restricted one unless the URL is the operator's or ALLOW_PRIVATE_URLS is on."""
     if config.allow_private_urls or not company_chose(config, company, field, url):
@@ -4259,13 +4260,11 @@ class Destination:
         return Outcome(kind, status, error=error, retry_after=retry_after, response=kept)
 
 
-async def post_json(session: Any, destination: Destination, url: str, body: bytes,
+async def post_json(session: aiohttp.ClientSession, destination: Destination, url: str, body: bytes,
                     headers: Mapping[str, str], timeout: float) -> Outcome:
     """POST a delivery. Only the destination's documented fields of the reply are kept (the CRM
     webhook's reply: none, its status only), and every network failure reads "unreachable", so
     a company's URL is no window onto what it reaches nor a port scanner."""
-    import aiohttp
-
     field = destination.url_field or "the URL"
     try:
         async with session.post(url, data=body, headers={"Content-Type": "application/json",
@@ -4501,7 +4500,7 @@ def destination_urls(settings: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def send_delivery(session: Any, config: Config, company: Company, destination: Destination,
+async def send_delivery(session: aiohttp.ClientSession, config: Config, company: Company, destination: Destination,
                         lead: Mapping[str, Any], event: Mapping[str, Any],
                         facts: EventFacts) -> Outcome:
     """Send one lead event to one destination the company has configured."""
@@ -4600,7 +4599,7 @@ async def finish_delivery(db: Storage, row: Mapping[str, Any], outcome: Outcome,
     await db.transact(run)
 
 
-async def run_delivery(db: Storage, config: Config, sessions: tuple[Any, Any],
+async def run_delivery(db: Storage, config: Config, sessions: Sessions,
                        row: Mapping[str, Any]) -> Outcome:
     """Send one claimed outbox row. `sessions`: the open HTTP session and the one that connects
     to public addresses only (see session_for)."""
@@ -4630,7 +4629,7 @@ async def run_delivery(db: Storage, config: Config, sessions: tuple[Any, Any],
                                EventFacts(user_agent, purchase_id))
 
 
-async def deliver(db: Storage, config: Config, sessions: tuple[Any, Any],
+async def deliver(db: Storage, config: Config, sessions: Sessions,
                   row: Mapping[str, Any]) -> None:
     """Send one claimed outbox row and record how it went."""
     try:
@@ -4650,7 +4649,7 @@ async def deliver(db: Storage, config: Config, sessions: tuple[Any, Any],
                                    "error": outcome.error}})
 
 
-async def delivery_worker(db: Storage, config: Config, sessions: tuple[Any, Any],
+async def delivery_worker(db: Storage, config: Config, sessions: Sessions,
                           wake: asyncio.Event, stopping: asyncio.Event) -> None:
     """Send due deliveries, up to DELIVERY_CONCURRENCY at once: a row is claimed only when a
     slot is free and is sent at once, so no claimed row waits behind another company's. `wake`
@@ -4823,7 +4822,7 @@ class Doctor:
     server's answer (asked once however many companies share it)."""
 
     def __init__(self, config: Config, db: Storage | None,
-                 sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession]) -> None:
+                 sessions: Sessions) -> None:
         self.config = config
         self.db = db
         self.sessions = sessions  # (open, public addresses only): see session_for
