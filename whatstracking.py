@@ -26,8 +26,8 @@ Sections (banners), each using only what is above it:
     Storage: SQLite and Postgres behind one interface; the unit of work (Tx), BatchKind
     Domain: companies and tokens · tracking codes · website tracking (the tracking batch) ·
         Evolution API envelopes · conversion events and the delivery outbox · connections,
-        contacts and leads (the lead rules, UnitCache) · webhook ingestion (Source, the webhook
-        batch) · reports · retention
+        contacts and leads (the lead rules, UnitCache) · connections and signed links · webhook
+        ingestion (Source, the webhook batch) · reports · retention and erasure
     Integrations: outbound URLs a company sets · Evolution API v2 · conversions out
     The doctor (``check`` and GET /api/checks)
     HTTP: keys, request helpers and authentication
@@ -3179,6 +3179,144 @@ def lead_json(row: Mapping[str, Any]) -> dict:
 
 
 # ##################################################################################################
+# Domain: connections (their records, and the signed links that show a connection's QR)
+#
+# A connection is one Evolution instance of a company: its stored state, the name verified as the
+# company's, and the expiring signed link (POST /api/connection-link) that lets a client scan its
+# QR without a token. The HTTP handlers below call these; nothing here speaks HTTP.
+# ##################################################################################################
+
+def mask_phone(phone: str | None) -> str | None:
+    """Country and area code and the last four digits: enough to recognise, not to call."""
+    if not phone:
+        return None
+    if len(phone) <= 8:
+        return phone[:2] + "*" * (len(phone) - 2)
+    return phone[:4] + "*" * (len(phone) - 8) + phone[-4:]
+
+
+def connection_json(row: Mapping[str, Any]) -> dict:
+    return {"connectionId": row["id"], "companyId": row["company_id"], "state": row["state"],
+            "phone": row["phone"], "profileName": row["profile_name"],
+            "pictureUrl": row["picture_url"], "instanceId": row["instance_id"],
+            "qrAt": iso(row["qr_at"]), "createdAt": iso(row["created_at"]),
+            "updatedAt": iso(row["updated_at"]), "deletedAt": iso(row["deleted_at"]),
+            "verified": bool(row["verified"]), "lastDeliveryAt": iso(row["last_delivery_at"]),
+            "lastRejectedAt": iso(row["last_rejected_at"]), "lastRejection": row["last_rejection"]}
+
+
+async def verified_holder(db: Storage, connection_id: str) -> dict | None:
+    """The company managing the live connection of this name (its id and Evolution URL), if
+    any: one at most (VERIFIED_INDEX)."""
+    return await db.fetchone(
+        "SELECT c.company_id, p.evolution_url FROM connections c JOIN companies p ON "
+        "p.id = c.company_id WHERE c.id = ? AND c.verified = 1 AND c.deleted_at IS NULL",
+        connection_id)
+
+
+async def get_connection(db: Storage, company_id: str, connection_id: str,
+                         include_deleted: bool = False) -> dict:
+    """A connection the company may manage: one it created or adopted. A connection known only
+    from deliveries to its webhook is not (anybody can name any instance there: SPEC §6); a
+    deleted one only with `include_deleted`, and not once another company holds the name."""
+    row = await db.fetchone("SELECT * FROM connections WHERE company_id = ? AND id = ?",
+                            company_id, connection_id)
+    if row is None or not row["verified"] or (row["deleted_at"] is not None and (
+            not include_deleted or await verified_holder(db, connection_id))):
+        raise Refused(404, "Connection not found")
+    return row
+
+
+async def update_connection(db: Storage, company_id: str, connection_id: str, **fields: Any
+                            ) -> None:
+    assignments = ", ".join(f"{name} = ?" for name in fields)
+
+    async def run(tx: Tx) -> None:
+        await tx.execute(f"UPDATE connections SET {assignments}, updated_at = ? "
+                         "WHERE company_id = ? AND id = ?",
+                         *fields.values(), now(), company_id, connection_id)
+
+    await db.transact(run)
+
+
+def qr_payload(code: str, pairing_code: str | None, state: str | None) -> dict:
+    import segno
+
+    qr = segno.make_qr(code)
+    return {"code": code, "pairingCode": pairing_code,
+            "base64": qr.png_data_uri(scale=6, border=4), "state": state}
+
+
+async def store_adopted(db: Storage, company: Company, connection_id: str, found: dict,
+                        instance_token: str | None, secret: str) -> dict:
+    """The adopted connection, verified, with its new secret; a row its webhook deliveries made
+    keeps its number and profile where Evolution shows none now."""
+    owner = found["owner"] or ""
+    phone = digits(jid_user(owner)) if owner.endswith(JID_PHONE) else None
+    ts = now()
+
+    async def run(tx: Tx) -> dict:
+        return await tx.fetchone(
+            "INSERT INTO connections (company_id, id, state, phone, profile_name, picture_url, "
+            "instance_id, instance_token, webhook_secret, verified, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (company_id, id) DO UPDATE "
+            "SET state = COALESCE(excluded.state, connections.state), "
+            "phone = COALESCE(excluded.phone, connections.phone), "
+            "profile_name = COALESCE(excluded.profile_name, connections.profile_name), "
+            "picture_url = COALESCE(excluded.picture_url, connections.picture_url), "
+            "instance_id = excluded.instance_id, instance_token = excluded.instance_token, "
+            "webhook_secret = excluded.webhook_secret, verified = 1, qr_code = NULL, "
+            "qr_pairing_code = NULL, qr_at = NULL, deleted_at = NULL, "
+            "updated_at = excluded.updated_at RETURNING *",
+            company.id, connection_id, found["state"], phone or None, found["profile_name"],
+            found["picture_url"], found["instance_id"], instance_token, hash_token(secret),
+            ts, ts)
+
+    return await db.transact(run)
+
+
+def link_signature(key: str, company_id: str, connection_id: str, expires: int) -> str:
+    mac = hmac.new(key.encode(), f"{company_id}\n{connection_id}\n{expires}".encode(),
+                   hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
+async def signing_key(db: Storage, company: Company) -> str:
+    """The company's key for onboarding links, made the first time one is asked for."""
+    if company.signing_key:
+        return company.signing_key
+
+    async def run(tx: Tx) -> str:
+        await tx.execute("UPDATE companies SET signing_key = ? WHERE id = ? AND "
+                         "signing_key IS NULL", new_secret("sk_"), company.id)
+        row = await tx.fetchone("SELECT signing_key FROM companies WHERE id = ?", company.id)
+        return row["signing_key"]
+
+    return await db.transact(run)
+
+
+class LinkError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def verify_link(db: Storage, query: Mapping[str, str], connection_id: str) -> Company:
+    """The company of a signed onboarding link, or LinkError(401 tampered | 410 expired)."""
+    company_id, expires, sig = query.get("c", ""), query.get("exp", ""), query.get("sig", "")
+    company = await get_company(db, company_id) if company_id else None
+    if company is None or not company.signing_key or not re.fullmatch(r"[0-9]{1,12}", expires):
+        raise LinkError(401, "This link is not valid")
+    expected = link_signature(company.signing_key, company_id, connection_id, int(expires))
+    if not same_secret(sig, expected):
+        raise LinkError(401, "This link is not valid")
+    if int(expires) < now():
+        raise LinkError(410, "This link has expired: ask for a new one")
+    return company
+
+
+# ##################################################################################################
 # Domain: webhook ingestion
 #
 # A delivery from a message source (today Evolution API) becomes stored rows: the webhook batch
@@ -3737,7 +3875,7 @@ async def onboarding_progress(db: Storage, company_id: str) -> dict:
 
 
 # ##################################################################################################
-# Domain: retention
+# Domain: retention and erasure
 # ##################################################################################################
 
 RETENTION_CHUNK = 5000  # rows deleted per transaction: short, so the writer is never held long
@@ -3763,6 +3901,61 @@ async def purge_expired(db: Storage, retention_days: int) -> dict:
                 break
         purged[table] = total
     return purged
+
+
+ERASE_WINDOW = 2000  # raw webhook bodies searched per transaction when erasing a person
+
+
+async def erase_contact(db: Storage, company_id: str, phone: str) -> dict:
+    """Erase one person (LGPD/GDPR): their leads with events and deliveries, message records,
+    the contact, and the raw webhook bodies that mention the number. Visits stay (they hold no
+    personal data) but their codes are spent, so nobody else can be matched to them."""
+    async def run(tx: Tx) -> dict:
+        contacts = [r["id"] for r in await tx.fetchall(
+            "SELECT id FROM contacts WHERE company_id = ? AND phone = ?", company_id, phone)]
+        lead_rows = await tx.fetchall(
+            "SELECT id, visit_id FROM leads WHERE company_id = ? AND phone = ?", company_id, phone)
+        for contact_id in contacts:
+            lead_rows += await tx.fetchall(
+                "SELECT id, visit_id FROM leads WHERE company_id = ? AND contact_id = ? AND "
+                "(phone IS NULL OR phone <> ?)", company_id, contact_id, phone)
+        erased = dict.fromkeys(("leads", "lead_events", "deliveries", "messages", "contacts",
+                                "webhook_deliveries"), 0)
+        ts = now()
+        for lead in lead_rows:
+            erased["deliveries"] += await tx.execute("DELETE FROM deliveries WHERE lead_id = ?",
+                                                     lead["id"])
+            erased["lead_events"] += await tx.execute("DELETE FROM lead_events WHERE lead_id = ?",
+                                                      lead["id"])
+            erased["messages"] += await tx.execute(
+                "DELETE FROM messages WHERE company_id = ? AND lead_id = ?", company_id, lead["id"])
+            if lead["visit_id"] is not None:
+                await tx.execute("UPDATE visits SET expires_at = ? WHERE id = ?", ts,
+                                 lead["visit_id"])
+            erased["leads"] += await tx.execute("DELETE FROM leads WHERE id = ?", lead["id"])
+        for contact_id in contacts:
+            erased["messages"] += await tx.execute(
+                "DELETE FROM messages WHERE company_id = ? AND contact_id = ?", company_id,
+                contact_id)
+            erased["contacts"] += await tx.execute("DELETE FROM contacts WHERE id = ?",
+                                                   contact_id)
+        return erased
+
+    erased = await db.transact(run)
+    # Raw bodies: scanned in windows of ids, one short transaction each, so a large table never
+    # holds the writer (on SQLite, the event loop) for long.
+    bounds = await db.fetchone("SELECT MIN(id) AS low, MAX(id) AS high FROM webhook_deliveries "
+                               "WHERE company_id = ?", company_id)
+    low, high = bounds["low"], bounds["high"]
+    while low is not None and low <= high:
+        async def scan(tx: Tx, start=low) -> int:
+            return await tx.execute(
+                "DELETE FROM webhook_deliveries WHERE company_id = ? AND id >= ? AND id < ? "
+                f"AND {db.blob_contains('body')}", company_id, start, start + ERASE_WINDOW,
+                phone.encode())
+        erased["webhook_deliveries"] += await db.transact(scan)
+        low += ERASE_WINDOW
+    return erased
 
 
 # ##################################################################################################
@@ -5473,7 +5666,7 @@ async def evolution_webhook(request: web.Request) -> web.Response:
     if result.get("failed"):
         return failed_delivery_answer(request, result["delivery_id"])
     if getattr(result, "wake", False):
-        request.app[DELIVERY_WAKE].set()
+        wake_worker(request.app)
     return json_response({"ok": True, **result})
 
 
@@ -5743,25 +5936,6 @@ LINK_TTL_DEFAULT = 7 * 86400  # seconds
 LINK_TTL_MAX = 30 * 86400  # seconds
 
 
-def mask_phone(phone: str | None) -> str | None:
-    """Country and area code and the last four digits: enough to recognise, not to call."""
-    if not phone:
-        return None
-    if len(phone) <= 8:
-        return phone[:2] + "*" * (len(phone) - 2)
-    return phone[:4] + "*" * (len(phone) - 8) + phone[-4:]
-
-
-def connection_json(row: Mapping[str, Any]) -> dict:
-    return {"connectionId": row["id"], "companyId": row["company_id"], "state": row["state"],
-            "phone": row["phone"], "profileName": row["profile_name"],
-            "pictureUrl": row["picture_url"], "instanceId": row["instance_id"],
-            "qrAt": iso(row["qr_at"]), "createdAt": iso(row["created_at"]),
-            "updatedAt": iso(row["updated_at"]), "deletedAt": iso(row["deleted_at"]),
-            "verified": bool(row["verified"]), "lastDeliveryAt": iso(row["last_delivery_at"]),
-            "lastRejectedAt": iso(row["last_rejected_at"]), "lastRejection": row["last_rejection"]}
-
-
 def evolution_for(request: web.Request, company: Company) -> EvolutionClient:
     config = request.app[CONFIG]
     server = evolution_server(config, company)
@@ -5780,40 +5954,6 @@ async def evolution_call(coro: Awaitable[Any]) -> Any:
         if exc.status >= 500:
             log.warning("Evolution API: %s", exc.message)
         raise http_error(exc.status, exc.message) from None
-
-
-async def verified_holder(db: Storage, connection_id: str) -> dict | None:
-    """The company managing the live connection of this name (its id and Evolution URL), if
-    any: one at most (VERIFIED_INDEX)."""
-    return await db.fetchone(
-        "SELECT c.company_id, p.evolution_url FROM connections c JOIN companies p ON "
-        "p.id = c.company_id WHERE c.id = ? AND c.verified = 1 AND c.deleted_at IS NULL",
-        connection_id)
-
-
-async def get_connection(db: Storage, company_id: str, connection_id: str,
-                         include_deleted: bool = False) -> dict:
-    """A connection the company may manage: one it created or adopted. A connection known only
-    from deliveries to its webhook is not (anybody can name any instance there: SPEC §6); a
-    deleted one only with `include_deleted`, and not once another company holds the name."""
-    row = await db.fetchone("SELECT * FROM connections WHERE company_id = ? AND id = ?",
-                            company_id, connection_id)
-    if row is None or not row["verified"] or (row["deleted_at"] is not None and (
-            not include_deleted or await verified_holder(db, connection_id))):
-        raise http_error(404, "Connection not found")
-    return row
-
-
-async def update_connection(db: Storage, company_id: str, connection_id: str, **fields: Any
-                            ) -> None:
-    assignments = ", ".join(f"{name} = ?" for name in fields)
-
-    async def run(tx: Tx) -> None:
-        await tx.execute(f"UPDATE connections SET {assignments}, updated_at = ? "
-                         "WHERE company_id = ? AND id = ?",
-                         *fields.values(), now(), company_id, connection_id)
-
-    await db.transact(run)
 
 
 async def connection_request(request: web.Request, place: str = "body"
@@ -5870,14 +6010,6 @@ def instance_webhook(request: web.Request, company: Company, secret: str) -> dic
             "events": EVOLUTION_EVENTS}
 
 
-def qr_payload(code: str, pairing_code: str | None, state: str | None) -> dict:
-    import segno
-
-    qr = segno.make_qr(code)
-    return {"code": code, "pairingCode": pairing_code,
-            "base64": qr.png_data_uri(scale=6, border=4), "state": state}
-
-
 @routes.get("/api/connections")
 async def list_connections(request: web.Request) -> web.Response:
     company = await authenticate(request)
@@ -5913,34 +6045,6 @@ async def refuse_held_name(request: web.Request, company: Company, evolution: Ev
     if holder_url.rstrip("/") == evolution.base_url:
         raise http_error(404, "Connection not found")
     raise http_error(409, f"Connection {connection_id} already exists")
-
-
-async def store_adopted(db: Storage, company: Company, connection_id: str, found: dict,
-                        instance_token: str | None, secret: str) -> dict:
-    """The adopted connection, verified, with its new secret; a row its webhook deliveries made
-    keeps its number and profile where Evolution shows none now."""
-    owner = found["owner"] or ""
-    phone = digits(jid_user(owner)) if owner.endswith(JID_PHONE) else None
-    ts = now()
-
-    async def run(tx: Tx) -> dict:
-        return await tx.fetchone(
-            "INSERT INTO connections (company_id, id, state, phone, profile_name, picture_url, "
-            "instance_id, instance_token, webhook_secret, verified, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (company_id, id) DO UPDATE "
-            "SET state = COALESCE(excluded.state, connections.state), "
-            "phone = COALESCE(excluded.phone, connections.phone), "
-            "profile_name = COALESCE(excluded.profile_name, connections.profile_name), "
-            "picture_url = COALESCE(excluded.picture_url, connections.picture_url), "
-            "instance_id = excluded.instance_id, instance_token = excluded.instance_token, "
-            "webhook_secret = excluded.webhook_secret, verified = 1, qr_code = NULL, "
-            "qr_pairing_code = NULL, qr_at = NULL, deleted_at = NULL, "
-            "updated_at = excluded.updated_at RETURNING *",
-            company.id, connection_id, found["state"], phone or None, found["profile_name"],
-            found["picture_url"], found["instance_id"], instance_token, hash_token(secret),
-            ts, ts)
-
-    return await db.transact(run)
 
 
 @routes.post("/api/connections")
@@ -6099,47 +6203,6 @@ async def logout_instance(request: web.Request) -> web.Response:
     await evolution_call(evolution_for(request, company).logout(connection_id))
     await update_connection(db, company.id, connection_id, state="close")
     return json_response({"ok": True, "connectionId": connection_id, "state": "close"})
-
-
-def link_signature(key: str, company_id: str, connection_id: str, expires: int) -> str:
-    mac = hmac.new(key.encode(), f"{company_id}\n{connection_id}\n{expires}".encode(),
-                   hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(mac).decode().rstrip("=")
-
-
-async def signing_key(db: Storage, company: Company) -> str:
-    """The company's key for onboarding links, made the first time one is asked for."""
-    if company.signing_key:
-        return company.signing_key
-
-    async def run(tx: Tx) -> str:
-        await tx.execute("UPDATE companies SET signing_key = ? WHERE id = ? AND "
-                         "signing_key IS NULL", new_secret("sk_"), company.id)
-        row = await tx.fetchone("SELECT signing_key FROM companies WHERE id = ?", company.id)
-        return row["signing_key"]
-
-    return await db.transact(run)
-
-
-class LinkError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-async def verify_link(db: Storage, query: Mapping[str, str], connection_id: str) -> Company:
-    """The company of a signed onboarding link, or LinkError(401 tampered | 410 expired)."""
-    company_id, expires, sig = query.get("c", ""), query.get("exp", ""), query.get("sig", "")
-    company = await get_company(db, company_id) if company_id else None
-    if company is None or not company.signing_key or not re.fullmatch(r"[0-9]{1,12}", expires):
-        raise LinkError(401, "This link is not valid")
-    expected = link_signature(company.signing_key, company_id, connection_id, int(expires))
-    if not same_secret(sig, expected):
-        raise LinkError(401, "This link is not valid")
-    if int(expires) < now():
-        raise LinkError(410, "This link has expired: ask for a new one")
-    return company
 
 
 @routes.post("/api/connection-link")
@@ -6425,7 +6488,7 @@ async def webhook_ingest(request: web.Request) -> web.Response:
         if result.get("failed"):
             return failed_delivery_answer(request, result["delivery_id"])
         if getattr(result, "wake", False):
-            request.app[DELIVERY_WAKE].set()
+            wake_worker(request.app)
     else:
         delivery_id = await db.transact(lambda tx: _store_delivery(
             tx, company.id if company else None, source, raw, request.headers, payload))
@@ -6748,61 +6811,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n",
                         content_type="text/plain", charset="utf-8",
                         headers={"Cache-Control": "no-store"})
-
-
-ERASE_WINDOW = 2000  # raw webhook bodies searched per transaction when erasing a person
-
-
-async def erase_contact(db: Storage, company_id: str, phone: str) -> dict:
-    """Erase one person (LGPD/GDPR): their leads with events and deliveries, message records,
-    the contact, and the raw webhook bodies that mention the number. Visits stay (they hold no
-    personal data) but their codes are spent, so nobody else can be matched to them."""
-    async def run(tx: Tx) -> dict:
-        contacts = [r["id"] for r in await tx.fetchall(
-            "SELECT id FROM contacts WHERE company_id = ? AND phone = ?", company_id, phone)]
-        lead_rows = await tx.fetchall(
-            "SELECT id, visit_id FROM leads WHERE company_id = ? AND phone = ?", company_id, phone)
-        for contact_id in contacts:
-            lead_rows += await tx.fetchall(
-                "SELECT id, visit_id FROM leads WHERE company_id = ? AND contact_id = ? AND "
-                "(phone IS NULL OR phone <> ?)", company_id, contact_id, phone)
-        erased = dict.fromkeys(("leads", "lead_events", "deliveries", "messages", "contacts",
-                                "webhook_deliveries"), 0)
-        ts = now()
-        for lead in lead_rows:
-            erased["deliveries"] += await tx.execute("DELETE FROM deliveries WHERE lead_id = ?",
-                                                     lead["id"])
-            erased["lead_events"] += await tx.execute("DELETE FROM lead_events WHERE lead_id = ?",
-                                                      lead["id"])
-            erased["messages"] += await tx.execute(
-                "DELETE FROM messages WHERE company_id = ? AND lead_id = ?", company_id, lead["id"])
-            if lead["visit_id"] is not None:
-                await tx.execute("UPDATE visits SET expires_at = ? WHERE id = ?", ts,
-                                 lead["visit_id"])
-            erased["leads"] += await tx.execute("DELETE FROM leads WHERE id = ?", lead["id"])
-        for contact_id in contacts:
-            erased["messages"] += await tx.execute(
-                "DELETE FROM messages WHERE company_id = ? AND contact_id = ?", company_id,
-                contact_id)
-            erased["contacts"] += await tx.execute("DELETE FROM contacts WHERE id = ?",
-                                                   contact_id)
-        return erased
-
-    erased = await db.transact(run)
-    # Raw bodies: scanned in windows of ids, one short transaction each, so a large table never
-    # holds the writer (on SQLite, the event loop) for long.
-    bounds = await db.fetchone("SELECT MIN(id) AS low, MAX(id) AS high FROM webhook_deliveries "
-                               "WHERE company_id = ?", company_id)
-    low, high = bounds["low"], bounds["high"]
-    while low is not None and low <= high:
-        async def scan(tx: Tx, start=low) -> int:
-            return await tx.execute(
-                "DELETE FROM webhook_deliveries WHERE company_id = ? AND id >= ? AND id < ? "
-                f"AND {db.blob_contains('body')}", company_id, start, start + ERASE_WINDOW,
-                phone.encode())
-        erased["webhook_deliveries"] += await db.transact(scan)
-        low += ERASE_WINDOW
-    return erased
 
 
 @routes.delete("/api/contacts/{phone}")
