@@ -3730,11 +3730,22 @@ def _finish_row(row: dict) -> dict:
     return row
 
 
+def rollup_span(start: float, end: float) -> tuple[int, int, list[tuple[float, float]]]:
+    """[start, end) as whole visit_rollup buckets [first, last) and the non-empty partial
+    quarter hours at either end, which are counted from the visits themselves."""
+    first, last = -int(-start // ROLLUP_BUCKET), int(end // ROLLUP_BUCKET)
+    if first < last:
+        edges = [(start, first * ROLLUP_BUCKET), (last * ROLLUP_BUCKET, end)]
+    else:
+        edges = [(start, end)]
+    return first, last, [(a, b) for a, b in edges if a < b]
+
+
 async def build_report(db: Storage, company: Company, group_by: str, start: float, end: float
                        ) -> dict:
     zone = zoneinfo.ZoneInfo(company.settings["timezone"])
     dimension, rollup_key, visit_key, lead_key, event_key = _report_keys(db, group_by)
-    first, last = -int(-start // ROLLUP_BUCKET), int(end // ROLLUP_BUCKET)  # whole buckets
+    first, last, edges = rollup_span(start, end)
     visits = []
     if first < last:
         visits += await db.fetchall(
@@ -3742,17 +3753,13 @@ async def build_report(db: Storage, company: Company, group_by: str, start: floa
             "CAST(SUM(r.clicks) AS BIGINT) AS clicks, CAST(SUM(r.matched) AS BIGINT) AS matched "
             "FROM visit_rollup r WHERE r.company_id = ? AND r.dimension = ? AND r.bucket >= ? "
             "AND r.bucket < ? GROUP BY 1", company.id, dimension, first, last)
-        edges = [(start, first * ROLLUP_BUCKET), (last * ROLLUP_BUCKET, end)]
-    else:
-        edges = [(start, end)]
     for edge_start, edge_end in edges:
-        if edge_start < edge_end:
-            visits += await db.fetchall(
-                f"SELECT {visit_key} AS k, COUNT(*) AS visits, "
-                "SUM(CASE WHEN v.clicks > 0 THEN 1 ELSE 0 END) AS clicks, "
-                "SUM(CASE WHEN v.clicks > 0 AND v.lead_id IS NOT NULL THEN 1 ELSE 0 END) "
-                "AS matched FROM visits v WHERE v.company_id = ? AND v.created_at >= ? "
-                "AND v.created_at < ? GROUP BY 1", company.id, edge_start, edge_end)
+        visits += await db.fetchall(
+            f"SELECT {visit_key} AS k, COUNT(*) AS visits, "
+            "SUM(CASE WHEN v.clicks > 0 THEN 1 ELSE 0 END) AS clicks, "
+            "SUM(CASE WHEN v.clicks > 0 AND v.lead_id IS NOT NULL THEN 1 ELSE 0 END) "
+            "AS matched FROM visits v WHERE v.company_id = ? AND v.created_at >= ? "
+            "AND v.created_at < ? GROUP BY 1", company.id, edge_start, edge_end)
     leads = await db.fetchall(
         f"SELECT {lead_key} AS k, l.match_method AS method, COUNT(*) AS n FROM leads l "
         "WHERE l.company_id = ? AND l.created_at >= ? AND l.created_at < ? GROUP BY 1, 2",
@@ -3808,7 +3815,7 @@ async def company_summaries(db: Storage, start: float, end: float) -> list[dict]
     ever and its connections by state: the agency's list. A few statements whatever the number
     of companies, each reading through the company-first indexes (the counts and the last lead
     per company are index ranges and seeks, the clicks come from visit_rollup's counters)."""
-    first, last = -int(-start // ROLLUP_BUCKET), int(end // ROLLUP_BUCKET)  # whole buckets
+    first, last, edges = rollup_span(start, end)
     companies = await db.fetchall(
         "SELECT c.id, c.name, c.created_at, (SELECT COUNT(*) FROM leads l "
         "WHERE l.company_id = c.id AND l.created_at >= ? AND l.created_at < ?) AS leads, "
@@ -3821,16 +3828,12 @@ async def company_summaries(db: Storage, start: float, end: float) -> list[dict]
             "CAST(SUM(r.matched) AS BIGINT) AS matched FROM companies c JOIN visit_rollup r "
             "ON r.company_id = c.id AND r.dimension = '' AND r.bucket >= ? AND r.bucket < ? "
             "GROUP BY c.id", first, last)
-        edges = [(start, first * ROLLUP_BUCKET), (last * ROLLUP_BUCKET, end)]
-    else:
-        edges = [(start, end)]
     for edge_start, edge_end in edges:
-        if edge_start < edge_end:
-            clicks += await db.fetchall(
-                "SELECT c.id AS company_id, SUM(CASE WHEN v.clicks > 0 THEN 1 ELSE 0 END) "
-                "AS clicks, SUM(CASE WHEN v.clicks > 0 AND v.lead_id IS NOT NULL THEN 1 ELSE 0 "
-                "END) AS matched FROM companies c JOIN visits v ON v.company_id = c.id "
-                "AND v.created_at >= ? AND v.created_at < ? GROUP BY c.id", edge_start, edge_end)
+        clicks += await db.fetchall(
+            "SELECT c.id AS company_id, SUM(CASE WHEN v.clicks > 0 THEN 1 ELSE 0 END) "
+            "AS clicks, SUM(CASE WHEN v.clicks > 0 AND v.lead_id IS NOT NULL THEN 1 ELSE 0 "
+            "END) AS matched FROM companies c JOIN visits v ON v.company_id = c.id "
+            "AND v.created_at >= ? AND v.created_at < ? GROUP BY c.id", edge_start, edge_end)
     connections = await db.fetchall(
         "SELECT company_id, state, COUNT(*) AS n FROM connections WHERE deleted_at IS NULL "
         "GROUP BY company_id, state")
@@ -6368,6 +6371,7 @@ def connect_language(request: web.Request) -> str:
     return CONNECT_LANGUAGES[0]
 
 
+@functools.lru_cache(maxsize=len(CONNECT_LANGUAGES))
 @functools.lru_cache(maxsize=len(CONNECT_LANGUAGES))
 def connect_texts(language: str) -> dict[str, str]:
     """The page's words in `language` (connect.* keys without the prefix), English for a key
