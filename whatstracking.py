@@ -2056,11 +2056,6 @@ async def token_row(db: Storage, token: str) -> dict | None:
                              hash_token(token))
 
 
-async def company_for_token(db: Storage, token: str) -> str | None:
-    row = await token_row(db, token)
-    return row["company_id"] if row else None
-
-
 class TokenUses:
     """When this process last wrote each token's last_used_at (token id → monotonic seconds):
     a use is recorded at most once per TOKEN_USE_INTERVAL, not a write per request."""
