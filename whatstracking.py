@@ -602,6 +602,29 @@ def digits(value: str | None) -> str:
     return _NON_DIGITS.sub("", value or "")
 
 
+def phone_forms(phone: str | None) -> tuple[str, ...]:
+    """The forms one number takes, the dialable one first. Brazil's mobiles gained a 9th digit
+    (2012-2016) but WhatsApp ids of older accounts kept the 8-digit form: `55` + area + 8 digits
+    whose first is 6-9 is a mobile, dialled as `55` + area + `9` + those 8; a 13-digit mobile is
+    also known by its 12-digit id. Landlines (first local digit 2-5) and other countries have one
+    form. Digits only; () for none."""
+    number = digits(phone)
+    if not number:
+        return ()
+    if number.startswith("55"):
+        if len(number) == 12 and number[4] in "6789":
+            return number[:4] + "9" + number[4:], number
+        if len(number) == 13 and number[4] == "9" and number[5] in "6789":
+            return number, number[:4] + number[5:]
+    return (number,)
+
+
+def dialable_phone(phone: str | None) -> str | None:
+    """The number as it is dialled (a Brazilian 12-digit mobile id with its 9th digit)."""
+    forms = phone_forms(phone)
+    return forms[0] if forms else None
+
+
 # Stored JSON read back: a NaN or Infinity kept before bodies were strict reads as null.
 _STORED_JSON_DECODER = json.JSONDecoder(parse_constant=lambda name: None)
 
