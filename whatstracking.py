@@ -689,6 +689,58 @@ async def verify_connections_hash_secrets(tx: Tx) -> None:
                          row["id"])
 
 
+async def identities_and_cloud_connections(tx: Tx) -> None:
+    """Migration 9. A person is known by phone, WhatsApp id, LID and business-scoped user id
+    (BSUID, from Meta's Cloud API) with an @username beside them; connections have a type
+    (`evolution`, `cloud`) and a Cloud API number's ids and secrets. Brazilian mobiles stored
+    in their 12-digit WhatsApp form become the dialable 13-digit phone (the id kept as
+    `wa_id`); where both forms had become contacts, the newer folds into the older."""
+    for statement in (
+            "ALTER TABLE contacts ADD COLUMN wa_id TEXT",
+            "ALTER TABLE contacts ADD COLUMN bsuid TEXT",
+            "ALTER TABLE contacts ADD COLUMN username TEXT",
+            "CREATE UNIQUE INDEX contacts_bsuid ON contacts (company_id, bsuid) "
+            "WHERE bsuid IS NOT NULL",
+            "ALTER TABLE leads ADD COLUMN wa_id TEXT",
+            "ALTER TABLE leads ADD COLUMN bsuid TEXT",
+            "ALTER TABLE leads ADD COLUMN username TEXT",
+            "ALTER TABLE leads ADD COLUMN source TEXT",
+            "ALTER TABLE connections ADD COLUMN type TEXT NOT NULL DEFAULT 'evolution'",
+            "ALTER TABLE connections ADD COLUMN phone_number_id TEXT",
+            "ALTER TABLE connections ADD COLUMN waba_id TEXT",
+            "ALTER TABLE connections ADD COLUMN app_secret TEXT",
+            "ALTER TABLE connections ADD COLUMN access_token TEXT",
+            "ALTER TABLE connections ADD COLUMN verify_token TEXT",
+            "CREATE INDEX connections_phone_number ON connections (company_id, phone_number_id)",
+            "UPDATE contacts SET wa_id = phone WHERE phone IS NOT NULL",
+            "UPDATE leads SET wa_id = phone WHERE phone IS NOT NULL",
+            "UPDATE leads SET source = 'evolution'"):
+        await tx.execute(statement)
+    short = "LENGTH(phone) = 12 AND phone LIKE '55%'"
+    for row in await tx.fetchall(f"SELECT id, company_id, phone FROM contacts WHERE {short} "
+                                 "ORDER BY id"):
+        dialable = dialable_phone(row["phone"])
+        if dialable == row["phone"]:
+            continue  # a landline
+        twin = await tx.fetchone("SELECT id FROM contacts WHERE company_id = ? AND phone = ?",
+                                 row["company_id"], dialable)
+        if twin is None:
+            await tx.execute("UPDATE contacts SET phone = ? WHERE id = ?", dialable, row["id"])
+            continue
+        keep, gone = sorted((row["id"], twin["id"]))
+        for table in ("leads", "messages"):
+            await tx.execute(f"UPDATE {table} SET contact_id = ? WHERE contact_id = ?", keep,
+                             gone)
+        await tx.execute("DELETE FROM contacts WHERE id = ?", gone)
+        await tx.execute("UPDATE contacts SET phone = ?, wa_id = ? WHERE id = ?", dialable,
+                         row["phone"], keep)
+    for row in await tx.fetchall(f"SELECT DISTINCT phone FROM leads WHERE {short}"):
+        dialable = dialable_phone(row["phone"])
+        if dialable != row["phone"]:
+            await tx.execute("UPDATE leads SET phone = ? WHERE phone = ?", dialable,
+                             row["phone"])
+
+
 # A migration is SQL text (dialect types in braces) or an async function of the transaction.
 MIGRATIONS: list[tuple[int, str | Callable[[Any], Awaitable[None]]]] = [
     (1, """
@@ -925,6 +977,7 @@ ALTER TABLE connections ADD COLUMN last_rejection TEXT;
     (8, """
 ALTER TABLE api_tokens ADD COLUMN last_used_at {real};
 """),
+    (9, identities_and_cloud_connections),
 ]
 
 DIALECT_TYPES = {
@@ -2584,7 +2637,9 @@ class InboundMessage:
     lead rules read. Parsed once per delivery; its codes are found once, here."""
     source: str  # the Source's name
     message_id: str
-    phone: str | None  # the sender, by phone number and/or by WhatsApp LID
+    # The sender, by any of IDENTITY_FORMS: phone number (given as WhatsApp writes it: kept as
+    # `wa_id`, and made dialable), WhatsApp LID, business-scoped user id (BSUID, Cloud API).
+    phone: str | None
     lid: str | None
     name: str | None
     text: str
@@ -2593,10 +2648,19 @@ class InboundMessage:
     # ctwa_clid, ad_title, landing_page, page_url); the source's raw ad data is kept on the lead.
     ad: dict | None = None
     ad_context: dict | None = None
+    bsuid: str | None = None
+    username: str | None = None  # the WhatsApp @username, without the @
+    wa_id: str | None = dataclasses.field(init=False)
     codes: list[str] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
+        self.wa_id = digits(self.phone) or None
+        self.phone = dialable_phone(self.wa_id)
         self.codes = find_codes(self.text)
+
+
+# How one person is known; any two seen together are the same contact (resolve_contact).
+IDENTITY_FORMS = ("phone", "lid", "bsuid")
 
 
 def parse_upsert(data: Any) -> InboundMessage | str:
@@ -2861,23 +2925,24 @@ async def ensure_connection(tx: Tx, company_id: str, connection_id: str) -> dict
     return row
 
 
-CONTACT_COLUMNS = ("id", "company_id", "phone", "lid", "name", "created_at", "updated_at")
+CONTACT_COLUMNS = ("id", "company_id", "phone", "wa_id", "lid", "bsuid", "username", "name",
+                   "created_at", "updated_at")
 CONTACT_INSERT = insert_sql("contacts", CONTACT_COLUMNS)
 
 
-async def prefetch_contacts(tx: Tx, company_id: str, msgs: list[InboundMessage]) -> None:
-    """Read the contacts of the senders of `msgs` (by phone and by LID, in one statement) into
-    the unit's cache, where `resolve_contact` finds them; a sender form not found is
-    remembered as having no contact."""
+async def prefetch_contacts(tx: Tx, company_id: str, senders: list[Any]) -> None:
+    """Read the contacts of `senders` (InboundMessages, or anything with the IDENTITY_FORMS as
+    attributes) by each form they have, in one statement, into the unit's cache, where
+    `resolve_contact` finds them; a sender form not found is remembered as having no contact."""
     cache = UnitCache(tx)
     wanted = {}
-    for form in ("phone", "lid"):
-        values = {getattr(m, form) for m in msgs if getattr(m, form)}
+    for form in IDENTITY_FORMS:
+        values = {getattr(m, form) for m in senders if getattr(m, form)}
         wanted[form] = [v for v in values
                         if cache.contact(company_id, form, v) is cache.UNKNOWN]
-    if not wanted["phone"] and not wanted["lid"]:
+    if not any(wanted.values()):
         return
-    # One SELECT per column, joined: an OR of the two is planned by SQLite as a scan.
+    # One SELECT per column, joined: an OR of them is planned by SQLite as a scan.
     parts, args = [], []
     for form, values in wanted.items():
         if values:
@@ -2888,61 +2953,101 @@ async def prefetch_contacts(tx: Tx, company_id: str, msgs: list[InboundMessage])
         for value in values:
             cache.set_contact(company_id, form, value, None)
     for row in await tx.fetchall(" UNION ".join(parts), *args):
-        for form in ("phone", "lid"):
+        for form in IDENTITY_FORMS:
             if row[form]:
                 cache.set_contact(company_id, form, row[form], row)
 
 
+async def fold_contact(tx: Tx, keep: dict, gone: dict) -> None:
+    """`gone` was the same person as `keep`: its leads and message records move to `keep`, and
+    it is deleted (before `keep` takes its phone, LID or BSUID: each is unique)."""
+    for table in ("leads", "messages"):
+        await tx.execute(f"UPDATE {table} SET contact_id = ? WHERE contact_id = ?", keep["id"],
+                         gone["id"])
+    await tx.execute("DELETE FROM contacts WHERE id = ?", gone["id"])
+    cache = UnitCache(tx)
+    for form in IDENTITY_FORMS:
+        if gone[form]:
+            cache.set_contact(keep["company_id"], form, gone[form], None)
+
+
+async def set_identities(tx: Tx, contact: dict, identities: Mapping[str, str | None],
+                         folded: bool = False) -> None:
+    """Write the contact's identities that changed and fill its leads that lack them (all of
+    them when other contacts were `folded` into it: their leads may lack any), keeping the
+    unit's cache in step. A form given as None is left as it was."""
+    changed = {k: v for k, v in identities.items() if v and v != contact[k]}
+    cache = UnitCache(tx)
+    for form in IDENTITY_FORMS:
+        if form in changed and contact[form]:
+            cache.set_contact(contact["company_id"], form, contact[form], None)
+    if changed:
+        assignments = ", ".join(f"{k} = ?" for k in changed)
+        await tx.execute(f"UPDATE contacts SET {assignments} WHERE id = ?", *changed.values(),
+                         contact["id"])
+    contact.update(changed)
+    filled = {k: contact[k] for k in identities if contact[k]} if folded else changed
+    if filled:
+        fill = ", ".join(f"{k} = COALESCE({k}, ?)" for k in filled)
+        await tx.execute(f"UPDATE leads SET {fill} WHERE contact_id = ?", *filled.values(),
+                         contact["id"])
+    for form in IDENTITY_FORMS:
+        if contact[form]:
+            cache.set_contact(contact["company_id"], form, contact[form], contact)
+
+
+# What a contact (and a lead) records of who the person is: the IDENTITY_FORMS, the WhatsApp id
+# the phone came as, and the @username.
+IDENTITY_KEYS = ("phone", "wa_id", "lid", "bsuid", "username")
+
+
+def sender_identities(sender: Any) -> dict:
+    """The IDENTITY_KEYS of an InboundMessage (or any sender with them as attributes)."""
+    return {k: getattr(sender, k) for k in IDENTITY_KEYS}
+
+
 async def resolve_contact(tx: Tx, company_id: str, msg: InboundMessage) -> tuple[dict, bool]:
-    """Find or create the sender's contact, merging a LID-only contact once the phone is known.
-    Returns (contact, is_new). A new contact is written at the end of the transaction; until
-    then it lives in the unit's cache, where the sender's next message in the unit finds it."""
+    """Find or create the sender's contact. One person is one contact: the contacts the
+    sender's phone, LID and BSUID point to (Evolution 2.3.6 wrote the LID where 2.3.7 writes the
+    phone; Meta may withhold the phone and give a BSUID) are folded into the oldest, which takes
+    what this message says of the sender. Returns (contact, is_new). A new contact is written at
+    the end of the transaction; until then it lives in the unit's cache, where the sender's next
+    message in the unit finds it."""
     ts = now()
     await prefetch_contacts(tx, company_id, [msg])  # (nothing to read when prefetched)
     cache = UnitCache(tx)
-    by_phone = msg.phone and cache.contact(company_id, "phone", msg.phone)
-    by_lid = msg.lid and cache.contact(company_id, "lid", msg.lid)
-    if by_phone is None and by_lid is None:
+    found = {}
+    for form in IDENTITY_FORMS:
+        row = getattr(msg, form) and cache.contact(company_id, form, getattr(msg, form))
+        if row:
+            found[id(row)] = row
+    if not found:
         contact = {"id": await tx.new_id("contacts"), "company_id": company_id,
-                   "phone": msg.phone, "lid": msg.lid, "name": msg.name, "created_at": ts,
+                   **sender_identities(msg), "name": msg.name, "created_at": ts,
                    "updated_at": ts}
-        tx.defer_row(CONTACT_INSERT, contact, CONTACT_COLUMNS)  # a taken phone or LID fails
-        for form in ("phone", "lid"):  # the batch, which is then run item by item
+        tx.defer_row(CONTACT_INSERT, contact, CONTACT_COLUMNS)  # a taken identity fails
+        for form in IDENTITY_FORMS:  # the batch, which is then run item by item
             if contact[form]:
                 cache.set_contact(company_id, form, contact[form], contact)
         return dict(contact), True
-    for row in {id(r): r for r in (by_phone, by_lid) if r}.values():
+    rows = sorted(found.values(), key=lambda r: r["id"])
+    for row in rows:
         # This message's name and time, on the contact (and on one about to be folded into it).
         row["name"], row["updated_at"] = msg.name or row["name"], ts
+        row["username"] = msg.username or row["username"]
         if not row.get("_pending"):
-            tx.defer("UPDATE contacts SET name = ?, updated_at = ? WHERE id = ?",
-                     row["name"], ts, row["id"])
-    contact = by_phone or by_lid
-    phone = contact["phone"] or msg.phone
-    lid = contact["lid"] or msg.lid
-    folded = by_lid is not None and by_lid is not contact
-    if not folded and (phone, lid) == (contact["phone"], contact["lid"]):
+            tx.defer("UPDATE contacts SET name = ?, username = ?, updated_at = ? WHERE id = ?",
+                     row["name"], row["username"], ts, row["id"])
+    contact, others = rows[0], rows[1:]
+    identities = {k: o[k] for o in reversed(others) for k in IDENTITY_KEYS if o[k]}
+    identities.update({k: v for k, v in sender_identities(msg).items() if v})
+    if not others and all(contact[k] == v for k, v in identities.items()):
         return dict(contact), False
-    # A form of the sender learned (rare): change the rows (what waits is written first).
-    if folded:  # the same person was first known only by LID: fold that contact into this one
-        await tx.execute("UPDATE leads SET contact_id = ?, phone = ? WHERE contact_id = ?",
-                         by_phone["id"], msg.phone, by_lid["id"])
-        await tx.execute("DELETE FROM contacts WHERE id = ?", by_lid["id"])
-        if by_lid["phone"]:
-            cache.set_contact(company_id, "phone", by_lid["phone"], None)
-    if phone != contact["phone"]:
-        await tx.execute("UPDATE leads SET phone = ? WHERE contact_id = ? AND phone IS NULL",
-                         phone, contact["id"])
-    if lid != contact["lid"]:
-        await tx.execute("UPDATE leads SET lid = ? WHERE contact_id = ? AND lid IS NULL",
-                         lid, contact["id"])
-    if (phone, lid) != (contact["phone"], contact["lid"]):
-        await tx.execute("UPDATE contacts SET phone = ?, lid = ? WHERE id = ?", phone, lid,
-                         contact["id"])
-    contact.update(phone=phone, lid=lid)
-    for form in ("phone", "lid"):
-        if contact[form]:
-            cache.set_contact(company_id, form, contact[form], contact)
+    # The same person under another contact, or a form of the sender learned (rare): change
+    # the rows (what waits is written first).
+    for other in others:
+        await fold_contact(tx, contact, other)
+    await set_identities(tx, contact, identities, folded=bool(others))
     return dict(contact), False
 
 
@@ -3006,12 +3111,15 @@ async def _visit_for_code(tx: Tx, company_id: str, codes: list[str], contact_id:
 
 
 async def _window_visit(tx: Tx, company: Company, connection: dict) -> dict | None:
-    if not company.settings["window_match"] or not connection.get("phone"):
+    forms = phone_forms(connection.get("phone"))
+    if not company.settings["window_match"] or not forms:
         return None
     since = now() - company.settings["window_minutes"] * 60
+    # The site's link may carry the number with or without Brazil's 9th digit.
+    where, args = tx.any_of("click_phone", list(forms))
     rows = await tx.fetchall(
-        "SELECT * FROM visits WHERE company_id = ? AND click_phone = ? AND clicked_at >= ? "
-        "AND lead_id IS NULL LIMIT 2", company.id, connection["phone"], since)
+        f"SELECT * FROM visits WHERE company_id = ? AND {where} AND clicked_at >= ? "
+        "AND lead_id IS NULL LIMIT 2", company.id, *args, since)
     return rows[0] if len(rows) == 1 else None
 
 
@@ -3019,7 +3127,7 @@ LEAD_INSERT = insert_sql("leads", (
     "id", "company_id", "connection_id", "contact_id", "phone", "lid", "name", "first_message",
     "message_id", "code", "match_method", "confidence", "visit_id", "utm_source", "utm_medium",
     "utm_campaign", "ad_id", "gclid", "ctwa_clid", "attribution", "first_touch", "context_info",
-    "clicked_at", "created_at"))
+    "clicked_at", "created_at", "wa_id", "bsuid", "username", "source"))
 
 
 async def insert_lead(tx: Tx, company: Company, connection_id: str, contact: dict,
@@ -3040,7 +3148,8 @@ async def insert_lead(tx: Tx, company: Company, connection_id: str, contact: dic
         full["utm_campaign"], full["ad_id"], full["gclid"], full["ctwa_clid"], json_dumps(full),
         json_dumps(first_touch) if first_touch else None,
         json_dumps(context_info) if context_info else None,
-        visit["clicked_at"] if visit else None, ts)
+        visit["clicked_at"] if visit else None, ts, contact["wa_id"], contact["bsuid"],
+        msg.username or contact["username"], msg.source)
     if full["ctwa_clid"] is None:
         # Written at the end of the transaction. Its code (if any) is free as far as this
         # transaction knows (the memo keeps the codes it takes); one a concurrent transaction
@@ -3184,7 +3293,9 @@ def lead_json(row: Mapping[str, Any]) -> dict:
     attribution.update(loads_or(row["attribution"], {}))
     out = {
         "id": row["id"], "company_id": row["company_id"], "connection_id": row["connection_id"],
-        "phone": row["phone"], "lid": row["lid"], "name": row["name"],
+        "source": row["source"], "phone": row["phone"], "lid": row["lid"],
+        "identities": {k: row[k] for k in IDENTITY_KEYS},
+        "name": row["name"],
         "first_message": row["first_message"], "message_id": row["message_id"],
         "code": row["code"], "match_method": row["match_method"],
         "confidence": row["confidence"], "session_id": row["visit_id"],
