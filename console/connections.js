@@ -1,10 +1,14 @@
-/* WhatsApp numbers (Evolution connections): state, number, last message received, refused
+/* WhatsApp numbers. Evolution connections: state, number, last message received, refused
    webhooks; QR that refreshes while it is shown, pairing code, client link, adoption; restart,
-   log out, delete. The pieces the onboarding reuses are on WT.connectionUI. */
+   log out, delete. WhatsApp Cloud API connections (SPEC §13): the form with Meta's ids and the
+   app secret, then the callback URL and verify token to paste into the Meta app; listed with
+   their ids, deleted here only. The pieces the onboarding reuses are on WT.connectionUI. */
 (function () {
   "use strict";
   var h = WT.h;
   var QR_EVERY = 3000;  // ms: WhatsApp changes its QR every ~20 s; we ask more often
+  // The Cloud API form's fields, in the order shown; the API's 400 names the one it refuses.
+  var CLOUD_FIELDS = ["phone_number_id", "waba_id", "app_secret", "access_token"];
   var TTLS = [[3600, "connections.ttl_1h"], [86400, "connections.ttl_1d"],
               [7 * 86400, "connections.ttl_7d"], [30 * 86400, "connections.ttl_30d"]];
 
@@ -38,6 +42,12 @@
     if (e.status === 400 && /connectionId must/.test(m)) return WT.t("connections.name_invalid");
     if (e.status === 400 && /number must/.test(m)) return WT.t("connections.number_invalid");
     if (e.status === 503 && /no QR code yet/.test(m)) return WT.t("connections.qr_not_yet");
+    if (e.status === 409 && /phone_number_id/.test(m)) return WT.t("connections.cloud_in_use");
+    if (e.status === 400) {
+      for (var i = 0; i < CLOUD_FIELDS.length; i++) {
+        if (m.indexOf(CLOUD_FIELDS[i]) >= 0) return WT.t("connections.cloud_invalid." + CLOUD_FIELDS[i]);
+      }
+    }
     return e.message;
   }
 
@@ -227,8 +237,82 @@
     return form;
   }
 
+  function isCloud(c) { return c.type === "cloud"; }
+
+  /* What to paste into the Meta app and where: the callback URL, the verify token when we have it
+     (the API shows it once, when the connection is created), and the steps. */
+  function cloudWebhookPanel(webhookUrl, verifyToken) {
+    function value(kind, text) {
+      return h("div", {class: "cloud-value"},
+        h("h3", {}, WT.t("connections.cloud_" + kind)),
+        h("pre", {class: "code", dataset: {cloud: kind}}, text),
+        WT.copyButton(text, WT.t("connections.cloud_copy_" + kind)));
+    }
+    return h("div", {class: "cloud-webhook"},
+      webhookUrl ? value("callback_url", webhookUrl) : null,
+      verifyToken ? value("verify_token", verifyToken) : null,
+      h("p", {class: "notice " + (verifyToken ? "warn" : "")},
+        WT.t(verifyToken ? "connections.cloud_verify_token_once" : "connections.cloud_token_hidden")),
+      h("h3", {}, WT.t("connections.cloud_steps_title")),
+      h("ol", {class: "how cloud-steps"},
+        [1, 2, 3, 4, 5].map(function (n) { return h("li", {}, WT.t("connections.cloud_step_" + n)); })));
+  }
+
+  /* The form that connects a number of the WhatsApp Cloud API: a name, Meta's ids, the app secret
+     and optionally an access token (both write-only). onCreated(connectionId, answer). */
+  function cloudForm(onCreated) {
+    var name = WT.field({label: WT.t("connections.name"), name: "connectionId", required: true,
+                         help: WT.t("connections.name_help"),
+                         attrs: {autocapitalize: "off", spellcheck: "false", maxlength: 64}});
+    var fields = {};
+    CLOUD_FIELDS.forEach(function (f) {
+      var secret = f === "app_secret" || f === "access_token";
+      fields[f] = WT.field({label: WT.t("connections.cloud_field." + f), name: f,
+                            type: secret ? "password" : "text", required: f !== "access_token",
+                            help: WT.t("connections.cloud_help." + f),
+                            attrs: secret ? {autocomplete: "new-password", spellcheck: "false"}
+                              : {autocomplete: "off", inputmode: "numeric", spellcheck: "false"}});
+    });
+    var error = h("p", {class: "error", role: "alert"});
+    var button = h("button", {type: "submit", class: "btn primary"}, WT.t("connections.cloud_create"));
+    var form = h("form", {class: "cloud-connection", novalidate: true},
+      h("p", {}, WT.t("connections.cloud_intro")), name,
+      CLOUD_FIELDS.map(function (f) { return fields[f]; }), error, h("div", {class: "row"}, button));
+    function refuse(field, key) {
+      error.textContent = WT.t(key);
+      field.input.focus();
+    }
+    form.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      error.textContent = "";
+      var id = slug(name.input.value);
+      if (!id) return refuse(name, "connections.name_missing");
+      var body = {type: "cloud", connectionId: id};
+      for (var i = 0; i < CLOUD_FIELDS.length; i++) {
+        var f = CLOUD_FIELDS[i], v = fields[f].input.value.trim();
+        if (!v && f === "access_token") continue;
+        if (!v) return refuse(fields[f], "connections.cloud_missing." + f);
+        if ((f === "phone_number_id" || f === "waba_id") && !/^\d{5,20}$/.test(v)) {
+          return refuse(fields[f], "connections.cloud_invalid." + f);
+        }
+        body[f] = v;
+      }
+      button.disabled = true;
+      WT.api("POST", "/api/connections", {body: body}).then(function (answer) {
+        button.disabled = false;
+        form.reset();
+        onCreated(id, answer);
+      }, function (e) {
+        button.disabled = false;
+        error.textContent = connectionError(e, id);
+      });
+    });
+    return form;
+  }
+
   WT.connectionUI = {qrPanel: qrPanel, qrDialog: qrDialog, linkDialog: linkDialog,
                      createForm: createForm, adoptForm: adoptForm, stateBadge: stateBadge,
+                     cloudForm: cloudForm, cloudWebhookPanel: cloudWebhookPanel,
                      error: connectionError};
 
   // ---- the view --------------------------------------------------------------------------------
@@ -268,7 +352,22 @@
         };
       }
 
+      function cloudActions(c) {
+        var id = c.connectionId;
+        if (c.deletedAt) return [];
+        return [
+          act(WT.t("connections.cloud_show_webhook"), function () {
+            WT.dialog({title: WT.t("connections.cloud_webhook_title", {name: id}),
+                       content: cloudWebhookPanel(c.webhook_url, null),
+                       actions: [{label: WT.t("common.close"), kind: "primary"}]});
+          }),
+          act(WT.t("connections.delete"), confirmed(id, "cloud_delete", "cloud_deleted",
+            function () { return WT.api("DELETE", "/api/delete-instance", {query: {connectionId: id}}); }),
+            "ghost bad-text")];
+      }
+
       function actions(c) {
+        if (isCloud(c)) return cloudActions(c);
         var id = c.connectionId, out = [];
         var deleteAll = act(WT.t("connections.delete_all"), confirmed(id, "delete_all", "deleted_all",
           function () { return WT.api("DELETE", "/instance/delete", {body: {connectionId: id}}); }),
@@ -299,7 +398,40 @@
         return out;
       }
 
+      function cloudBadge(c) {
+        var s = c.deletedAt ? "deleted" : c.lastDeliveryAt ? "receiving" : "waiting";
+        return h("span", {class: "row"},
+          h("span", {class: "badge info", dataset: {type: "cloud"}}, WT.t("connections.type.cloud")),
+          h("span", {class: "badge " + {receiving: "ok", waiting: "warn", deleted: ""}[s],
+                     dataset: {state: s}}, WT.t("connections.cloud_state." + s)));
+      }
+
+      function cloudCard(c) {
+        var facts = h("dl", {class: "facts"},
+          h("dt", {}, WT.t("connections.type_label")),
+          h("dd", {dataset: {field: "type"}}, WT.t("connections.type.cloud_long")),
+          h("dt", {}, WT.t("connections.cloud_field.phone_number_id")),
+          h("dd", {dataset: {field: "phone_number_id"}}, c.phone_number_id || "–"),
+          h("dt", {}, WT.t("connections.cloud_field.waba_id")),
+          h("dd", {dataset: {field: "waba_id"}}, c.waba_id || "–"),
+          c.phone ? h("dt", {}, WT.t("connections.number_label")) : null,
+          c.phone ? h("dd", {class: "phone"}, WT.fmt.phone(c.phone)) : null,
+          h("dt", {}, WT.t("connections.last_message")),
+          h("dd", {}, c.lastDeliveryAt
+            ? h("span", {title: WT.fmt.datetime(c.lastDeliveryAt)}, WT.fmt.relative(c.lastDeliveryAt))
+            : WT.t("connections.no_message_yet")));
+        var notes = [];
+        if (!c.lastDeliveryAt && !c.deletedAt) {
+          notes.push(h("p", {class: "notice"}, WT.t("connections.cloud_waiting_help")));
+        }
+        return h("article", {class: "card connection", dataset: {connection: c.connectionId, type: "cloud"}},
+          h("div", {class: "spread"}, h("h2", {}, c.connectionId), cloudBadge(c)),
+          facts, notes,
+          h("div", {class: "row", style: {"margin-top": ".8rem"}}, actions(c)));
+      }
+
       function card(c) {
+        if (isCloud(c)) return cloudCard(c);
         var facts = h("dl", {class: "facts"},
           h("dt", {}, WT.t("connections.number_label")),
           h("dd", {class: "phone"}, c.phone ? WT.fmt.phone(c.phone) : WT.t("connections.no_number")),
@@ -384,6 +516,20 @@
           actions: [{label: WT.t("common.cancel"), kind: "ghost"}]
         });
       }
+      function cloudDialog() {
+        var dlg = WT.dialog({
+          title: WT.t("connections.cloud_title"),
+          content: cloudForm(function (id, answer) {
+            dlg.close();
+            load();
+            WT.dialog({title: WT.t("connections.cloud_saved_title", {name: id}),
+                       content: [h("p", {}, WT.t("connections.cloud_saved", {name: id})),
+                                 cloudWebhookPanel(answer.webhook_url, answer.verify_token)],
+                       actions: [{label: WT.t("common.close"), kind: "primary"}]});
+          }),
+          actions: [{label: WT.t("common.cancel"), kind: "ghost"}]
+        });
+      }
       function adoptDialog(prefill) {
         var form = adoptForm(function (id) {
           dlg.close();
@@ -401,13 +547,17 @@
         h("div", {class: "row"},
           h("button", {type: "button", class: "btn ghost", onclick: function () { adoptDialog(); }},
             WT.t("connections.adopt_existing")),
+          h("button", {type: "button", class: "btn", id: "connections-add-cloud", onclick: cloudDialog},
+            WT.t("connections.add_cloud")),
           h("button", {type: "button", class: "btn primary", onclick: createDialog},
             WT.t("connections.new")))));
       root.appendChild(list);
       // Ask Evolution once for the state of every managed number, then follow the stored state
       // (connection.update webhooks keep it current) every few seconds.
       load().then(function (connections) {
-        var checks = connections.filter(function (c) { return c.verified && !c.deletedAt; })
+        var checks = connections.filter(function (c) {
+          return !isCloud(c) && c.verified && !c.deletedAt;
+        })
           .map(function (c) {
             return WT.api("GET", "/api/instance-status", {query: {connectionId: c.connectionId}})
               .catch(function () { return null; });

@@ -8,6 +8,14 @@
   var lastList = {};  // the list's params when a lead was opened from it
   var FILTERS = ["utm_source", "utm_campaign", "match_method", "connection"];
 
+  /* "@ana.doces" for a WhatsApp username (stored without the @), or null. */
+  function handle(username) {
+    return username ? "@" + String(username).replace(/^@+/, "") : null;
+  }
+  function identities(l) { return l.identities || {phone: l.phone, lid: l.lid}; }
+  /* Who the lead is when they have no name: their @username, else nothing. */
+  function leadName(l) { return l.name || handle(identities(l).username) || WT.t("leads.no_name"); }
+
   // ---- the list ------------------------------------------------------------------------------
 
   function renderLeads(root, params) {
@@ -183,8 +191,9 @@
     function row(l) {
       var a = l.attribution || {};
       var open = function () { WT.go("lead", {id: l.id}); };
-      var name = h("a", {href: WT.href("lead", {id: l.id})},
-                   l.name || WT.t("leads.no_name"));
+      var name = h("a", {href: WT.href("lead", {id: l.id})}, leadName(l));
+      // A username user may come without a phone (Meta withholds it): their @username instead.
+      var user = handle(identities(l).username);
       return h("tr", {class: "v-row", dataset: {leadId: l.id}, onclick: function (ev) {
           if (ev.target.closest("a")) return;  // the link does it
           open();
@@ -192,8 +201,9 @@
         h("td", {"data-label": WT.t("leads.col.name")}, name),
         h("td", {"data-label": WT.t("leads.col.when"), class: "v-nowrap v-bare"},
           WT.fmt.datetime(l.created_at)),
-        h("td", {"data-label": WT.t("leads.col.phone"), class: "v-nowrap v-bare"},
-          l.phone ? WT.fmt.phone(l.phone) : "–"),
+        h("td", {"data-label": WT.t("leads.col.phone"), class: "v-nowrap v-bare",
+                 dataset: {identity: l.phone ? "phone" : user ? "username" : "none"}},
+          l.phone ? WT.fmt.phone(l.phone) : user || "–"),
         h("td", {"data-label": WT.t("leads.col.method"), class: "v-wide"},
           V.methodBadge(l.match_method)),
         h("td", {"data-label": WT.t("leads.col.source"), class: "v-wide"},
@@ -279,18 +289,33 @@
     function draw() {
       var l = data.lead, a = l.attribution || {}, cur = V.currency();
       var head = h("div", {class: "v-lead-head"},
-        h("h1", {id: "lead-name"}, l.name || WT.t("leads.no_name")),
+        h("h1", {id: "lead-name"}, leadName(l)),
         V.methodBadge(l.match_method));
       var who = facts([
         [WT.t("lead.phone"), l.phone ? WT.fmt.phone(l.phone) : null, "phone"],
         [WT.t("lead.created"), WT.fmt.datetime(l.created_at), "created_at"],
         [WT.t("lead.clicked"), l.clicked_at ? WT.fmt.datetime(l.clicked_at) : null, "clicked_at"],
         [WT.t("lead.connection"), l.connection_id, "connection"],
+        [WT.t("lead.source"), l.source ? WT.t("lead.source_name." + l.source) : null, "source"],
         [WT.t("lead.method"), V.methodName(l.match_method), "match_method"],
         [WT.t("lead.confidence"), V.confidenceText(l.confidence), "confidence"],
         [WT.t("lead.code"), l.code ? token(l.code) : null, "code"]
       ]);
       var explain = h("p", {class: "muted small"}, WT.t("lead.method_help." + l.match_method));
+      // The other ways WhatsApp names this person (the phone we dial is above): the WhatsApp id
+      // when it differs (Brazil's older 12-digit mobiles), the LID, Meta's business-scoped id
+      // (BSUID) and the @username.
+      var ids = identities(l);
+      var known = facts([
+        [WT.t("lead.identity.wa_id"), ids.wa_id && ids.wa_id !== ids.phone ? token(ids.wa_id) : null,
+         "identity-wa_id"],
+        [WT.t("lead.identity.lid"), ids.lid ? token(ids.lid) : null, "identity-lid"],
+        [WT.t("lead.identity.bsuid"), ids.bsuid ? token(ids.bsuid) : null, "identity-bsuid"],
+        [WT.t("lead.identity.username"), handle(ids.username), "identity-username"]
+      ]);
+      var identityBox = known ? h("div", {id: "lead-identities"},
+        h("h3", {}, WT.t("lead.identities")), known,
+        h("p", {class: "muted small"}, WT.t("lead.identities_help"))) : null;
 
       var attribution = facts(ATTRIBUTION.map(function (k) {
         var v = a[k];
@@ -338,7 +363,7 @@
 
       box.replaceChildren(
         head,
-        h("section", {class: "card"}, who, explain,
+        h("section", {class: "card"}, who, explain, identityBox,
           l.first_message != null ? h("div", {},
             h("h2", {}, WT.t("lead.first_message")),
             h("p", {class: "v-message", id: "lead-message"}, l.first_message)) : null),
@@ -393,7 +418,7 @@
     /* LGPD: DELETE /api/contacts/{phone} erases the person (every lead of the number, its
        events, deliveries, messages and raw webhook bodies); then the list, with what was erased. */
     function erase(l) {
-      var who = l.name || WT.fmt.phone(l.phone);
+      var who = l.name || handle(identities(l).username) || WT.fmt.phone(l.phone);
       WT.confirm({title: WT.t("lead.erase_confirm_title", {name: who}),
                   body: [h("p", {}, WT.t("lead.erase_confirm_body", {phone: WT.fmt.phone(l.phone)})),
                          h("p", {class: "muted small"}, WT.t("lead.erase_confirm_note"))],
