@@ -4431,15 +4431,20 @@ async def erase_contact(db: Storage, company_id: str, phone: str) -> dict:
     """Erase one person (LGPD/GDPR): their leads with events and deliveries, message records,
     the contact, and the raw webhook bodies that mention the number. Visits stay (they hold no
     personal data) but their codes are spent, so nobody else can be matched to them."""
+    forms = list(phone_forms(phone))  # a Brazilian mobile with and without its 9th digit
+
     async def run(tx: Tx) -> dict:
+        (by_phone, args), (by_id, more) = tx.any_of("phone", forms), tx.any_of("wa_id", forms)
+        person = f"company_id = ? AND ({by_phone} OR {by_id})"
         contacts = [r["id"] for r in await tx.fetchall(
-            "SELECT id FROM contacts WHERE company_id = ? AND phone = ?", company_id, phone)]
-        lead_rows = await tx.fetchall(
-            "SELECT id, visit_id FROM leads WHERE company_id = ? AND phone = ?", company_id, phone)
+            f"SELECT id FROM contacts WHERE {person}", company_id, *args, *more)]
+        lead_rows = await tx.fetchall(f"SELECT id, visit_id FROM leads WHERE {person}",
+                                      company_id, *args, *more)
+        taken = {r["id"] for r in lead_rows}
         for contact_id in contacts:
-            lead_rows += await tx.fetchall(
-                "SELECT id, visit_id FROM leads WHERE company_id = ? AND contact_id = ? AND "
-                "(phone IS NULL OR phone <> ?)", company_id, contact_id, phone)
+            lead_rows += [r for r in await tx.fetchall(
+                "SELECT id, visit_id FROM leads WHERE company_id = ? AND contact_id = ?",
+                company_id, contact_id) if r["id"] not in taken]
         erased = dict.fromkeys(("leads", "lead_events", "deliveries", "messages", "contacts",
                                 "webhook_deliveries"), 0)
         ts = now()
@@ -4472,8 +4477,8 @@ async def erase_contact(db: Storage, company_id: str, phone: str) -> dict:
         async def scan(tx: Tx, start=low) -> int:
             return await tx.execute(
                 "DELETE FROM webhook_deliveries WHERE company_id = ? AND id >= ? AND id < ? "
-                f"AND {db.blob_contains('body')}", company_id, start, start + ERASE_WINDOW,
-                phone.encode())
+                f"AND ({' OR '.join([db.blob_contains('body')] * len(forms))})", company_id,
+                start, start + ERASE_WINDOW, *(form.encode() for form in forms))
         erased["webhook_deliveries"] += await db.transact(scan)
         low += ERASE_WINDOW
     return erased
