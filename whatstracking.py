@@ -4111,11 +4111,12 @@ async def prefetch_messages(tx: Tx, inbound: list[tuple[str, str, InboundMessage
             await insert_messages(tx, company_id, [(i, msg.message_id) for i, msg in found])
         senders = set()
         for msg in msgs:  # the rows they will likely make, by the lead rule itself
-            known = [cache.contact(company_id, form, getattr(msg, form))
-                     for form in ("phone", "lid") if getattr(msg, form)]
-            new = not any(known) and (msg.phone, msg.lid) not in senders
+            who = tuple(getattr(msg, form) for form in IDENTITY_FORMS)
+            known = [cache.contact(company_id, form, value)
+                     for form, value in zip(IDENTITY_FORMS, who) if value]
+            new = not any(known) and who not in senders
             if new:
-                senders.add((msg.phone, msg.lid))
+                senders.add(who)
                 wanted["contacts"] += 1
             visits = [cache.code_visit(company_id, code) for code in msg.codes]
             if makes_lead(msg, any(isinstance(v, dict) and v["code_lead_id"] is None
