@@ -243,7 +243,7 @@
      (the API shows it once, when the connection is created), and the steps. */
   function cloudWebhookPanel(webhookUrl, verifyToken) {
     function value(kind, text) {
-      return h("div", {class: "cloud-value"},
+      return h("div", {class: "cloud-value", style: {"margin-bottom": "1rem"}},
         h("h3", {}, WT.t("connections.cloud_" + kind)),
         h("pre", {class: "code", dataset: {cloud: kind}}, text),
         WT.copyButton(text, WT.t("connections.cloud_copy_" + kind)));
