@@ -90,6 +90,7 @@ async def test_cloud_number_connected_from_the_console_receives_metas_webhooks(s
     _, expect = require_browser()
     company = await server.company("empresa-nuvem", "Doces da Lu")
     context, page = await open_console(browser, server, company, lang, "connections")
+    await expect(page.locator("#connections-add-cloud")).to_be_visible(timeout=WAIT_MS)
     await expect(page.locator("#connections-add-cloud")).to_have_text(
         await t(page, "connections.add_cloud"))
 
