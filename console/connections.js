@@ -501,33 +501,34 @@
         });
       }
 
-      function createDialog() {
+      /* A dialog with a form; once the form has made the connection, the list reloads and the
+         dialog next(id, answer) describes follows (the QR, or the Meta webhook setup). */
+      function formDialog(title, makeForm, next) {
         var dlg = WT.dialog({
-          title: WT.t("connections.new"),
-          content: createForm(function (id, answer) {
+          title: title,
+          content: makeForm(function (id, answer) {
             dlg.close();
             load();
-            var q = answer.qrcode || {};
-            var panel = qrPanel(id, {qrcode: q, pairingCode: q.pairingCode,
-                                     onConnected: function () { load(); }});
-            WT.dialog({title: WT.t("connections.qr_title", {name: id}), content: panel.element,
-                       onClose: panel.stop});
+            WT.dialog(next(id, answer));
           }),
           actions: [{label: WT.t("common.cancel"), kind: "ghost"}]
         });
       }
+      function createDialog() {
+        formDialog(WT.t("connections.new"), createForm, function (id, answer) {
+          var q = answer.qrcode || {};
+          var panel = qrPanel(id, {qrcode: q, pairingCode: q.pairingCode,
+                                   onConnected: function () { load(); }});
+          return {title: WT.t("connections.qr_title", {name: id}), content: panel.element,
+                  onClose: panel.stop};
+        });
+      }
       function cloudDialog() {
-        var dlg = WT.dialog({
-          title: WT.t("connections.cloud_title"),
-          content: cloudForm(function (id, answer) {
-            dlg.close();
-            load();
-            WT.dialog({title: WT.t("connections.cloud_saved_title", {name: id}),
-                       content: [h("p", {}, WT.t("connections.cloud_saved", {name: id})),
-                                 cloudWebhookPanel(answer.webhook_url, answer.verify_token)],
-                       actions: [{label: WT.t("common.close"), kind: "primary"}]});
-          }),
-          actions: [{label: WT.t("common.cancel"), kind: "ghost"}]
+        formDialog(WT.t("connections.cloud_title"), cloudForm, function (id, answer) {
+          return {title: WT.t("connections.cloud_saved_title", {name: id}),
+                  content: [h("p", {}, WT.t("connections.cloud_saved", {name: id})),
+                            cloudWebhookPanel(answer.webhook_url, answer.verify_token)],
+                  actions: [{label: WT.t("common.close"), kind: "primary"}]};
         });
       }
       function adoptDialog(prefill) {
