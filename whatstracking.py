@@ -689,6 +689,58 @@ async def verify_connections_hash_secrets(tx: Tx) -> None:
                          row["id"])
 
 
+async def identities_and_cloud_connections(tx: Tx) -> None:
+    """Migration 9. A person is known by phone, WhatsApp id, LID and business-scoped user id
+    (BSUID, from Meta's Cloud API) with an @username beside them; connections have a type
+    (`evolution`, `cloud`) and a Cloud API number's ids and secrets. Brazilian mobiles stored
+    in their 12-digit WhatsApp form become the dialable 13-digit phone (the id kept as
+    `wa_id`); where both forms had become contacts, the newer folds into the older."""
+    for statement in (
+            "ALTER TABLE contacts ADD COLUMN wa_id TEXT",
+            "ALTER TABLE contacts ADD COLUMN bsuid TEXT",
+            "ALTER TABLE contacts ADD COLUMN username TEXT",
+            "CREATE UNIQUE INDEX contacts_bsuid ON contacts (company_id, bsuid) "
+            "WHERE bsuid IS NOT NULL",
+            "ALTER TABLE leads ADD COLUMN wa_id TEXT",
+            "ALTER TABLE leads ADD COLUMN bsuid TEXT",
+            "ALTER TABLE leads ADD COLUMN username TEXT",
+            "ALTER TABLE leads ADD COLUMN source TEXT",
+            "ALTER TABLE connections ADD COLUMN type TEXT NOT NULL DEFAULT 'evolution'",
+            "ALTER TABLE connections ADD COLUMN phone_number_id TEXT",
+            "ALTER TABLE connections ADD COLUMN waba_id TEXT",
+            "ALTER TABLE connections ADD COLUMN app_secret TEXT",
+            "ALTER TABLE connections ADD COLUMN access_token TEXT",
+            "ALTER TABLE connections ADD COLUMN verify_token TEXT",
+            "CREATE INDEX connections_phone_number ON connections (company_id, phone_number_id)",
+            "UPDATE contacts SET wa_id = phone WHERE phone IS NOT NULL",
+            "UPDATE leads SET wa_id = phone WHERE phone IS NOT NULL",
+            "UPDATE leads SET source = 'evolution'"):
+        await tx.execute(statement)
+    short = "LENGTH(phone) = 12 AND phone LIKE '55%'"
+    for row in await tx.fetchall(f"SELECT id, company_id, phone FROM contacts WHERE {short} "
+                                 "ORDER BY id"):
+        dialable = dialable_phone(row["phone"])
+        if dialable == row["phone"]:
+            continue  # a landline
+        twin = await tx.fetchone("SELECT id FROM contacts WHERE company_id = ? AND phone = ?",
+                                 row["company_id"], dialable)
+        if twin is None:
+            await tx.execute("UPDATE contacts SET phone = ? WHERE id = ?", dialable, row["id"])
+            continue
+        keep, gone = sorted((row["id"], twin["id"]))
+        for table in ("leads", "messages"):
+            await tx.execute(f"UPDATE {table} SET contact_id = ? WHERE contact_id = ?", keep,
+                             gone)
+        await tx.execute("DELETE FROM contacts WHERE id = ?", gone)
+        await tx.execute("UPDATE contacts SET phone = ?, wa_id = ? WHERE id = ?", dialable,
+                         row["phone"], keep)
+    for row in await tx.fetchall(f"SELECT DISTINCT phone FROM leads WHERE {short}"):
+        dialable = dialable_phone(row["phone"])
+        if dialable != row["phone"]:
+            await tx.execute("UPDATE leads SET phone = ? WHERE phone = ?", dialable,
+                             row["phone"])
+
+
 # A migration is SQL text (dialect types in braces) or an async function of the transaction.
 MIGRATIONS: list[tuple[int, str | Callable[[Any], Awaitable[None]]]] = [
     (1, """
@@ -925,6 +977,7 @@ ALTER TABLE connections ADD COLUMN last_rejection TEXT;
     (8, """
 ALTER TABLE api_tokens ADD COLUMN last_used_at {real};
 """),
+    (9, identities_and_cloud_connections),
 ]
 
 DIALECT_TYPES = {
@@ -2584,7 +2637,9 @@ class InboundMessage:
     lead rules read. Parsed once per delivery; its codes are found once, here."""
     source: str  # the Source's name
     message_id: str
-    phone: str | None  # the sender, by phone number and/or by WhatsApp LID
+    # The sender, by any of IDENTITY_FORMS: phone number (given as WhatsApp writes it: kept as
+    # `wa_id`, and made dialable), WhatsApp LID, business-scoped user id (BSUID, Cloud API).
+    phone: str | None
     lid: str | None
     name: str | None
     text: str
@@ -2593,10 +2648,19 @@ class InboundMessage:
     # ctwa_clid, ad_title, landing_page, page_url); the source's raw ad data is kept on the lead.
     ad: dict | None = None
     ad_context: dict | None = None
+    bsuid: str | None = None
+    username: str | None = None  # the WhatsApp @username, without the @
+    wa_id: str | None = dataclasses.field(init=False)
     codes: list[str] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
+        self.wa_id = digits(self.phone) or None
+        self.phone = dialable_phone(self.wa_id)
         self.codes = find_codes(self.text)
+
+
+# How one person is known; any two seen together are the same contact (resolve_contact).
+IDENTITY_FORMS = ("phone", "lid", "bsuid")
 
 
 def parse_upsert(data: Any) -> InboundMessage | str:
@@ -2652,6 +2716,174 @@ def ad_attribution(info: Mapping[str, Any]) -> dict:
     return {"utm_source": "meta_ads", "utm_medium": "ctwa", "ad_id": text(ad.get("sourceId")),
             "ctwa_clid": text(ad.get("ctwaClid")), "ad_title": text(ad.get("title")),
             "landing_page": source_url, "page_url": source_url}
+
+
+# ##################################################################################################
+# Domain: WhatsApp Cloud API webhooks (Meta's documented payloads)
+#
+# Meta posts {"object": "whatsapp_business_account", "entry": [{"id": <WABA id>, "changes":
+# [{"field", "value"}]}]}; a `messages` change carries `metadata.phone_number_id` (the business
+# number), `contacts[]` (wa_id when Meta shares the phone, user_id = the business-scoped user id
+# or BSUID, profile.name and .username) and `messages[]` or `statuses[]`; a message may carry
+# `from_user_id` and no `from`. `smb_message_echoes` (coexistence with the Business app) carries
+# what the business sent from the app. One body can hold several entries, changes and messages.
+# https://developers.facebook.com/documentation/business-messaging/whatsapp/webhooks/reference/messages/
+# ##################################################################################################
+
+# A message of these types opens a conversation like a text does (a voice note, a location);
+# reactions, system notices, unsupported or unknown types and "request_welcome" (a chat opened,
+# nothing written) never make a lead.
+CLOUD_CONTENT_TYPES = frozenset(("text", "image", "video", "document", "audio", "sticker",
+                                 "location", "contacts", "button", "interactive", "order"))
+BSUID_MAX = 160  # "CC." + up to 128 characters, with room for a parent id's "CC.ENT."
+
+
+def cloud_text(message: Mapping[str, Any]) -> str:
+    """What the customer wrote or chose: a text's body, a media caption, a quick-reply button's
+    text, an interactive reply's title."""
+    kind = message.get("type")
+    node = message.get(kind) if isinstance(kind, str) else None
+    if not isinstance(node, dict):
+        return ""
+    if kind == "interactive":
+        node = node.get("button_reply") or node.get("list_reply") or {}
+        text = node.get("title") if isinstance(node, dict) else None
+    else:
+        text = node.get({"text": "body", "button": "text"}.get(kind, "caption"))
+    return text if isinstance(text, str) else ""
+
+
+def cloud_ad(referral: Any) -> tuple[dict | None, dict | None]:
+    """(attribution, context kept on the lead) of a Click-to-WhatsApp `referral`. Meta omits
+    `ctwa_clid` for ads on WhatsApp Status: still an ad's lead, noted as having no click id."""
+    if not isinstance(referral, dict) or not referral:
+        return None, None
+
+    def text(value: Any) -> str | None:
+        return str(value)[:FIELD_MAX] if isinstance(value, (str, int)) and value != "" else None
+
+    url = text(referral.get("source_url"))
+    ad = {"utm_source": "meta_ads", "utm_medium": "ctwa", "ad_id": text(referral.get("source_id")),
+          "ctwa_clid": text(referral.get("ctwa_clid")), "ad_title": text(referral.get("headline")),
+          "landing_page": url, "page_url": url}
+    context = {"referral": referral}
+    if ad["ctwa_clid"] is None:
+        context["note"] = "no click id (Meta sends none for WhatsApp Status ads)"
+    return ad, context
+
+
+def _bsuid(value: Any) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= BSUID_MAX else None
+
+
+def _wa_id(value: Any) -> str | None:
+    number = digits(value) if isinstance(value, str) else ""
+    return number if 6 <= len(number) <= 20 else None
+
+
+def cloud_time(value: Any) -> float | None:
+    """Meta writes unix seconds as a string ("1739321024")."""
+    if isinstance(value, str) and value.isdigit() and len(value) <= 12:
+        value = int(value)
+    return plausible_time(value)
+
+
+def cloud_contact(message: Mapping[str, Any], contacts: list) -> dict:
+    """The `contacts[]` entry of the message's sender: by wa_id or user_id, else the only one."""
+    people = [c for c in contacts if isinstance(c, dict)]
+    for person in people:
+        if ((message.get("from") and person.get("wa_id") == message.get("from"))
+                or (message.get("from_user_id")
+                    and person.get("user_id") == message.get("from_user_id"))):
+            return person
+    return people[0] if len(people) == 1 else {}
+
+
+@dataclasses.dataclass(slots=True)
+class Sender:
+    """Who somebody is, by the IDENTITY_KEYS (the phone given as WhatsApp writes it)."""
+    phone: str | None = None
+    lid: str | None = None
+    bsuid: str | None = None
+    username: str | None = None
+    wa_id: str | None = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.wa_id = digits(self.phone) or None
+        self.phone = dialable_phone(self.wa_id)
+
+
+@dataclasses.dataclass(slots=True)
+class IdentityChange:
+    """A customer's new number or new BSUID (system messages `user_changed_number`,
+    `user_changed_user_id`): the contact known as `old` is known as `new` from now on."""
+    kind: str
+    old: Sender
+    new: Sender
+
+
+def cloud_identity_change(message: Mapping[str, Any]) -> IdentityChange | str:
+    system = message.get("system")
+    kind = system.get("type") if isinstance(system, dict) else None
+    if kind not in ("user_changed_number", "user_changed_user_id"):
+        return "system message"
+    old_bsuid = _bsuid(system.get("previous_user_id"))
+    new_bsuid = _bsuid(system.get("user_id")) or _bsuid(message.get("from_user_id"))
+    if new_bsuid == old_bsuid:
+        new_bsuid = None
+    old = Sender(_wa_id(message.get("from")), bsuid=old_bsuid or (
+        None if new_bsuid else _bsuid(message.get("from_user_id"))))
+    new = Sender(_wa_id(system.get("wa_id")) if kind == "user_changed_number" else None,
+                 bsuid=new_bsuid)
+    if not (old.phone or old.bsuid) or not (new.phone or new.bsuid):
+        return "identity change without the identities"
+    return IdentityChange(kind, old, new)
+
+
+def cloud_message(message: Any, contacts: list) -> InboundMessage | IdentityChange | str:
+    """An inbound message (or a customer's identity change), or the reason it is ignored."""
+    if not isinstance(message, dict):
+        return "no message"
+    message_id = message.get("id")
+    if not isinstance(message_id, str) or not message_id or len(message_id) > 128:
+        return "no message id"
+    kind = message.get("type")
+    if kind == "system":
+        return cloud_identity_change(message)
+    if kind not in CLOUD_CONTENT_TYPES:
+        return f"{kind} message" if isinstance(kind, str) and len(kind) <= 40 else "no type"
+    person = cloud_contact(message, contacts)
+    profile = person.get("profile") if isinstance(person.get("profile"), dict) else {}
+    phone = _wa_id(message.get("from")) or _wa_id(person.get("wa_id"))
+    bsuid = _bsuid(message.get("from_user_id")) or _bsuid(person.get("user_id"))
+    if phone is None and bsuid is None:
+        return "unknown sender"
+    name, username = profile.get("name"), profile.get("username")
+    username = username.lstrip("@")[:100] if isinstance(username, str) and username else None
+    ad, context = cloud_ad(message.get("referral"))
+    return InboundMessage("cloud", message_id, phone, None,
+                          name[:200] if isinstance(name, str) and name else None,
+                          cloud_text(message), cloud_time(message.get("timestamp")), ad,
+                          context, bsuid, username)
+
+
+def cloud_changes(envelope: Any) -> list[tuple[str, str | None, dict]]:
+    """(field, phone_number_id, value) of each change in a Cloud API webhook body."""
+    out = []
+    entries = envelope.get("entry") if isinstance(envelope, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        changes = entry.get("changes") if isinstance(entry, dict) else None
+        for change in changes if isinstance(changes, list) else []:
+            if not isinstance(change, dict) or not isinstance(change.get("value"), dict):
+                continue
+            value = change["value"]
+            metadata = value.get("metadata") if isinstance(value.get("metadata"), dict) else {}
+            number = metadata.get("phone_number_id")
+            field = change.get("field")
+            out.append((field if isinstance(field, str) else "",
+                        number if isinstance(number, str) and 0 < len(number) <= 64 else None,
+                        value))
+    return out
 
 
 # ##################################################################################################
@@ -2833,14 +3065,22 @@ class UnitCache:
         """The row id, forgotten: a second copy in the unit is recorded (and refused) anew."""
         return self._memo.pop(("message", company_id, connection_id, message_id))
 
-    def read(self, source: Any, envelope: Any, hint: str = "") -> Any:
-        """`source.read(envelope, hint)`, once per delivery in the unit: the batch's prefetch
-        and the delivery's processing share one parse (and one search for codes)."""
+    def read(self, source: Any, envelope: Any, hint: str = "") -> list:
+        """`source.read(envelope, hint)` as a list, once per delivery in the unit: the batch's
+        prefetch and the delivery's processing share one parse (and one search for codes)."""
         key = ("read", source.name, id(envelope), hint)
         kept = self._memo.get(key)
         if kept is None or kept[0] is not envelope:
-            kept = self._memo[key] = (envelope, source.read(envelope, hint))
+            read = source.read(envelope, hint)
+            kept = self._memo[key] = (envelope, read if isinstance(read, list) else [read])
         return kept[1]
+
+    def cloud_numbers(self, company_id: str) -> dict | Any:
+        """phone_number_id → the company's live Cloud API connection row."""
+        return self._memo.get(("cloud numbers", company_id), self.UNKNOWN)
+
+    def set_cloud_numbers(self, company_id: str, rows: dict) -> None:
+        self._memo[("cloud numbers", company_id)] = rows
 
 
 async def ensure_connection(tx: Tx, company_id: str, connection_id: str) -> dict:
@@ -2861,23 +3101,36 @@ async def ensure_connection(tx: Tx, company_id: str, connection_id: str) -> dict
     return row
 
 
-CONTACT_COLUMNS = ("id", "company_id", "phone", "lid", "name", "created_at", "updated_at")
+async def cloud_numbers(tx: Tx, company_id: str) -> dict:
+    """phone_number_id → the company's live Cloud API connection (read once per unit)."""
+    cache = UnitCache(tx)
+    rows = cache.cloud_numbers(company_id)
+    if rows is cache.UNKNOWN:
+        rows = {r["phone_number_id"]: r for r in await tx.fetchall(
+            "SELECT id, phone_number_id, app_secret FROM connections WHERE company_id = ? "
+            "AND type = 'cloud' AND deleted_at IS NULL", company_id)}
+        cache.set_cloud_numbers(company_id, rows)
+    return rows
+
+
+CONTACT_COLUMNS = ("id", "company_id", "phone", "wa_id", "lid", "bsuid", "username", "name",
+                   "created_at", "updated_at")
 CONTACT_INSERT = insert_sql("contacts", CONTACT_COLUMNS)
 
 
-async def prefetch_contacts(tx: Tx, company_id: str, msgs: list[InboundMessage]) -> None:
-    """Read the contacts of the senders of `msgs` (by phone and by LID, in one statement) into
-    the unit's cache, where `resolve_contact` finds them; a sender form not found is
-    remembered as having no contact."""
+async def prefetch_contacts(tx: Tx, company_id: str, senders: list[Any]) -> None:
+    """Read the contacts of `senders` (InboundMessages, or anything with the IDENTITY_FORMS as
+    attributes) by each form they have, in one statement, into the unit's cache, where
+    `resolve_contact` finds them; a sender form not found is remembered as having no contact."""
     cache = UnitCache(tx)
     wanted = {}
-    for form in ("phone", "lid"):
-        values = {getattr(m, form) for m in msgs if getattr(m, form)}
+    for form in IDENTITY_FORMS:
+        values = {getattr(m, form) for m in senders if getattr(m, form)}
         wanted[form] = [v for v in values
                         if cache.contact(company_id, form, v) is cache.UNKNOWN]
-    if not wanted["phone"] and not wanted["lid"]:
+    if not any(wanted.values()):
         return
-    # One SELECT per column, joined: an OR of the two is planned by SQLite as a scan.
+    # One SELECT per column, joined: an OR of them is planned by SQLite as a scan.
     parts, args = [], []
     for form, values in wanted.items():
         if values:
@@ -2888,62 +3141,127 @@ async def prefetch_contacts(tx: Tx, company_id: str, msgs: list[InboundMessage])
         for value in values:
             cache.set_contact(company_id, form, value, None)
     for row in await tx.fetchall(" UNION ".join(parts), *args):
-        for form in ("phone", "lid"):
+        for form in IDENTITY_FORMS:
             if row[form]:
                 cache.set_contact(company_id, form, row[form], row)
 
 
+async def fold_contact(tx: Tx, keep: dict, gone: dict) -> None:
+    """`gone` was the same person as `keep`: its leads and message records move to `keep`, and
+    it is deleted (before `keep` takes its phone, LID or BSUID: each is unique)."""
+    for table in ("leads", "messages"):
+        await tx.execute(f"UPDATE {table} SET contact_id = ? WHERE contact_id = ?", keep["id"],
+                         gone["id"])
+    await tx.execute("DELETE FROM contacts WHERE id = ?", gone["id"])
+    cache = UnitCache(tx)
+    for form in IDENTITY_FORMS:
+        if gone[form]:
+            cache.set_contact(keep["company_id"], form, gone[form], None)
+
+
+async def set_identities(tx: Tx, contact: dict, identities: Mapping[str, str | None],
+                         folded: bool = False) -> None:
+    """Write the contact's identities that changed and fill its leads that lack them (all of
+    them when other contacts were `folded` into it: their leads may lack any), keeping the
+    unit's cache in step. A form given as None is left as it was."""
+    changed = {k: v for k, v in identities.items() if v and v != contact[k]}
+    cache = UnitCache(tx)
+    for form in IDENTITY_FORMS:
+        if form in changed and contact[form]:
+            cache.set_contact(contact["company_id"], form, contact[form], None)
+    if changed:
+        assignments = ", ".join(f"{k} = ?" for k in changed)
+        await tx.execute(f"UPDATE contacts SET {assignments} WHERE id = ?", *changed.values(),
+                         contact["id"])
+    contact.update(changed)
+    filled = {k: contact[k] for k in identities if contact[k]} if folded else changed
+    if filled:
+        fill = ", ".join(f"{k} = COALESCE({k}, ?)" for k in filled)
+        await tx.execute(f"UPDATE leads SET {fill} WHERE contact_id = ?", *filled.values(),
+                         contact["id"])
+    for form in IDENTITY_FORMS:
+        if contact[form]:
+            cache.set_contact(contact["company_id"], form, contact[form], contact)
+
+
+# What a contact (and a lead) records of who the person is: the IDENTITY_FORMS, the WhatsApp id
+# the phone came as, and the @username.
+IDENTITY_KEYS = ("phone", "wa_id", "lid", "bsuid", "username")
+
+
+def sender_identities(sender: Any) -> dict:
+    """The IDENTITY_KEYS of an InboundMessage (or any sender with them as attributes)."""
+    return {k: getattr(sender, k) for k in IDENTITY_KEYS}
+
+
 async def resolve_contact(tx: Tx, company_id: str, msg: InboundMessage) -> tuple[dict, bool]:
-    """Find or create the sender's contact, merging a LID-only contact once the phone is known.
-    Returns (contact, is_new). A new contact is written at the end of the transaction; until
-    then it lives in the unit's cache, where the sender's next message in the unit finds it."""
+    """Find or create the sender's contact. One person is one contact: the contacts the
+    sender's phone, LID and BSUID point to (Evolution 2.3.6 wrote the LID where 2.3.7 writes the
+    phone; Meta may withhold the phone and give a BSUID) are folded into the oldest, which takes
+    what this message says of the sender. Returns (contact, is_new). A new contact is written at
+    the end of the transaction; until then it lives in the unit's cache, where the sender's next
+    message in the unit finds it."""
     ts = now()
     await prefetch_contacts(tx, company_id, [msg])  # (nothing to read when prefetched)
     cache = UnitCache(tx)
-    by_phone = msg.phone and cache.contact(company_id, "phone", msg.phone)
-    by_lid = msg.lid and cache.contact(company_id, "lid", msg.lid)
-    if by_phone is None and by_lid is None:
+    found = {}
+    for form in IDENTITY_FORMS:
+        row = getattr(msg, form) and cache.contact(company_id, form, getattr(msg, form))
+        if row:
+            found[id(row)] = row
+    if not found:
         contact = {"id": await tx.new_id("contacts"), "company_id": company_id,
-                   "phone": msg.phone, "lid": msg.lid, "name": msg.name, "created_at": ts,
+                   **sender_identities(msg), "name": msg.name, "created_at": ts,
                    "updated_at": ts}
-        tx.defer_row(CONTACT_INSERT, contact, CONTACT_COLUMNS)  # a taken phone or LID fails
-        for form in ("phone", "lid"):  # the batch, which is then run item by item
+        tx.defer_row(CONTACT_INSERT, contact, CONTACT_COLUMNS)  # a taken identity fails
+        for form in IDENTITY_FORMS:  # the batch, which is then run item by item
             if contact[form]:
                 cache.set_contact(company_id, form, contact[form], contact)
         return dict(contact), True
-    for row in {id(r): r for r in (by_phone, by_lid) if r}.values():
+    rows = sorted(found.values(), key=lambda r: r["id"])
+    for row in rows:
         # This message's name and time, on the contact (and on one about to be folded into it).
         row["name"], row["updated_at"] = msg.name or row["name"], ts
+        row["username"] = msg.username or row["username"]
         if not row.get("_pending"):
-            tx.defer("UPDATE contacts SET name = ?, updated_at = ? WHERE id = ?",
-                     row["name"], ts, row["id"])
-    contact = by_phone or by_lid
-    phone = contact["phone"] or msg.phone
-    lid = contact["lid"] or msg.lid
-    folded = by_lid is not None and by_lid is not contact
-    if not folded and (phone, lid) == (contact["phone"], contact["lid"]):
+            tx.defer("UPDATE contacts SET name = ?, username = ?, updated_at = ? WHERE id = ?",
+                     row["name"], row["username"], ts, row["id"])
+    contact, others = rows[0], rows[1:]
+    identities = {k: o[k] for o in reversed(others) for k in IDENTITY_KEYS if o[k]}
+    identities.update({k: v for k, v in sender_identities(msg).items() if v})
+    if not others and all(contact[k] == v for k, v in identities.items()):
         return dict(contact), False
-    # A form of the sender learned (rare): change the rows (what waits is written first).
-    if folded:  # the same person was first known only by LID: fold that contact into this one
-        await tx.execute("UPDATE leads SET contact_id = ?, phone = ? WHERE contact_id = ?",
-                         by_phone["id"], msg.phone, by_lid["id"])
-        await tx.execute("DELETE FROM contacts WHERE id = ?", by_lid["id"])
-        if by_lid["phone"]:
-            cache.set_contact(company_id, "phone", by_lid["phone"], None)
-    if phone != contact["phone"]:
-        await tx.execute("UPDATE leads SET phone = ? WHERE contact_id = ? AND phone IS NULL",
-                         phone, contact["id"])
-    if lid != contact["lid"]:
-        await tx.execute("UPDATE leads SET lid = ? WHERE contact_id = ? AND lid IS NULL",
-                         lid, contact["id"])
-    if (phone, lid) != (contact["phone"], contact["lid"]):
-        await tx.execute("UPDATE contacts SET phone = ?, lid = ? WHERE id = ?", phone, lid,
-                         contact["id"])
-    contact.update(phone=phone, lid=lid)
-    for form in ("phone", "lid"):
-        if contact[form]:
-            cache.set_contact(company_id, form, contact[form], contact)
+    # The same person under another contact, or a form of the sender learned (rare): change
+    # the rows (what waits is written first).
+    for other in others:
+        await fold_contact(tx, contact, other)
+    await set_identities(tx, contact, identities, folded=bool(others))
     return dict(contact), False
+
+
+async def apply_identity_change(tx: Tx, company: Company, connection_id: str,
+                                change: IdentityChange) -> dict:
+    """A customer changed number or BSUID: their contact takes the new one (a contact the new
+    one already made, written from it before the notice came, is folded in); leads keep the
+    number they came from."""
+    await prefetch_contacts(tx, company.id, [change.old, change.new])
+    cache = UnitCache(tx)
+
+    def contacts_of(sender: Sender) -> dict[int, dict]:
+        rows = (getattr(sender, f) and cache.contact(company.id, f, getattr(sender, f))
+                for f in IDENTITY_FORMS)
+        return {id(row): row for row in rows if row}
+
+    found = contacts_of(change.old)
+    if not found:
+        return {"ignored": "unknown contact"}
+    contact, *others = sorted({**found, **contacts_of(change.new)}.values(),
+                              key=lambda r: r["id"])
+    for other in others:
+        await fold_contact(tx, contact, other)
+    await set_identities(tx, contact, {k: v for k, v in sender_identities(change.new).items()
+                                       if k != "username"}, folded=bool(others))
+    return {"contact_id": contact["id"], "changed": change.kind}
 
 
 async def insert_messages(tx: Tx, company_id: str, keys: list[tuple[str, str]]) -> None:
@@ -3006,12 +3324,15 @@ async def _visit_for_code(tx: Tx, company_id: str, codes: list[str], contact_id:
 
 
 async def _window_visit(tx: Tx, company: Company, connection: dict) -> dict | None:
-    if not company.settings["window_match"] or not connection.get("phone"):
+    forms = phone_forms(connection.get("phone"))
+    if not company.settings["window_match"] or not forms:
         return None
     since = now() - company.settings["window_minutes"] * 60
+    # The site's link may carry the number with or without Brazil's 9th digit.
+    where, args = tx.any_of("click_phone", list(forms))
     rows = await tx.fetchall(
-        "SELECT * FROM visits WHERE company_id = ? AND click_phone = ? AND clicked_at >= ? "
-        "AND lead_id IS NULL LIMIT 2", company.id, connection["phone"], since)
+        f"SELECT * FROM visits WHERE company_id = ? AND {where} AND clicked_at >= ? "
+        "AND lead_id IS NULL LIMIT 2", company.id, *args, since)
     return rows[0] if len(rows) == 1 else None
 
 
@@ -3019,7 +3340,7 @@ LEAD_INSERT = insert_sql("leads", (
     "id", "company_id", "connection_id", "contact_id", "phone", "lid", "name", "first_message",
     "message_id", "code", "match_method", "confidence", "visit_id", "utm_source", "utm_medium",
     "utm_campaign", "ad_id", "gclid", "ctwa_clid", "attribution", "first_touch", "context_info",
-    "clicked_at", "created_at"))
+    "clicked_at", "created_at", "wa_id", "bsuid", "username", "source"))
 
 
 async def insert_lead(tx: Tx, company: Company, connection_id: str, contact: dict,
@@ -3040,7 +3361,8 @@ async def insert_lead(tx: Tx, company: Company, connection_id: str, contact: dic
         full["utm_campaign"], full["ad_id"], full["gclid"], full["ctwa_clid"], json_dumps(full),
         json_dumps(first_touch) if first_touch else None,
         json_dumps(context_info) if context_info else None,
-        visit["clicked_at"] if visit else None, ts)
+        visit["clicked_at"] if visit else None, ts, contact["wa_id"], contact["bsuid"],
+        msg.username or contact["username"], msg.source)
     if full["ctwa_clid"] is None:
         # Written at the end of the transaction. Its code (if any) is free as far as this
         # transaction knows (the memo keeps the codes it takes); one a concurrent transaction
@@ -3184,7 +3506,9 @@ def lead_json(row: Mapping[str, Any]) -> dict:
     attribution.update(loads_or(row["attribution"], {}))
     out = {
         "id": row["id"], "company_id": row["company_id"], "connection_id": row["connection_id"],
-        "phone": row["phone"], "lid": row["lid"], "name": row["name"],
+        "source": row["source"], "phone": row["phone"], "lid": row["lid"],
+        "identities": {k: row[k] for k in IDENTITY_KEYS},
+        "name": row["name"],
         "first_message": row["first_message"], "message_id": row["message_id"],
         "code": row["code"], "match_method": row["match_method"],
         "confidence": row["confidence"], "session_id": row["visit_id"],
@@ -3220,7 +3544,15 @@ def connection_json(row: Mapping[str, Any]) -> dict:
             "qrAt": iso(row["qr_at"]), "createdAt": iso(row["created_at"]),
             "updatedAt": iso(row["updated_at"]), "deletedAt": iso(row["deleted_at"]),
             "verified": bool(row["verified"]), "lastDeliveryAt": iso(row["last_delivery_at"]),
-            "lastRejectedAt": iso(row["last_rejected_at"]), "lastRejection": row["last_rejection"]}
+            "lastRejectedAt": iso(row["last_rejected_at"]), "lastRejection": row["last_rejection"],
+            "type": row["type"], **(cloud_connection_json(row) if row["type"] == "cloud" else {})}
+
+
+def cloud_connection_json(row: Mapping[str, Any]) -> dict:
+    """A Cloud API number's ids; its secrets only as whether they are set."""
+    return {"phone_number_id": row["phone_number_id"], "waba_id": row["waba_id"],
+            "app_secret_set": bool(row["app_secret"]),
+            "access_token_set": bool(row["access_token"])}
 
 
 async def verified_holder(db: Storage, connection_id: str) -> dict | None:
@@ -3233,15 +3565,20 @@ async def verified_holder(db: Storage, connection_id: str) -> dict | None:
 
 
 async def get_connection(db: Storage, company_id: str, connection_id: str,
-                         include_deleted: bool = False) -> dict:
+                         include_deleted: bool = False, cloud_ok: bool = False) -> dict:
     """A connection the company may manage: one it created or adopted. A connection known only
     from deliveries to its webhook is not (anybody can name any instance there: SPEC §6); a
-    deleted one only with `include_deleted`, and not once another company holds the name."""
+    deleted one only with `include_deleted`, and not once another company holds the name. A
+    Cloud API number only where the caller handles one (`cloud_ok`): 409 for Evolution's
+    routes."""
     row = await db.fetchone("SELECT * FROM connections WHERE company_id = ? AND id = ?",
                             company_id, connection_id)
     if row is None or not row["verified"] or (row["deleted_at"] is not None and (
             not include_deleted or await verified_holder(db, connection_id))):
         raise Refused(404, "Connection not found")
+    if row["type"] == "cloud" and not cloud_ok:
+        raise Refused(409, f"Connection {connection_id} is a WhatsApp Cloud API number: Meta "
+                           "runs it, there is no Evolution instance, QR code or session")
     return row
 
 
@@ -3291,6 +3628,68 @@ async def store_adopted(db: Storage, company: Company, connection_id: str, found
             ts, ts)
 
     return await db.transact(run)
+
+
+_META_ID_RE = re.compile(r"[0-9]{5,32}")
+
+
+def cloud_connection_fields(body: Mapping[str, Any]) -> dict:
+    """The fields of a `{"type": "cloud"}` POST /api/connections, checked (Refused 400 naming
+    the field)."""
+    fields = {}
+    for name in ("phone_number_id", "waba_id"):
+        value = body.get(name)
+        if not isinstance(value, str) or not _META_ID_RE.fullmatch(value):
+            raise Refused(400, f"{name} must be the number Meta shows for it (digits)")
+        fields[name] = value
+    secret = body.get("app_secret")
+    if not isinstance(secret, str) or not 16 <= len(secret) <= 256 or secret != secret.strip():
+        raise Refused(400, "app_secret must be the Meta app's secret (App settings > Basic)")
+    fields["app_secret"] = secret
+    token = body.get("access_token")
+    if token is not None and (not isinstance(token, str) or not 0 < len(token) <= 2048):
+        raise Refused(400, "access_token must be text of at most 2048 characters")
+    fields["access_token"] = token
+    return fields
+
+
+async def create_cloud_connection(db: Storage, company: Company, connection_id: str,
+                                  fields: Mapping[str, Any]) -> tuple[dict, str]:
+    """Register a Cloud API number: (the connection row, the verify token to paste into the
+    Meta app, shown once: stored as its SHA-256). 409 when the name or the number is taken."""
+    verify_token = new_secret("wvt_")
+
+    async def run(tx: Tx) -> dict:
+        row = await tx.fetchone(
+            "SELECT company_id FROM connections WHERE id = ? AND deleted_at IS NULL AND "
+            "(verified = 1 OR company_id = ?)", connection_id, company.id)
+        if row is not None:
+            raise Refused(409, f"Connection {connection_id} already exists")
+        if fields["phone_number_id"] in await cloud_numbers(tx, company.id):
+            raise Refused(409, f"phone_number_id {fields['phone_number_id']} is already "
+                               "connected")
+        await tx.execute("DELETE FROM connections WHERE company_id = ? AND id = ?", company.id,
+                         connection_id)  # a deleted one's history: the id is taken anew
+        ts = now()
+        return await tx.fetchone(
+            "INSERT INTO connections (company_id, id, type, phone_number_id, waba_id, "
+            "app_secret, access_token, verify_token, verified, created_at, updated_at) "
+            "VALUES (?, ?, 'cloud', ?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT DO NOTHING RETURNING *",
+            company.id, connection_id, fields["phone_number_id"], fields["waba_id"],
+            fields["app_secret"], fields["access_token"], hash_token(verify_token), ts, ts)
+
+    row = await db.transact(run)
+    if row is None:  # the name, taken meanwhile by another company
+        raise Refused(409, f"Connection {connection_id} already exists")
+    return row, verify_token
+
+
+async def cloud_verify_token_matches(db: Storage, company_id: str, given: str) -> bool:
+    """Whether `given` is the verify token of one of the company's live Cloud API numbers."""
+    rows = await db.fetchall("SELECT verify_token FROM connections WHERE company_id = ? AND "
+                             "type = 'cloud' AND deleted_at IS NULL", company_id)
+    hashed = hash_token(given)
+    return any(same_secret(hashed, r["verify_token"]) for r in rows if r["verify_token"])
 
 
 def link_signature(key: str, company_id: str, connection_id: str, expires: int) -> str:
@@ -3364,7 +3763,10 @@ async def _store_delivery(tx: Tx, company_id: str | None, source: str, raw: byte
     """Store a delivery's raw body; with a reserved `delivery_id`, at the end of the transaction
     (one statement for a batch)."""
     instance = event = None
-    if isinstance(envelope, dict):
+    if isinstance(envelope, dict) and "entry" in envelope:  # Meta's: its first change's
+        changes = cloud_changes(envelope)
+        event, instance = changes[0][:2] if changes else (None, None)
+    elif isinstance(envelope, dict):
         instance = envelope.get("instance") if isinstance(envelope.get("instance"), str) else None
         event = normalize_event(envelope.get("event")) or None
     kept = {k: clean_text(v) for k, v in headers.items()  # (bytes not UTF-8 come surrogates)
@@ -3417,13 +3819,15 @@ async def _apikey_authenticated(tx: Tx, company: Company, envelope: Any) -> bool
 
 @dataclasses.dataclass(slots=True)
 class SourceEvent:
-    """What a source reads from one delivery, once: its event, the connection it is for, and
-    its message (for a message event) or the answer for a delivery it ignores."""
+    """What a source reads from a delivery, once (a delivery may hold several: Source.read):
+    its event, the connection it is for, and its message (for a message event) or the answer
+    for what it ignores."""
     event: str  # normalised ("messages.upsert"), "" when none
-    connection_id: str | None
+    connection_id: str | None  # None until Source.locate finds it from `number`
     data: Any = None
     message: InboundMessage | None = None
     ignored: dict | None = None  # the whole result, for a delivery nothing is done with
+    number: str | None = None  # the source's own id of the business number (Cloud API)
 
 
 EventHandler = Callable[[Tx, Company, str, Any], Awaitable[dict]]
@@ -3431,13 +3835,18 @@ EventHandler = Callable[[Tx, Company, str, Any], Awaitable[dict]]
 
 class Source:
     """A message source (a WhatsApp server posting webhooks): how a delivery authenticates,
-    which message it carries, normalised as an InboundMessage that the lead rules read, and its
+    which messages it carries, normalised as InboundMessages that the lead rules read, and its
     other events, a handler each. A second source is a subclass and an entry in SOURCES."""
 
     name = ""
     events: Mapping[str, EventHandler] = {}
+    # Whether a company may accept the source's deliveries unauthenticated (the setting
+    # webhook_auth_required off): not where the sender always signs (Meta).
+    optional_auth = True
 
-    def read(self, envelope: Any, hint: str = "") -> SourceEvent:
+    def read(self, envelope: Any, hint: str = "") -> SourceEvent | list[SourceEvent]:
+        """What the delivery holds: one SourceEvent, or a list for a source whose deliveries
+        bundle several messages (UnitCache.read makes it a list)."""
         raise NotImplementedError
 
     async def authenticate(self, tx: Tx, company: Company, item: Any) -> bool:
@@ -3445,17 +3854,31 @@ class Source:
         request gave, envelope) is the source's own for `company`."""
         raise NotImplementedError
 
-    async def process(self, tx: Tx, company: Company, read: SourceEvent) -> dict:
-        """Apply one delivery inside a unit of work: its message to the lead rules, or its
-        event to the event's handler."""
+    async def locate(self, tx: Tx, company: Company, read: SourceEvent) -> str | None:
+        """The connection `read` is for (None: none of the company's)."""
+        return read.connection_id
+
+    async def process(self, tx: Tx, company: Company, reads: list[SourceEvent]) -> dict:
+        """Apply one delivery inside a unit of work, each thing it holds in turn: one answers
+        for itself, several as `results`."""
+        results = [await self.apply(tx, company, read) for read in reads]
+        if len(results) == 1:
+            return results[0]
+        return {"results": results} if results else {"ignored": "nothing in the delivery"}
+
+    async def apply(self, tx: Tx, company: Company, read: SourceEvent) -> dict:
+        """One message to the lead rules, or one event to the event's handler."""
         if read.ignored is not None:
             return read.ignored
+        connection_id = await self.locate(tx, company, read)
+        if connection_id is None:
+            return {"event": read.event, "ignored": f"no connection for number {read.number}"}
         if read.message is not None:
-            connection = await ensure_connection(tx, company.id, read.connection_id)
+            connection = await ensure_connection(tx, company.id, connection_id)
             return {"event": read.event,
                     **await match_message(tx, company, connection, read.message)}
         handler = self.events[read.event]
-        return {"event": read.event, **await handler(tx, company, read.connection_id, read.data)}
+        return {"event": read.event, **await handler(tx, company, connection_id, read.data)}
 
 
 class EvolutionSource(Source):
@@ -3497,8 +3920,82 @@ class EvolutionSource(Source):
                 or await _apikey_authenticated(tx, company, item.envelope))
 
 
+def hub_signature(secret: str, raw: bytes) -> str:
+    """Meta's X-Hub-Signature-256: "sha256=" and the HMAC-SHA256 of the raw body, in hex."""
+    return "sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
+
+
+async def record_business_message(tx: Tx, company: Company, connection_id: str,
+                                  echo: Mapping[str, Any]) -> dict:
+    """A message the business sent from the WhatsApp Business app (coexistence): never a lead.
+    Its id is recorded, so a redelivery is known as one."""
+    cache = UnitCache(tx)
+    await insert_messages(tx, company.id, [(connection_id, echo["id"])])
+    if cache.take_message(company.id, connection_id, echo["id"]) is None:
+        return {"ignored": "duplicate"}
+    return {"ignored": "business message"}
+
+
+class CloudSource(Source):
+    """Meta's WhatsApp Cloud API (SPEC §13): a signed body of entries and changes, the business
+    number named by its phone_number_id (a cloud connection of the company)."""
+
+    name = "cloud"
+    optional_auth = False  # Meta signs every delivery with the app secret
+    events: Mapping[str, EventHandler] = {
+        "system": apply_identity_change,
+        "smb_message_echoes": record_business_message,
+    }
+
+    def read(self, envelope: Any, hint: str = "") -> list[SourceEvent]:
+        if not isinstance(envelope, dict) or envelope.get("object") != "whatsapp_business_account":
+            return [SourceEvent("", None, ignored={"ignored": "not a WhatsApp Cloud API body"})]
+        reads = []
+        for field, number, value in cloud_changes(envelope):
+            if field == "smb_message_echoes":
+                echoes = value.get("message_echoes")
+                for echo in echoes if isinstance(echoes, list) else []:
+                    if (isinstance(echo, dict) and isinstance(echo.get("id"), str)
+                            and 0 < len(echo["id"]) <= 128):
+                        reads.append(SourceEvent(field, None, echo, number=number))
+                continue
+            messages = value.get("messages") if field == "messages" else None
+            if not isinstance(messages, list) or not messages:
+                what = "status updates" if value.get("statuses") else "event not handled"
+                reads.append(SourceEvent(field, None, ignored={"event": field or None,
+                                                               "ignored": what}))
+                continue
+            contacts = value.get("contacts") if isinstance(value.get("contacts"), list) else []
+            for message in messages:
+                found = cloud_message(message, contacts)
+                if isinstance(found, str):
+                    reads.append(SourceEvent(field, None, ignored={"event": field,
+                                                                   "ignored": found}))
+                elif isinstance(found, IdentityChange):
+                    reads.append(SourceEvent("system", None, found, number=number))
+                else:
+                    reads.append(SourceEvent(field, None, message, message=found, number=number))
+        return reads
+
+    async def authenticate(self, tx: Tx, company: Company, item: Any) -> bool:
+        given = item.secret
+        if not isinstance(given, str) or not given.startswith("sha256="):
+            return False
+        return any(hmac.compare_digest(given.encode(), hub_signature(row["app_secret"],
+                                                                     item.raw).encode())
+                   for row in (await cloud_numbers(tx, company.id)).values()
+                   if row["app_secret"])
+
+    async def locate(self, tx: Tx, company: Company, read: SourceEvent) -> str | None:
+        if read.connection_id is None and read.number is not None:
+            row = (await cloud_numbers(tx, company.id)).get(read.number)
+            read.connection_id = row and row["id"]
+        return read.connection_id
+
+
 EVOLUTION = EvolutionSource()
-SOURCES: dict[str, Source] = {s.name: s for s in (EVOLUTION,)}
+CLOUD = CloudSource()
+SOURCES: dict[str, Source] = {s.name: s for s in (EVOLUTION, CLOUD)}
 
 
 async def process_envelope(tx: Tx, company: Company, envelope: Any, event_hint: str = "") -> dict:
@@ -3586,7 +4083,7 @@ async def webhook_authenticated(tx: Tx, company: Company, item: WebhookInput) ->
     matches, or the company turned authentication off (logged)."""
     if item.trusted or await item.via.authenticate(tx, company, item):
         return True
-    if company.settings["webhook_auth_required"]:
+    if company.settings["webhook_auth_required"] or not item.via.optional_auth:
         return False
     log.warning("unauthenticated webhook accepted: company %s turned authentication off",
                 company.id)
@@ -3645,11 +4142,13 @@ async def _webhook_prefetch(tx: Tx, items: list[WebhookInput]) -> WebhookBatch:
         company = companies.get(t.company_id)
         if company is not None and await webhook_authenticated(tx, company, t):
             accepted[id(t)] = company
-    cache = UnitCache(tx)
-    reads = [(company.id, cache.read(t.via, t.envelope, t.hint))
-             for t in items if (company := accepted.get(id(t)))]
-    inbound = [(company_id, read.connection_id, read.message) for company_id, read in reads
-               if read.message is not None]
+    cache, inbound = UnitCache(tx), []
+    for t in items:
+        if (company := accepted.get(id(t))) is None:
+            continue
+        for read in cache.read(t.via, t.envelope, t.hint):
+            if read.message is not None and (where := await t.via.locate(tx, company, read)):
+                inbound.append((company.id, where, read.message))
     wanted = await prefetch_messages(tx, inbound, record=len(items) > 1)
     wanted["webhook_deliveries"] = len(accepted)
     await tx.stock_ids(wanted)
@@ -3672,7 +4171,8 @@ async def _webhook_apply(tx: Tx, b: WebhookBatch, t: WebhookInput) -> Ingested:
     result = Ingested(await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
                                             t.source, t.hint, delivery_id, b.isolated, t.via))
     # A lead or label event has deliveries waiting when the company sends events somewhere.
-    result.wake = "lead_id" in result and bool(configured_destinations(company))
+    result.wake = (any("lead_id" in r for r in [result, *result.get("results", ())])
+                   and bool(configured_destinations(company)))
     return result
 
 
@@ -3931,15 +4431,20 @@ async def erase_contact(db: Storage, company_id: str, phone: str) -> dict:
     """Erase one person (LGPD/GDPR): their leads with events and deliveries, message records,
     the contact, and the raw webhook bodies that mention the number. Visits stay (they hold no
     personal data) but their codes are spent, so nobody else can be matched to them."""
+    forms = list(phone_forms(phone))  # a Brazilian mobile with and without its 9th digit
+
     async def run(tx: Tx) -> dict:
+        (by_phone, args), (by_id, more) = tx.any_of("phone", forms), tx.any_of("wa_id", forms)
+        person = f"company_id = ? AND ({by_phone} OR {by_id})"
         contacts = [r["id"] for r in await tx.fetchall(
-            "SELECT id FROM contacts WHERE company_id = ? AND phone = ?", company_id, phone)]
-        lead_rows = await tx.fetchall(
-            "SELECT id, visit_id FROM leads WHERE company_id = ? AND phone = ?", company_id, phone)
+            f"SELECT id FROM contacts WHERE {person}", company_id, *args, *more)]
+        lead_rows = await tx.fetchall(f"SELECT id, visit_id FROM leads WHERE {person}",
+                                      company_id, *args, *more)
+        taken = {r["id"] for r in lead_rows}
         for contact_id in contacts:
-            lead_rows += await tx.fetchall(
-                "SELECT id, visit_id FROM leads WHERE company_id = ? AND contact_id = ? AND "
-                "(phone IS NULL OR phone <> ?)", company_id, contact_id, phone)
+            lead_rows += [r for r in await tx.fetchall(
+                "SELECT id, visit_id FROM leads WHERE company_id = ? AND contact_id = ?",
+                company_id, contact_id) if r["id"] not in taken]
         erased = dict.fromkeys(("leads", "lead_events", "deliveries", "messages", "contacts",
                                 "webhook_deliveries"), 0)
         ts = now()
@@ -3972,8 +4477,8 @@ async def erase_contact(db: Storage, company_id: str, phone: str) -> dict:
         async def scan(tx: Tx, start=low) -> int:
             return await tx.execute(
                 "DELETE FROM webhook_deliveries WHERE company_id = ? AND id >= ? AND id < ? "
-                f"AND {db.blob_contains('body')}", company_id, start, start + ERASE_WINDOW,
-                phone.encode())
+                f"AND ({' OR '.join([db.blob_contains('body')] * len(forms))})", company_id,
+                start, start + ERASE_WINDOW, *(form.encode() for form in forms))
         erased["webhook_deliveries"] += await db.transact(scan)
         low += ERASE_WINDOW
     return erased
@@ -5168,7 +5673,8 @@ class Doctor:
                     "SELECT * FROM connections WHERE company_id = ? AND deleted_at IS NULL "
                     "ORDER BY id", company.id)
                 evolution += await asyncio.gather(*(
-                    self.webhook(company, client, row) for row in rows if row["verified"]))
+                    self.webhook(company, client, row) for row in rows
+                    if row["verified"] and row["type"] == "evolution"))
         return evolution + destination_checks(company)
 
     async def run(self, companies: list[Company] | None = None) -> list[Check]:
@@ -5658,17 +6164,19 @@ async def note_rejection(app: web.Application, item: WebhookInput, status: int) 
                         "event": "webhook_rejected", "status": status, "reason": reason}})
 
 
-@routes.post("/webhook/{company_id}")
-@routes.post("/webhook/{company_id}/{suffix}")
-async def evolution_webhook(request: web.Request) -> web.Response:
+async def read_webhook(request: web.Request) -> tuple[bytes, Any, NotJson | None]:
+    """The raw body, its JSON (None when it is not JSON) and why it is not."""
     raw = await read_body(request, WEBHOOK_BODY_MAX)
-    try:  # Evolution's text may hold a NUL or lone surrogate: cleaned, the lead is not lost
-        envelope, refused = parse_json(raw, scrub=True), None
+    try:  # WhatsApp text may hold a NUL or lone surrogate: cleaned, the lead is not lost
+        return raw, parse_json(raw, scrub=True), None
     except NotJson as exc:
-        envelope, refused = None, exc
-    item = WebhookInput(request.match_info["company_id"], raw, envelope, refused is not None,
-                        request.headers, request.headers.get("X-Webhook-Secret") or bearer(request),
-                        request.match_info.get("suffix", ""))
+        return raw, None, exc
+
+
+async def receive_webhook(request: web.Request, item: WebhookInput,
+                          refused: NotJson | None) -> web.Response:
+    """A delivery through the webhook batch, answered: refused (401/404), stored and 400 when
+    not JSON, 202 when its processing failed (stored), else 200 with what became of it."""
     started = time.perf_counter()
     db = request.app[DB]
     try:
@@ -5689,6 +6197,39 @@ async def evolution_webhook(request: web.Request) -> web.Response:
     if getattr(result, "wake", False):
         wake_worker(request.app)
     return json_response({"ok": True, **result})
+
+
+@routes.get("/webhook/cloud/{company_id}")
+async def cloud_webhook_verification(request: web.Request) -> web.Response:
+    """Meta's subscription check: the challenge, as plain text, only for a verify token of one
+    of the company's Cloud API numbers."""
+    query = request.query
+    challenge, token = query.get("hub.challenge", ""), query.get("hub.verify_token", "")
+    if (query.get("hub.mode") != "subscribe" or not challenge or len(challenge) > 256
+            or not token or len(token) > 256 or not await cloud_verify_token_matches(
+                request.app[DB], request.match_info["company_id"], token)):
+        raise http_error(403, "Forbidden")
+    return web.Response(text=challenge, content_type="text/plain")
+
+
+@routes.post("/webhook/cloud/{company_id}")
+async def cloud_webhook(request: web.Request) -> web.Response:
+    """Meta's deliveries for a company's Cloud API numbers, signed with the app's secret."""
+    raw, envelope, refused = await read_webhook(request)
+    item = WebhookInput(request.match_info["company_id"], raw, envelope, refused is not None,
+                        request.headers, request.headers.get("X-Hub-Signature-256"), "",
+                        CLOUD.name, via=CLOUD)
+    return await receive_webhook(request, item, refused)
+
+
+@routes.post("/webhook/{company_id}")
+@routes.post("/webhook/{company_id}/{suffix}")
+async def evolution_webhook(request: web.Request) -> web.Response:
+    raw, envelope, refused = await read_webhook(request)
+    item = WebhookInput(request.match_info["company_id"], raw, envelope, refused is not None,
+                        request.headers, request.headers.get("X-Webhook-Secret") or bearer(request),
+                        request.match_info.get("suffix", ""))
+    return await receive_webhook(request, item, refused)
 
 
 # ##################################################################################################
@@ -6031,18 +6572,26 @@ def instance_webhook(request: web.Request, company: Company, secret: str) -> dic
             "events": EVOLUTION_EVENTS}
 
 
+def cloud_webhook_url(request: web.Request, company: Company) -> str:
+    """Where Meta posts a company's Cloud API deliveries (the Meta app's Callback URL)."""
+    return f"{public_base(request)}/webhook/cloud/{urllib.parse.quote(company.id, safe='')}"
+
+
 @routes.get("/api/connections")
 async def list_connections(request: web.Request) -> web.Response:
     company = await authenticate(request)
     rows = await request.app[DB].fetchall(
         "SELECT * FROM connections WHERE company_id = ? ORDER BY created_at, id", company.id)
-    return json_response({"connections": [connection_json(r) for r in rows]})
+    hook = cloud_webhook_url(request, company)
+    return json_response({"connections": [
+        {**connection_json(r), **({"webhook_url": hook} if r["type"] == "cloud" else {})}
+        for r in rows]})
 
 
 def adoption_request(body: Mapping[str, Any]) -> tuple[str, str | None]:
     """(connectionId, instance_token or None) of a POST /api/connections, or 400."""
     if body.get("type") != "evolution":
-        raise http_error(400, 'type must be "evolution"')
+        raise http_error(400, 'type must be "evolution" or "cloud"')
     if body.get("adopt") is not True:
         raise http_error(400, "adopt must be true: an instance that exists on the Evolution "
                               "server is adopted (POST /api/create-instance makes a new one)")
@@ -6068,12 +6617,29 @@ async def refuse_held_name(request: web.Request, company: Company, evolution: Ev
     raise http_error(409, f"Connection {connection_id} already exists")
 
 
+async def add_cloud_connection(request: web.Request, company: Company,
+                               body: Mapping[str, Any]) -> web.Response:
+    """Register a WhatsApp Cloud API number (SPEC §13): 201 with the Callback URL and the
+    verify token to paste into the Meta app (the token shown only here)."""
+    connection_id = body.get("connectionId")
+    if not is_connection_id(connection_id):
+        raise http_error(400, f"connectionId must be {ID_RULE}")
+    row, verify_token = await create_cloud_connection(request.app[DB], company, connection_id,
+                                                      cloud_connection_fields(body))
+    hook = cloud_webhook_url(request, company)
+    log.info("cloud connection added: %s/%s", company.id, connection_id)
+    return json_response({"ok": True, "connection": {**connection_json(row), "webhook_url": hook},
+                          "webhook_url": hook, "verify_token": verify_token}, status=201)
+
+
 @routes.post("/api/connections")
 async def adopt_connection(request: web.Request) -> web.Response:
     """Adopt an instance made outside WhatsTracking: check it on the company's Evolution server,
     point its webhook at us with a secret header of its own, and register it as verified."""
     body = await object_body(request)
     company = await acting_company(request, body)
+    if body.get("type") == "cloud":
+        return await add_cloud_connection(request, company, body)
     connection_id, given_token = adoption_request(body)
     evolution = evolution_for(request, company)
     # On the shared default server every company reaches every instance with the global key:
@@ -6177,7 +6743,13 @@ async def delete_instance(request: web.Request) -> web.Response:
     """Delete the Evolution instance; keep the connection's history, marked deleted."""
     company, connection_id = await connection_request(request, "query")
     db = request.app[DB]
-    await get_connection(db, company.id, connection_id, include_deleted=True)
+    row = await get_connection(db, company.id, connection_id, include_deleted=True,
+                               cloud_ok=True)
+    if row["type"] == "cloud":  # nothing to delete at Meta; its secrets go now
+        await update_connection(db, company.id, connection_id, state="deleted",
+                                deleted_at=row["deleted_at"] or now(), app_secret=None,
+                                access_token=None, verify_token=None)
+        return json_response({"ok": True, "connectionId": connection_id, "deleted": True})
     existed = await evolution_call(evolution_for(request, company).delete(connection_id))
     ts = now()
     await update_connection(db, company.id, connection_id, state="deleted", deleted_at=ts,
@@ -6192,16 +6764,19 @@ async def delete_instance_completely(request: web.Request) -> web.Response:
     leads keep the connection id as text."""
     company, connection_id = await connection_request(request)
     db = request.app[DB]
-    await get_connection(db, company.id, connection_id, include_deleted=True)
-    existed = await evolution_call(evolution_for(request, company).delete(connection_id))
+    row = await get_connection(db, company.id, connection_id, include_deleted=True,
+                               cloud_ok=True)
+    existed = None
+    if row["type"] != "cloud":
+        existed = await evolution_call(evolution_for(request, company).delete(connection_id))
 
     async def run(tx: Tx) -> None:
         await tx.execute("DELETE FROM connections WHERE company_id = ? AND id = ?",
                          company.id, connection_id)
 
     await db.transact(run)
-    return json_response({"ok": True, "connectionId": connection_id, "deleted": True,
-                              "existedOnEvolution": existed})
+    answer = {"ok": True, "connectionId": connection_id, "deleted": True}
+    return json_response(answer if existed is None else {**answer, "existedOnEvolution": existed})
 
 
 @routes.post("/instance/restart")
