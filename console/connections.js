@@ -354,7 +354,12 @@
 
       function cloudActions(c) {
         var id = c.connectionId;
-        if (c.deletedAt) return [];
+        // Deleted: only forgetting it for good is left (then the name can be connected again).
+        var deleteAll = act(WT.t("connections.delete_all"), confirmed(id, "cloud_delete_all",
+          "deleted_all", function () {
+            return WT.api("DELETE", "/instance/delete", {body: {connectionId: id}});
+          }), "ghost bad-text");
+        if (c.deletedAt) return [deleteAll];
         return [
           act(WT.t("connections.cloud_show_webhook"), function () {
             WT.dialog({title: WT.t("connections.cloud_webhook_title", {name: id}),
