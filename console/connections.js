@@ -243,7 +243,7 @@
      (the API shows it once, when the connection is created), and the steps. */
   function cloudWebhookPanel(webhookUrl, verifyToken) {
     function value(kind, text) {
-      return h("div", {class: "cloud-value"},
+      return h("div", {class: "cloud-value", style: {"margin-bottom": "1rem"}},
         h("h3", {}, WT.t("connections.cloud_" + kind)),
         h("pre", {class: "code", dataset: {cloud: kind}}, text),
         WT.copyButton(text, WT.t("connections.cloud_copy_" + kind)));
@@ -354,7 +354,12 @@
 
       function cloudActions(c) {
         var id = c.connectionId;
-        if (c.deletedAt) return [];
+        // Deleted: only forgetting it for good is left (then the name can be connected again).
+        var deleteAll = act(WT.t("connections.delete_all"), confirmed(id, "cloud_delete_all",
+          "deleted_all", function () {
+            return WT.api("DELETE", "/instance/delete", {body: {connectionId: id}});
+          }), "ghost bad-text");
+        if (c.deletedAt) return [deleteAll];
         return [
           act(WT.t("connections.cloud_show_webhook"), function () {
             WT.dialog({title: WT.t("connections.cloud_webhook_title", {name: id}),
@@ -501,33 +506,34 @@
         });
       }
 
-      function createDialog() {
+      /* A dialog with a form; once the form has made the connection, the list reloads and the
+         dialog next(id, answer) describes follows (the QR, or the Meta webhook setup). */
+      function formDialog(title, makeForm, next) {
         var dlg = WT.dialog({
-          title: WT.t("connections.new"),
-          content: createForm(function (id, answer) {
+          title: title,
+          content: makeForm(function (id, answer) {
             dlg.close();
             load();
-            var q = answer.qrcode || {};
-            var panel = qrPanel(id, {qrcode: q, pairingCode: q.pairingCode,
-                                     onConnected: function () { load(); }});
-            WT.dialog({title: WT.t("connections.qr_title", {name: id}), content: panel.element,
-                       onClose: panel.stop});
+            WT.dialog(next(id, answer));
           }),
           actions: [{label: WT.t("common.cancel"), kind: "ghost"}]
         });
       }
+      function createDialog() {
+        formDialog(WT.t("connections.new"), createForm, function (id, answer) {
+          var q = answer.qrcode || {};
+          var panel = qrPanel(id, {qrcode: q, pairingCode: q.pairingCode,
+                                   onConnected: function () { load(); }});
+          return {title: WT.t("connections.qr_title", {name: id}), content: panel.element,
+                  onClose: panel.stop};
+        });
+      }
       function cloudDialog() {
-        var dlg = WT.dialog({
-          title: WT.t("connections.cloud_title"),
-          content: cloudForm(function (id, answer) {
-            dlg.close();
-            load();
-            WT.dialog({title: WT.t("connections.cloud_saved_title", {name: id}),
-                       content: [h("p", {}, WT.t("connections.cloud_saved", {name: id})),
-                                 cloudWebhookPanel(answer.webhook_url, answer.verify_token)],
-                       actions: [{label: WT.t("common.close"), kind: "primary"}]});
-          }),
-          actions: [{label: WT.t("common.cancel"), kind: "ghost"}]
+        formDialog(WT.t("connections.cloud_title"), cloudForm, function (id, answer) {
+          return {title: WT.t("connections.cloud_saved_title", {name: id}),
+                  content: [h("p", {}, WT.t("connections.cloud_saved", {name: id})),
+                            cloudWebhookPanel(answer.webhook_url, answer.verify_token)],
+                  actions: [{label: WT.t("common.close"), kind: "primary"}]};
         });
       }
       function adoptDialog(prefill) {

@@ -90,6 +90,7 @@ async def test_cloud_number_connected_from_the_console_receives_metas_webhooks(s
     _, expect = require_browser()
     company = await server.company("empresa-nuvem", "Doces da Lu")
     context, page = await open_console(browser, server, company, lang, "connections")
+    await expect(page.locator("#connections-add-cloud")).to_be_visible(timeout=WAIT_MS)
     await expect(page.locator("#connections-add-cloud")).to_have_text(
         await t(page, "connections.add_cloud"))
 
@@ -162,6 +163,28 @@ async def test_cloud_number_connected_from_the_console_receives_metas_webhooks(s
 
     ad = [l for l in leads.values() if l["match_method"] == "ctwa"]
     assert ad and ad[0]["attribution"]["ctwa_clid"]
+
+    # Deleted here (the history stays, Meta's webhooks are refused), then completely: the name
+    # connects again with a new verify token — what the console tells a user who lost theirs.
+    await page.goto(f"{server.base}/dashboard#/connections")
+    card = page.locator("article.connection[data-connection=loja-nuvem]")
+    await card.get_by_role("button", name=await t(page, "connections.delete"), exact=True).click()
+    await expect(page.locator("dialog")).to_contain_text(await t(page, "connections.cloud_delete_body"))
+    await page.click("dialog .btn.danger")
+    await expect(page.locator("details.deleted-connections")).to_be_visible(timeout=WAIT_MS)
+    later = cloud_fixture("text", phone_number_id=PHONE_NUMBER_ID, waba_id=WABA_ID)
+    assert (await send(server.http, url, later, APP_SECRET)).status == 401
+    await page.click("details.deleted-connections summary")
+    await card.get_by_role("button", name=await t(page, "connections.delete_all")).click()
+    await page.click("dialog .btn.danger")
+    await expect(card).to_have_count(0, timeout=WAIT_MS)
+    again_url, again_token = await connect_cloud(page, "loja-nuvem")
+    assert again_url == url and again_token != token
+    assert (await verify(server.http, url, again_token, "7"))[0:2] == (200, "7")
+    assert (await verify(server.http, url, token, "7"))[0] == 403
+    assert (await send(server.http, url, later, APP_SECRET)).status == 200
+    await page.keyboard.press("Escape")
+    await no_raw_keys(page)
     assert page.errors == [] and page.foreign == []
     await context.close()
 
