@@ -208,7 +208,9 @@ class Config:
     meta_graph_url: str = DEFAULT_META_GRAPH_URL
     ga4_mp_url: str = DEFAULT_GA4_MP_URL
     sqlite_synchronous: str = "FULL"
-    evolution_timeout: int = 15  # seconds for one Evolution API call (EVOLUTION_TIMEOUT: whole)
+    # Seconds for one Evolution API call (EVOLUTION_TIMEOUT: whole); create-instance gets
+    # EVOLUTION_CREATE_WAIT more: 20 s covers Evolution's fixed 5 s and a slow socket start-up.
+    evolution_timeout: int = 15
     meta_api_version: str = DEFAULT_META_API_VERSION
     delivery_timeout: float = 10.0  # seconds for one conversion delivery
     delivery_retry_seconds: float = 30.0  # first retry delay; doubles each attempt
@@ -2643,7 +2645,7 @@ class InboundMessage:
     # A click on an ad, normalised as ad_attribution writes it (utm_source, utm_medium, ad_id,
     # ctwa_clid, ad_title, landing_page, page_url); the source's raw ad data is kept on the lead.
     ad: dict | None = None
-    ad_context: dict | None = None
+    ad_context: dict | None = None  # the raw data (also where it says the chat began elsewhere)
     codes: list[str] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:

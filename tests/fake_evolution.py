@@ -229,7 +229,7 @@ class FakeEvolution:
 
     @staticmethod
     def licence_required(request: web.Request) -> dict:
-        """Evolution 2.4.0-rc2's licence gate (src/licensing/runtime.ts `gateMiddleware`, L339-351
+        """Evolution 2.4.0-rc2's licence gate (src/licensing/runtime.ts `gateMiddleware`, L311-351
         at tag 2.4.0-rc2; issues #2534, #2596): the body every gated route answers."""
         manager = f"http://{request.host}/manager/login"
         docs = "https://docs.evolutionfoundation.com.br/licensing"
