@@ -68,13 +68,23 @@ def sent_create(evolution):
     return request
 
 
-async def instance_appears(evolution, name: str = CONN) -> dict:
-    """The instance the stalled create made on the fake (while our create call still waits)."""
-    return await eventually(lambda: _instance(evolution, name), f"instance {name} on Evolution")
+async def create_while_stalled(api: Api, evolution, expect: int, meanwhile) -> dict:
+    """Create while Evolution, having made the instance, stalls its answer; `meanwhile(instance)`
+    changes the instance on the fake as soon as it exists. Nothing may be stored."""
+    evolution.misbehave, evolution.delay = "stall-create", 30  # the fake's close ends the stall
 
+    async def instance():
+        return evolution.instances.get(CONN)
 
-async def _instance(evolution, name):
-    return evolution.instances.get(name)
+    async def change():
+        meanwhile(await eventually(instance, f"instance {CONN} on Evolution"))
+
+    task = asyncio.ensure_future(change())
+    data = await create(api, expect=expect)
+    await task
+    assert await stored(api) is None
+    assert not evolution.calls("POST", f"/webhook/set/{CONN}")
+    return data
 
 
 async def delivery(api: Api, secret: str) -> int:
@@ -128,40 +138,23 @@ async def test_a_create_without_answer_that_made_the_instance_registers_it(
 
 async def test_a_create_that_timed_out_and_made_nothing_is_504_and_stores_nothing(
         api, evolution, no_create_wait):
-    evolution.misbehave, evolution.delay = "stall-create", 30
-
-    async def evolution_cleans_up():
-        # Evolution removes a half-made instance when its start-up fails
-        # (instance.controller.ts, the catch of createInstance).
-        await instance_appears(evolution)
-        del evolution.instances[CONN]
-
-    cleanup = asyncio.ensure_future(evolution_cleans_up())
-    data = await create(api, expect=504)
-    await cleanup
+    # Evolution removes a half-made instance when its start-up fails (instance.controller.ts,
+    # the catch of createInstance).
+    data = await create_while_stalled(
+        api, evolution, 504, lambda instance: evolution.instances.pop(instance["name"]))
     assert data["error"].startswith(f"Connection {CONN} was not created: the create call got no "
                                     "answer (Evolution API did not answer within 1 seconds")
     assert "does not list the instance; try again" in data["error"]
-    assert await stored(api) is None
-    assert not evolution.calls("POST", f"/webhook/set/{CONN}")
 
 
 async def test_a_create_whose_name_another_token_took_meanwhile_is_409(
         api, evolution, no_create_wait):
-    evolution.misbehave, evolution.delay = "stall-create", 30
-
-    async def somebody_else_takes_the_name():
-        instance = await instance_appears(evolution)
-        instance["token"] = "0C1D2E3F-SOMEBODY-ELSES-TOKEN"
-
-    other = asyncio.ensure_future(somebody_else_takes_the_name())
-    data = await create(api, expect=409)
-    await other
+    data = await create_while_stalled(
+        api, evolution, 409,
+        lambda instance: instance.update(token="0C1D2E3F-SOMEBODY-ELSES-TOKEN"))
     assert "exists on the Evolution server but is not the one this request created" in (
         data["error"])
     assert "POST /api/connections" in data["error"]
-    assert await stored(api) is None
-    assert not evolution.calls("POST", f"/webhook/set/{CONN}")
 
 
 async def test_a_create_without_answer_that_cannot_be_checked_is_504(
