@@ -208,7 +208,9 @@ class Config:
     meta_graph_url: str = DEFAULT_META_GRAPH_URL
     ga4_mp_url: str = DEFAULT_GA4_MP_URL
     sqlite_synchronous: str = "FULL"
-    evolution_timeout: int = 15  # seconds for one Evolution API call (EVOLUTION_TIMEOUT: whole)
+    # Seconds for one Evolution API call (EVOLUTION_TIMEOUT: whole); create-instance gets
+    # EVOLUTION_CREATE_WAIT more: 20 s covers Evolution's fixed 5 s and a slow socket start-up.
+    evolution_timeout: int = 15
     meta_api_version: str = DEFAULT_META_API_VERSION
     delivery_timeout: float = 10.0  # seconds for one conversion delivery
     delivery_retry_seconds: float = 30.0  # first retry delay; doubles each attempt
@@ -2613,8 +2615,16 @@ def extract_text(message: Any, depth: int = 0) -> str | None:
     return None
 
 
+# Where a conversation began, as WhatsApp writes it in a message's contextInfo (Baileys proto
+# ContextInfo). Since 2026-02 some ad clicks carry no `externalAdReply`, only these (Baileys#2354:
+# ctwaPayload and conversionData are opaque bytes; nothing in them is a click id).
+CONVERSION_FIELDS = ("ctwaPayload", "conversionData", "conversionSource",
+                     "entryPointConversionSource")
+
+
 def find_ad_context(data: Mapping[str, Any]) -> dict | None:
-    """The contextInfo that carries Click-to-WhatsApp ad data, wherever this version put it."""
+    """The contextInfo that carries Click-to-WhatsApp ad data, wherever this version put it: one
+    with `externalAdReply` first, else one with only the opaque conversion fields."""
     candidates = [data.get("contextInfo")]
     message = data.get("message")
     if isinstance(message, dict):
@@ -2625,9 +2635,52 @@ def find_ad_context(data: Mapping[str, Any]) -> dict | None:
                 if isinstance(inner, dict):
                     candidates.extend(v.get("contextInfo") for v in inner.values()
                                       if isinstance(v, dict))
-    for info in candidates:
-        if isinstance(info, dict) and isinstance(info.get("externalAdReply"), dict):
+    infos = [info for info in candidates if isinstance(info, dict)]
+    for info in infos:
+        if isinstance(info.get("externalAdReply"), dict):
             return info
+    for info in infos:
+        if any(info.get(field) not in (None, "", {}) for field in CONVERSION_FIELDS):
+            return info
+    return None
+
+
+def entry_point_is_ad(info: Mapping[str, Any]) -> bool:
+    """Whether a contextInfo without `externalAdReply` says the chat began at an ad.
+    `entryPointConversionSource` decides where present: `ctwa_ad` (and any `*_ad` / `*_ads`) is
+    an ad; `click_to_chat_link` and `message_short_link` (wa.me links), `global_search_new_chat`
+    (WhatsApp's search) and every other value are not. Without it, `ctwaPayload` (only ad clicks
+    carry one) or a `conversionSource` naming ads (`FB_Ads`) is an ad; `conversionData` alone is
+    not (it says nothing of where the chat began). An unknown value is never taken for an ad."""
+    entry = info.get("entryPointConversionSource")
+    if isinstance(entry, str) and entry.strip():
+        entry = entry.strip().lower()
+        return entry == "ctwa_ad" or entry.endswith(("_ad", "_ads"))
+    source = info.get("conversionSource")
+    return (info.get("ctwaPayload") not in (None, "", {})
+            or (isinstance(source, str) and source.strip().lower().endswith(("_ad", "_ads"))))
+
+
+# Messages that are no content of their own (Baileys proto Message fields): a vote on a poll, a
+# reaction to a message, a protocol message (revoke, edit, ephemeral setting, history sync), a
+# pin or keep. From a new contact they make no lead; there is no text to read in any of them.
+NO_CONTENT = {"pollUpdateMessage": "poll vote", "reactionMessage": "reaction",
+              "encReactionMessage": "reaction", "protocolMessage": "protocol message",
+              "pinInChatMessage": "protocol message", "keepInChatMessage": "protocol message",
+              "encEventResponseMessage": "poll vote"}
+# Fields beside a message's content, never content themselves.
+MESSAGE_METADATA = ("messageContextInfo", "senderKeyDistributionMessage")
+
+
+def no_content(data: Mapping[str, Any]) -> str | None:
+    """Why an upsert is no message of the customer's (poll vote, reaction, protocol message), or
+    None. An upsert without `message`, or a media message without caption, is still one."""
+    message = data.get("message")
+    if not isinstance(message, dict):
+        return None
+    kinds = [key for key in message if key not in MESSAGE_METADATA]
+    if kinds and all(key in NO_CONTENT for key in kinds):
+        return NO_CONTENT[kinds[0]]
     return None
 
 
@@ -2647,7 +2700,7 @@ class InboundMessage:
     # A click on an ad, normalised as ad_attribution writes it (utm_source, utm_medium, ad_id,
     # ctwa_clid, ad_title, landing_page, page_url); the source's raw ad data is kept on the lead.
     ad: dict | None = None
-    ad_context: dict | None = None
+    ad_context: dict | None = None  # the raw data (also where it says the chat began elsewhere)
     bsuid: str | None = None
     username: str | None = None  # the WhatsApp @username, without the @
     wa_id: str | None = dataclasses.field(init=False)
@@ -2695,6 +2748,9 @@ def parse_upsert(data: Any) -> InboundMessage | str:
             lid = jid_user(jid) or None
     if phone is None and lid is None:
         return "unknown sender"
+    stub = no_content(data)
+    if stub:
+        return stub
     name = data.get("pushName")
     name = name[:200] if isinstance(name, str) and name else None
     # Out of range (1e308, -1e18, years ahead): the receipt time is used; the stored raw body
@@ -2706,8 +2762,16 @@ def parse_upsert(data: Any) -> InboundMessage | str:
                           ad_attribution(ad_context) if ad_context else None, ad_context)
 
 
-def ad_attribution(info: Mapping[str, Any]) -> dict:
-    ad = info.get("externalAdReply") or {}
+def ad_attribution(info: Mapping[str, Any]) -> dict | None:
+    """The ad click of a contextInfo (see InboundMessage.ad), or None when it is no ad click.
+    With `externalAdReply`: its ad id, title, URL and click id. Without (the opaque fields only):
+    `entry_point_is_ad` decides, and the lead is a `ctwa` lead with no ad id and no click id
+    (its raw contextInfo is kept on the lead); nothing is read out of the opaque bytes."""
+    ad = info.get("externalAdReply")
+    if not isinstance(ad, dict):
+        if not entry_point_is_ad(info):
+            return None
+        ad = {}
 
     def text(value: Any) -> str | None:
         return str(value)[:FIELD_MAX] if isinstance(value, (str, int)) and value != "" else None
@@ -4610,6 +4674,10 @@ def record_operator_urls(settings: Mapping[str, Any], urls: Mapping[str, str]) -
 # status and sentence WhatsTracking answers with.
 # ##################################################################################################
 
+# Seconds Evolution always waits inside /instance/create with qrcode:true before it answers
+# (`delay(5000)` after starting the socket, 2.3.6 to 2.4.0-rc2): the create call gets them on top
+# of EVOLUTION_TIMEOUT, so a slow socket start-up is no timeout.
+EVOLUTION_CREATE_WAIT = 5
 EVOLUTION_EVENTS = ["MESSAGES_UPSERT", "CONNECTION_UPDATE", "QRCODE_UPDATED", "LABELS_EDIT",
                     "LABELS_ASSOCIATION"]
 WEBHOOK_SECRET_HEADER = "x-webhook-secret"
@@ -4624,13 +4692,17 @@ def is_connection_id(value: Any) -> bool:
 
 
 class EvolutionError(Exception):
-    """An Evolution call that failed, with the status and sentence to answer our client with."""
+    """An Evolution call that failed, with the status and sentence to answer our client with.
+    `unanswered`: the request went out and no answer came ("timeout", or "cut off" when the
+    connection dropped mid-answer), so Evolution may have done what it was asked."""
 
-    def __init__(self, status: int, message: str, upstream_status: int | None = None) -> None:
+    def __init__(self, status: int, message: str, upstream_status: int | None = None,
+                 unanswered: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.upstream_status = upstream_status
+        self.unanswered = unanswered
 
 
 def evolution_message(body: Any) -> str:
@@ -4660,35 +4732,55 @@ class EvolutionClient:
         # Evolution read alike, so the errors map nothing (they are no port scanner).
         self.company_chose = company_chose
 
-    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    async def call(self, method: str, path: str, body: Any = None,
+                   timeout: float | None = None) -> tuple[int, Any]:
         """(HTTP status, parsed JSON) of one Evolution call; EvolutionError(502) when Evolution
-        cannot be reached, is too slow, or answers something that is not JSON."""
+        cannot be reached, is too slow, answers something that is not JSON, or is a 2.4 server
+        not activated yet (its licence gate answers every route 503 LICENSE_REQUIRED)."""
         url = self.base_url + path
+        timeout = timeout or self.timeout
         try:
             async with self.session.request(
                     method, url, json=body, headers={"apikey": self.api_key},
-                    timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 raw = await resp.read()
                 status = resp.status
         except asyncio.TimeoutError:
-            raise self.unreachable() or EvolutionError(
-                502, f"Evolution API did not answer within {self.timeout:g} seconds "
-                     f"({method} {path})") from None
+            raise self.unanswered("timeout", EvolutionError(
+                502, f"Evolution API did not answer within {timeout:g} seconds "
+                     f"({method} {path})")) from None
         except aiohttp.InvalidURL:  # e.g. http://2130706433/, which yarl will not connect to
             raise EvolutionError(400, "evolution_url is not a usable http(s) URL") from None
         except aiohttp.ClientError as exc:
             if refused_address(exc):
                 raise EvolutionError(
                     400, PRIVATE_URL_REFUSED.format(field="evolution_url")) from None
-            raise self.unreachable() or EvolutionError(
+            error = self.unreachable() or EvolutionError(
                 502, f"Evolution API is unreachable at {self.base_url} "
-                     f"({exc.__class__.__name__})") from None
+                     f"({exc.__class__.__name__})")
+            # Connected, then cut off before the whole answer came: the request may have run.
+            cut_off = (isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError))
+                       or (isinstance(exc, aiohttp.ClientOSError)
+                           and not isinstance(exc, aiohttp.ClientConnectorError)))
+            raise self.unanswered("cut off", error) if cut_off else error from None
         try:
-            return status, parse_json(raw, scrub=True) if raw else None
+            parsed = parse_json(raw, scrub=True) if raw else None
         except NotJson:
             raise self.unreachable() or EvolutionError(
                 502, f"Evolution API answered {method} {path} with something that is not JSON "
                      f"(HTTP {status})", status) from None
+        if status == 503 and isinstance(parsed, dict) and parsed.get("code") == "LICENSE_REQUIRED":
+            raise EvolutionError(
+                502, f"The Evolution server at {self.base_url} must be activated: Evolution 2.4 "
+                     "refuses every API call (HTTP 503 LICENSE_REQUIRED) until it is activated "
+                     f"in its manager ({self.base_url}/manager) or given a licensing key", status)
+        return status, parsed
+
+    def unanswered(self, how: str, error: EvolutionError) -> EvolutionError:
+        """`error` (or the company's-own-server one) marked as a request left without answer."""
+        error = self.unreachable() or error
+        error.unanswered = how
+        return error
 
     def unreachable(self) -> EvolutionError | None:
         """The one error for a company's own server that cannot be talked to (else None)."""
@@ -4718,7 +4810,8 @@ class EvolutionClient:
                    "qrcode": True, "webhook": webhook}
         if number:
             payload["number"] = number
-        status, body = await self.call("POST", "/instance/create", payload)
+        status, body = await self.call("POST", "/instance/create", payload,
+                                       timeout=self.timeout + EVOLUTION_CREATE_WAIT)
         if status == 403 and "already in use" in evolution_message(body):
             raise EvolutionError(409, f"Connection {name} already exists on the Evolution server",
                                  status)
@@ -5625,6 +5718,9 @@ class Doctor:
             elif exc.upstream_status is None:
                 fix = ("check that Evolution API runs and that this machine reaches it at that "
                        "address (EVOLUTION_API_URL, or the company's evolution_url)")
+            elif "LICENSE_REQUIRED" in exc.message:
+                fix = (f"activate the Evolution server: open {client.base_url}/manager and "
+                       "follow its activation, or set a licensing key as its documentation says")
             else:
                 fix = "see the Evolution server's log"
             where = "" if client.base_url in exc.message else f"{client.base_url}: "
@@ -5716,7 +5812,7 @@ def http_error(status: int, message: str, **extra: Any) -> web.HTTPException:
                       web.HTTPNotFound, web.HTTPMethodNotAllowed, web.HTTPConflict, web.HTTPGone,
                       web.HTTPRequestEntityTooLarge, web.HTTPUnsupportedMediaType,
                       web.HTTPTooManyRequests, web.HTTPInternalServerError, web.HTTPBadGateway,
-                      web.HTTPServiceUnavailable):
+                      web.HTTPServiceUnavailable, web.HTTPGatewayTimeout):
         if candidate.status_code == status:
             cls = candidate
             break
@@ -6517,13 +6613,17 @@ def evolution_for(request: web.Request, company: Company) -> EvolutionClient:
                            company_chose(config, company, "evolution_url", url))
 
 
+def evolution_http_error(exc: EvolutionError) -> web.HTTPException:
+    if exc.status >= 500:
+        log.warning("Evolution API: %s", exc.message)
+    return http_error(exc.status, exc.message)
+
+
 async def evolution_call(coro: Awaitable[Any]) -> Any:
     try:
         return await coro
     except EvolutionError as exc:
-        if exc.status >= 500:
-            log.warning("Evolution API: %s", exc.message)
-        raise http_error(exc.status, exc.message) from None
+        raise evolution_http_error(exc) from None
 
 
 async def connection_request(request: web.Request, place: str = "body"
@@ -6687,9 +6787,15 @@ async def create_instance(request: web.Request) -> web.Response:
     evolution = evolution_for(request, company)
     instance_token = str(uuid.uuid4()).upper()
     secret = new_secret("whc_")
-    created = await evolution_call(evolution.create_instance(
-        connection_id, instance_token, instance_webhook(request, company, secret),
-        digits(number) if number else None))
+    try:
+        created = await evolution.create_instance(
+            connection_id, instance_token, instance_webhook(request, company, secret),
+            digits(number) if number else None)
+    except EvolutionError as exc:
+        if not exc.unanswered:
+            raise evolution_http_error(exc) from None
+        created = await reconcile_create(request, company, evolution, connection_id,
+                                         instance_token, secret, exc)
     instance = created.get("instance") if isinstance(created.get("instance"), dict) else {}
     token = created.get("hash")
     if isinstance(token, dict):  # Evolution v1: {"apikey": ...}
@@ -6718,9 +6824,50 @@ async def create_instance(request: web.Request) -> web.Response:
 
     row = await db.transact(run)
     log.info("connection created: %s/%s", company.id, connection_id)
-    out = {"ok": True, "connection": connection_json(row),
-           "qrcode": qr_payload(code, pairing, row["state"]) if code else None}
-    return json_response(out, status=201)
+    qrcode = qr_payload(code, pairing, row["state"]) if code else None
+    if created.get("reconciled") and row["state"] != "open":  # its QR was in the lost answer
+        try:
+            qrcode = await current_qr(request, company, connection_id)
+            row = await get_connection(db, company.id, connection_id)
+        except web.HTTPException:  # no QR yet: GET /qrcode/generate-qrcode asks again
+            pass
+    return json_response({"ok": True, "connection": connection_json(row), "qrcode": qrcode},
+                         status=201)
+
+
+async def reconcile_create(request: web.Request, company: Company, evolution: EvolutionClient,
+                           connection_id: str, instance_token: str, secret: str,
+                           lost: EvolutionError) -> dict:
+    """A create call left without answer (Evolution waits EVOLUTION_CREATE_WAIT seconds and
+    more before it answers, and may have made the instance, its webhook carrying our secret):
+    ask fetchInstances. Ours (it carries the token we generated): point its webhook at us as
+    adoption does and go on as a create whose answer had no QR. Absent: it was not created
+    (504 after a timeout, else 502). Another token: somebody else's instance took the name (409)."""
+    timed_out = lost.unanswered == "timeout"
+    try:
+        found = await evolution.find_instance(connection_id)
+    except EvolutionError as exc:
+        if exc.status == 404:
+            raise http_error(504 if timed_out else 502,
+                             f"Connection {connection_id} was not created: the create call got "
+                             f"no answer ({lost.message}) and the Evolution server does not "
+                             "list the instance; try again") from None
+        log.warning("Evolution API: %s; then %s", lost.message, exc.message)
+        raise http_error(504 if timed_out else 502,
+                         f"The create call got no answer ({lost.message}) and whether the "
+                         f"Evolution server made connection {connection_id} could not be "
+                         f"checked ({exc.message}); try again in a minute") from None
+    if not same_secret(instance_token, found["token"]):
+        raise http_error(409, f"Connection {connection_id} exists on the Evolution server but "
+                              "is not the one this request created (it has another token): "
+                              "adopt it (POST /api/connections with its instance_token) or "
+                              "choose another connectionId")
+    log.warning("Evolution API: %s; the instance %s/%s was made all the same, registering it",
+                lost.message, company.id, connection_id)
+    await evolution_call(evolution.set_webhook(
+        connection_id, {"enabled": True, **instance_webhook(request, company, secret)}))
+    return {"instance": {"instanceId": found["instance_id"], "status": found["state"]},
+            "hash": found["token"], "reconciled": True}
 
 
 @routes.get("/api/instance-status")

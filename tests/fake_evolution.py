@@ -11,6 +11,12 @@ request, and can misbehave:
     fake.open("loja-centro")                 # the same, with the owner's number and profile
     fake.misbehave = "html"                  # every answer: HTTP 502 with an HTML page
     fake.misbehave = "slow"; fake.delay = 3  # every answer after `delay` seconds
+    fake.misbehave = "stall-create"          # create makes the instance (and its webhook), then
+                                             # answers only after `delay` seconds, as Evolution's
+                                             # fixed 5 s wait plus a slow socket start-up does
+    fake.misbehave = "drop-create"           # create makes the instance, then the connection
+                                             # drops before any answer
+    fake.misbehave = "unlicensed"            # Evolution 2.4 not activated: every route 503
     fake.version = 1                         # Evolution v1: restart is PUT, `hash` an object
     fake.override("GET", "/instance/connect/x", 200, {"error": True, "message": "[object Object]"})
     fake.instances["x"]["webhook"]           # the instance's webhook row as /webhook/find shows it
@@ -60,6 +66,10 @@ PROFILE_NAME = "Loja Centro"
 PICTURE_URL = response("fetch-instances")[0]["profilePicUrl"]
 
 
+# What Evolution 2.4's licence gate lets through (runtime.ts `gateMiddleware`).
+UNGATED = ("/license", "/manager", "/assets", "/store", "/health", "/favicon.ico")
+
+
 def closed_port_url() -> str:
     """An http URL on 127.0.0.1 where nothing listens."""
     with socket.socket() as sock:
@@ -93,9 +103,9 @@ class FakeEvolution:
         self.version = version
         self.instances: dict[str, dict] = {}
         self.requests: list[Recorded] = []
-        self.misbehave: str | None = None  # None | "html" | "slow"
+        self.misbehave: str | None = None  # see the module's docstring
         self.overrides: dict[tuple[str, str], list[tuple[int, Any]]] = {}
-        self.delay = 3.0  # seconds, for misbehave == "slow"
+        self.delay = 3.0  # seconds, for misbehave == "slow" and "stall-create"
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._release = asyncio.Event()
@@ -200,16 +210,35 @@ class FakeEvolution:
         if queued:
             status, body = queued.pop(0)
             return self.answer(status, body)
+        if self.misbehave == "unlicensed" and not request.path.startswith(UNGATED):
+            return self.answer(503, self.licence_required(request))
         if self.misbehave == "html":
             return web.Response(status=502, content_type="text/html", text=(
                 "<html><head><title>502 Bad Gateway</title></head><body><center>"
                 "<h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"))
         if self.misbehave == "slow":
-            try:
-                await asyncio.wait_for(self._release.wait(), self.delay)
-            except asyncio.TimeoutError:
-                pass
+            await self.stall()
         return await handler(request)
+
+    async def stall(self) -> None:
+        """Wait `delay` seconds, or until the fake closes."""
+        try:
+            await asyncio.wait_for(self._release.wait(), self.delay)
+        except asyncio.TimeoutError:
+            pass
+
+    @staticmethod
+    def licence_required(request: web.Request) -> dict:
+        """Evolution 2.4.0-rc2's licence gate (src/licensing/runtime.ts `gateMiddleware`, L311-351
+        at tag 2.4.0-rc2; issues #2534, #2596): the body every gated route answers."""
+        manager = f"http://{request.host}/manager/login"
+        docs = "https://docs.evolutionfoundation.com.br/licensing"
+        return {"error": "service not activated", "code": "LICENSE_REQUIRED",
+                "register_url": manager, "instance_id": "5f0c3a9e-2b1d-4c6e-9a7f-1e2d3c4b5a69",
+                "docs_url": docs,
+                "message": f"This Evolution API instance is not activated. Open {manager} to "
+                           "activate, or set AUTHENTICATION_API_KEY in your .env with a valid "
+                           f"licensing key. Docs: {docs}"}
 
     # ---- guards (CONTRACT §1: instanceExistsGuard, instanceLoggedGuard, then authGuard) -------
 
@@ -287,6 +316,12 @@ class FakeEvolution:
             out["qrcode"] = self.qr_body(instance)
         else:
             out.pop("qrcode")
+        # The instance and its webhook exist from here on (instance.controller.ts: setInstance,
+        # then connectToWhatsapp and delay(5000), then the answer).
+        if self.misbehave == "stall-create":
+            await self.stall()
+        elif self.misbehave == "drop-create":
+            request.transport.close()
         return self.answer(201, out)
 
     async def fetch_instances(self, request: web.Request) -> web.Response:

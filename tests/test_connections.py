@@ -344,11 +344,18 @@ async def test_create_instance_when_evolution_is_down_is_502_and_stores_nothing(
     assert await count_connections(api) == 0
 
 
-async def test_create_instance_when_evolution_is_slower_than_the_timeout_is_502(api, evolution):
-    evolution.misbehave, evolution.delay = "slow", 5
-    data = await create(api, expect=502)
-    assert data["error"].startswith("Evolution API did not answer within 1 seconds")
+async def test_create_instance_when_evolution_answers_nothing_at_all_is_504(
+        api, evolution, monkeypatch):
+    # The create call waits EVOLUTION_TIMEOUT (1 s) plus Evolution's fixed wait, 0 s here. Then
+    # fetchInstances, asked whether the instance was made, does not answer either.
+    monkeypatch.setattr(whatstracking, "EVOLUTION_CREATE_WAIT", 0)
+    evolution.misbehave, evolution.delay = "slow", 30
+    data = await create(api, expect=504)
+    assert data["error"].startswith("The create call got no answer (Evolution API did not answer "
+                                    "within 1 seconds (POST /instance/create))")
+    assert "could not be checked (Evolution API did not answer within 1 seconds" in data["error"]
     assert len(evolution.calls("POST", "/instance/create")) == 1
+    assert len(evolution.calls("GET", "/instance/fetchInstances")) == 1
     assert await count_connections(api) == 0
 
 
