@@ -13,12 +13,10 @@ import uuid
 import pytest
 
 import whatstracking
-from conftest import ADMIN_TOKEN, Api, create_company, eventually, fixture, upsert
-from fake_platforms import FakeCrm
+from conftest import ADMIN_TOKEN, Api, create_company, fixture, upsert
+from test_conversions import (  # noqa: F401 - crm: a fixture
+    CRM_SECRET, FAST, call, configure, crm, delivery, lead_events, new_phone)
 
-FAST = {"DELIVERY_POLL_SECONDS": "0.05", "DELIVERY_RETRY_SECONDS": "0.05",
-        "DELIVERY_TIMEOUT": "0.5"}
-CRM_SECRET = "crm-shared-secret"
 SALE = {"from": "business", "keywords": ["pedido confirmado", "venda fechada"],
         "event": "purchase", "value": "from_text"}
 QUALIFIED = {"from": "customer", "keywords": ["quero comprar", "orçamento"],
@@ -28,37 +26,11 @@ QUALIFIED = {"from": "customer", "keywords": ["quero comprar", "orçamento"],
 # ---- fixtures and helpers -----------------------------------------------------------------------
 
 @pytest.fixture
-async def crm():
-    fake = await FakeCrm(CRM_SECRET).start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
 async def api(make_config, aiohttp_client) -> Api:
+    """A company on a server whose delivery worker is fast (the CRM webhook is its destination
+    here: no Meta or GA4 fake is needed)."""
     client = await aiohttp_client(whatstracking.create_app(make_config(**FAST)))
     return Api(client, await create_company(client))
-
-
-_phones = iter(range(5511970000001, 5511979999999))
-
-
-def new_phone() -> str:
-    return str(next(_phones))
-
-
-async def call(api: Api, method: str, path: str, expect: int, token: str | None = "",
-               **kwargs) -> dict:
-    token = api.token if token == "" else token
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    resp = await api.client.request(method, path, headers=headers, **kwargs)
-    data = await resp.json()
-    assert resp.status == expect, (resp.status, data)
-    return data
-
-
-async def configure(api: Api, expect: int = 200, **settings) -> dict:
-    return await call(api, "PATCH", "/api/company", expect, json=settings)
 
 
 def from_business(text: str, phone: str, message_id: str | None = None, **key) -> dict:
@@ -78,21 +50,8 @@ async def direct_lead(api: Api, phone: str, text: str = "Oi, vi o anúncio, quan
     return result["lead_id"]
 
 
-async def lead_events(api: Api, lead_id: int) -> list[dict]:
-    return (await call(api, "GET", f"/api/leads/{lead_id}/events", 200))["events"]
-
-
 async def count(api: Api, table: str) -> int:
     return (await api.db.fetchone(f"SELECT COUNT(*) AS n FROM {table}"))["n"]
-
-
-async def crm_delivery(api: Api, lead_id: int, event: str) -> dict:
-    async def probe():
-        found = (await call(api, "GET", "/api/deliveries", 200,
-                            params={"lead_id": str(lead_id)}))["deliveries"]
-        return next((d for d in found if d["event"] == event and d["status"] == "delivered"),
-                    None)
-    return await eventually(probe, f"the CRM delivery of {event} for lead {lead_id}")
 
 
 # ---- the business's messages ---------------------------------------------------------------------
@@ -113,7 +72,7 @@ async def test_business_sale_message_records_one_purchase_with_its_value_deliver
     assert purchase["source"] == "chat_rule"
     assert purchase["rule"] == SALE
     assert (purchase["value"], purchase["currency"]) == (1250.9, "BRL")
-    delivered = await crm_delivery(api, lead_id, "purchase")
+    delivered = await delivery(api, lead_id, "crm_webhook", "purchase", ("delivered",))
     assert delivered["event_id"] == purchase["event_id"]
     sent = [b for b in crm.bodies if b["type"] == "lead.purchase"]
     assert len(sent) == 1
@@ -359,7 +318,8 @@ async def test_trying_a_message_refuses_bad_input_and_strangers(api):
 ])
 async def test_a_bad_rule_is_a_400_naming_it_and_nothing_is_saved(api, rules, error):
     await configure(api, chat_rules=[QUALIFIED])
-    answer = await configure(api, 400, chat_rules=rules, currency="USD")
+    answer = await call(api, "PATCH", "/api/company", 400,
+                        json={"chat_rules": rules, "currency": "USD"})
     assert error in answer["error"], answer
     company = await call(api, "GET", "/api/company", 200)
     assert company["chat_rules"] == [QUALIFIED] and company["currency"] == "BRL"
