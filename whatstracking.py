@@ -26,8 +26,8 @@ Sections (banners), each using only what is above it:
     Storage: SQLite and Postgres behind one interface; the unit of work (Tx), BatchKind
     Domain: companies and tokens · tracking codes · website tracking (the tracking batch) ·
         Evolution API envelopes · conversion events and the delivery outbox · chat rules ·
-        connections, contacts and leads (the lead rules, UnitCache) · connections and signed links · webhook
-        ingestion (Source, the webhook batch) · reports · retention and erasure
+        connections, contacts and leads (the lead rules, UnitCache) · connections and signed
+        links · webhook ingestion (Source, the webhook batch) · reports · retention and erasure
     Integrations: outbound URLs a company sets · Evolution API v2 · conversions out
     The doctor (``check`` and GET /api/checks)
     HTTP: keys, request helpers and authentication
