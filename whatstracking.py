@@ -2646,11 +2646,11 @@ def parse_upsert(data: Any) -> InboundMessage | str:
     # Out of range (1e308, -1e18, years ahead): the receipt time is used; the stored raw body
     # keeps the value sent.
     timestamp = plausible_time(data.get("messageTimestamp"))
-    ad_context = find_ad_context(data)
-    if from_business:  # the chat's contact: pushName is the business's own name
+    if from_business:  # (its pushName is the business's own; an ad is the customer's click)
         return InboundMessage("evolution", message_id, phone, lid, None,
                               extract_text(data.get("message")) or "", timestamp,
                               from_business=True)
+    ad_context = find_ad_context(data)
     return InboundMessage("evolution", message_id, phone, lid, name,
                           extract_text(data.get("message")) or "", timestamp,
                           ad_attribution(ad_context) if ad_context else None, ad_context)
