@@ -25,9 +25,9 @@ Sections (banners), each using only what is above it:
     Constants · Config · Errors and small helpers
     Storage: SQLite and Postgres behind one interface; the unit of work (Tx), BatchKind
     Domain: companies and tokens · tracking codes · website tracking (the tracking batch) ·
-        Evolution API envelopes · conversion events and the delivery outbox · connections,
-        contacts and leads (the lead rules, UnitCache) · connections and signed links · webhook
-        ingestion (Source, the webhook batch) · reports · retention and erasure
+        Evolution API envelopes · conversion events and the delivery outbox · chat rules ·
+        connections, contacts and leads (the lead rules, UnitCache) · connections and signed
+        links · webhook ingestion (Source, the webhook batch) · reports · retention and erasure
     Integrations: outbound URLs a company sets · Evolution API v2 · conversions out
     The doctor (``check`` and GET /api/checks)
     HTTP: keys, request helpers and authentication
@@ -69,6 +69,7 @@ import socket
 import sqlite3
 import sys
 import time
+import unicodedata
 import urllib.parse
 import uuid
 import zoneinfo
@@ -165,6 +166,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "timezone": "America/Sao_Paulo",
     "currency": "BRL",
     "webhook_auth_required": True,
+    "chat_rules": [],  # SPEC §14 (see "Domain: chat rules")
 }
 WINDOW_CONFIDENCE = 0.5
 # A lead's lifecycle (see "Domain: conversion events"); what follows "lead" is recorded by hand
@@ -980,6 +982,10 @@ ALTER TABLE connections ADD COLUMN last_rejection TEXT;
 ALTER TABLE api_tokens ADD COLUMN last_used_at {real};
 """),
     (9, identities_and_cloud_connections),
+    # The chat rule that made an event (SPEC §14), as JSON; null for the other sources.
+    (11, """
+ALTER TABLE lead_events ADD COLUMN rule TEXT;
+"""),
 ]
 
 DIALECT_TYPES = {
@@ -1990,6 +1996,8 @@ def validate_settings(patch: Mapping[str, Any], current: Mapping[str, Any] | Non
             out[key] = _validate_destination(key, value, current.get(key))
         elif key == "label_events":
             out[key] = _validate_mapping(key, value, FOLLOW_UP_EVENTS)
+        elif key == "chat_rules":  # (see "Domain: chat rules")
+            out[key] = validate_chat_rules(value)
         elif key == "google_ads_conversions":
             out[key] = _validate_mapping(key, value, None)
         elif key == "allowed_origins":
@@ -2703,6 +2711,10 @@ class InboundMessage:
     ad_context: dict | None = None  # the raw data (also where it says the chat began elsewhere)
     bsuid: str | None = None
     username: str | None = None  # the WhatsApp @username, without the @
+    # The business's own message to the chat of the customer named by the sender fields
+    # (Evolution `fromMe`, a Cloud API echo): only the chat rules read it
+    # (apply_business_message); it makes no contact and no lead.
+    from_business: bool = False
     wa_id: str | None = dataclasses.field(init=False)
     codes: list[str] = dataclasses.field(init=False)
 
@@ -2726,8 +2738,7 @@ def parse_upsert(data: Any) -> InboundMessage | str:
     message_id = key.get("id")
     if not isinstance(message_id, str) or not message_id or len(message_id) > 128:
         return "no message id"
-    if key.get("fromMe") is True:
-        return "from me"
+    from_business = key.get("fromMe") is True
     chat = key.get("remoteJid")
     if not isinstance(chat, str):
         return "no chat"
@@ -2756,6 +2767,10 @@ def parse_upsert(data: Any) -> InboundMessage | str:
     # Out of range (1e308, -1e18, years ahead): the receipt time is used; the stored raw body
     # keeps the value sent.
     timestamp = plausible_time(data.get("messageTimestamp"))
+    if from_business:  # (its pushName is the business's own; an ad is the customer's click)
+        return InboundMessage("evolution", message_id, phone, lid, None,
+                              extract_text(data.get("message")) or "", timestamp,
+                              from_business=True)
     ad_context = find_ad_context(data)
     return InboundMessage("evolution", message_id, phone, lid, name,
                           extract_text(data.get("message")) or "", timestamp,
@@ -2931,6 +2946,21 @@ def cloud_message(message: Any, contacts: list) -> InboundMessage | IdentityChan
                           context, bsuid, username)
 
 
+def cloud_echo(echo: Any) -> InboundMessage | str:
+    """A message the business sent from the WhatsApp Business app (coexistence), as the
+    business's own message to the customer's chat (`to`, `to_user_id`), or why it is ignored."""
+    if not isinstance(echo, dict):
+        return "no message"
+    message_id = echo.get("id")
+    if not isinstance(message_id, str) or not message_id or len(message_id) > 128:
+        return "no message id"
+    phone, bsuid = _wa_id(echo.get("to")), _bsuid(echo.get("to_user_id"))
+    if phone is None and bsuid is None:
+        return "unknown chat"
+    return InboundMessage("cloud", message_id, phone, None, None, cloud_text(echo),
+                          cloud_time(echo.get("timestamp")), bsuid=bsuid, from_business=True)
+
+
 def cloud_changes(envelope: Any) -> list[tuple[str, str | None, dict]]:
     """(field, phone_number_id, value) of each change in a Cloud API webhook body."""
     out = []
@@ -2972,19 +3002,22 @@ def configured_destinations(company: Company) -> list[str]:
 
 
 LEAD_EVENT_COLUMNS = ("company_id", "lead_id", "name", "value", "currency", "occurred_at",
-                      "event_id", "source", "created_at")
+                      "event_id", "source", "created_at", "rule")
 LEAD_EVENT_INSERT = insert_sql("lead_events", LEAD_EVENT_COLUMNS)
 NEW_LEAD_EVENT_INSERT = insert_sql("lead_events", ("id", *LEAD_EVENT_COLUMNS))  # id from new_id
 
 
 async def record_event(tx: Tx, company: Company, lead_id: int, name: str, event_id: str,
                        occurred_at: float, source: str, value: float | None = None,
-                       currency: str | None = None, new: bool = False) -> tuple[dict, bool]:
+                       currency: str | None = None, new: bool = False,
+                       rule: Mapping[str, Any] | None = None) -> tuple[dict, bool]:
     """Insert a lead event and its outbox rows; (event row, created). An existing event_id is
     returned as it is, with no second delivery. `new`: the event_id cannot exist yet (a new
-    lead's), so the row is written at the end of the transaction."""
+    lead's), so the row is written at the end of the transaction. `rule`: the chat rule that
+    made it (source chat_rule), kept on the event."""
     ts = now()
-    values = (company.id, lead_id, name, value, currency, occurred_at, event_id, source, ts)
+    values = (company.id, lead_id, name, value, currency, occurred_at, event_id, source, ts,
+              json_dumps(rule) if rule is not None else None)
     if new:
         row = {"id": await tx.new_id("lead_events"), **dict(zip(LEAD_EVENT_COLUMNS, values))}
         tx.defer(NEW_LEAD_EVENT_INSERT, row["id"], *values)
@@ -3007,7 +3040,8 @@ def event_json(row: Mapping[str, Any]) -> dict:
     return {"id": row["id"], "lead_id": row["lead_id"], "name": row["name"],
             "value": row["value"], "currency": row["currency"],
             "occurred_at": iso(row["occurred_at"]), "event_id": row["event_id"],
-            "source": row["source"], "created_at": iso(row["created_at"])}
+            "source": row["source"], "rule": loads_or(row.get("rule"), None),
+            "created_at": iso(row["created_at"])}
 
 
 def delivery_response(text: str | None) -> Any:
@@ -3074,6 +3108,242 @@ async def apply_label_association(tx: Tx, company: Company, connection_id: str, 
         "label")
     return {"lead_id": lead["id"], "lead_event": name, "event_row_id": event["id"],
             **({} if created else {"duplicate": True})}
+
+
+# ##################################################################################################
+# Domain: chat rules (SPEC §14)
+#
+# A company's rules read WhatsApp messages as they pass: the attendant writes "pedido confirmado,
+# total R$ 1.250,00" and a purchase of 1250 is recorded on the chat's lead (record_event, so it
+# goes through the outbox like any event). Private by design: the text is read in memory here and
+# dropped; only the event and the rule that made it are stored. Any message source calls
+# apply_chat_rules; Evolution's `fromMe` messages come through apply_business_message.
+# ##################################################################################################
+
+CHAT_RULE_SENDERS = ("business", "customer", "any")
+CHAT_RULE_FIELDS = ("from", "keywords", "event", "value")
+CHAT_RULES_MAX = 50  # rules per company
+CHAT_RULE_KEYWORDS_MAX = 20  # keywords per rule
+CHAT_KEYWORD_MAX = 100  # characters of one keyword
+CHAT_TEXT_MAX = 65536  # characters a WhatsApp text message can hold (the test route's limit)
+CHAT_VALUE_MAX = 1e12  # the largest value an event takes (as POST /api/leads/{id}/events)
+
+
+def validate_chat_rules(value: Any) -> list[dict]:
+    """The `chat_rules` setting checked and normalised (keywords stripped, `value` present), or
+    Refused(400) naming the rule and field: `chat_rules[2].keywords must be ...`. null: none."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > CHAT_RULES_MAX:
+        raise Refused(400, f"chat_rules must be a list of at most {CHAT_RULES_MAX} rules")
+    rules = []
+    for i, rule in enumerate(value):
+        where = f"chat_rules[{i}]"
+        if not isinstance(rule, dict):
+            raise Refused(400, f"{where} must be an object with from, keywords, event and value")
+        for key in rule:
+            if key not in CHAT_RULE_FIELDS:
+                raise Refused(400, f"Unknown field: {where}.{key}")
+        if rule.get("from") not in CHAT_RULE_SENDERS:
+            raise Refused(400, f"{where}.from must be {one_of(CHAT_RULE_SENDERS)}")
+        keywords = rule.get("keywords")
+        if (not isinstance(keywords, list) or not 1 <= len(keywords) <= CHAT_RULE_KEYWORDS_MAX
+                or not all(isinstance(k, str) and k.strip() and len(k) <= CHAT_KEYWORD_MAX
+                           for k in keywords)):
+            raise Refused(400, f"{where}.keywords must be a list of 1 to "
+                               f"{CHAT_RULE_KEYWORDS_MAX} words or phrases of at most "
+                               f"{CHAT_KEYWORD_MAX} characters")
+        for j, keyword in enumerate(keywords):
+            if not chat_words(keyword):
+                raise Refused(400, f"{where}.keywords[{j}] must contain a letter or a digit "
+                                   "(emoji and punctuation are not matched)")
+        if rule.get("event") not in FOLLOW_UP_EVENTS:
+            raise Refused(400, f"{where}.event must be {one_of(FOLLOW_UP_EVENTS)}")
+        if rule.get("value") not in ("from_text", None):
+            raise Refused(400, f"{where}.value must be \"from_text\" or null")
+        rules.append({"from": rule["from"], "keywords": [k.strip() for k in keywords],
+                      "event": rule["event"], "value": rule.get("value")})
+    return rules
+
+
+def chat_words(text: str) -> str:
+    """`text` as rules compare it: lower case, without accents, every run of what is neither a
+    letter nor a digit (spaces, punctuation, emoji) one space, framed by spaces. Invisible
+    characters (the tracking code's zero-width ones) are dropped, not spaces: they never split a
+    word. "✅ Pedido CONFIRMADO!!" → " pedido confirmado "."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    out, gap = [" "], False
+    for char in decomposed:
+        kind = unicodedata.category(char)
+        if kind[0] in "LN":
+            if gap:
+                out.append(" ")
+                gap = False
+            out.append(char)
+        elif kind not in ("Mn", "Cf"):  # an accent's mark, or an invisible format character
+            gap = len(out) > 1
+    out.append(" ")
+    return "".join(out) if len(out) > 2 else ""
+
+
+# Brazilian money as people write it. A number is an amount when money marks it: R$ (or BRL)
+# before it, "reais"/"real" after it, or Brazilian cents ("89,90", "1.250,00"). A bare number
+# ("pedido 4521", "2 unidades") is no amount: it could be an order number or a quantity.
+_AMOUNT = (r"[0-9]{1,3}(?:\.[0-9]{3})+(?:,[0-9]{1,2})?"  # 1.250 / 1.250,90 (thousands dots)
+           r"|[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]{1,2})?"  # 1,250.90 (written the US way)
+           r"|[0-9]+(?:[.,][0-9]{1,2})?")  # 1250 / 89,90 / 89.90
+_SCALE = r"(?:\s*(?P<{0}>mil|k|milh[oõ]es|milh[aã]o|mi)\b)?"
+_MONEY_RE = re.compile(
+    rf"(?:\b(?:r\s?\$|brl)\s*(?P<marked>{_AMOUNT}){_SCALE.format('marked_scale')})"
+    rf"|(?:\b(?P<spoken>{_AMOUNT}){_SCALE.format('spoken_scale')}\s*(?:reais|real)\b)"
+    r"|(?:(?<![0-9.,])(?P<cents>[0-9]{1,3}(?:\.[0-9]{3})*,[0-9]{2}|[0-9]+,[0-9]{2})"
+    r"(?![0-9])(?!\s*%))")  # (a percentage is no amount)
+_SCALES = {"mil": 1e3, "k": 1e3, "mi": 1e6, "milhao": 1e6, "milhão": 1e6, "milhoes": 1e6,
+           "milhões": 1e6}
+
+
+def _amount_value(amount: str) -> float:
+    """One amount matched by _AMOUNT as a number: a comma or dot before 1-2 final digits is the
+    decimal mark; before 3 digits, it separates thousands."""
+    decimal = re.search(r"[.,]([0-9]{1,2})\Z", amount)
+    if decimal:
+        return float(f"{digits(amount[:decimal.start()])}.{decimal.group(1)}")
+    return float(digits(amount))
+
+
+def read_money(text: str) -> float | None:
+    """The first amount of Brazilian money in `text`, or None. Read: "R$ 1.250,90" 1250.9,
+    "R$1250" 1250, "R$ 89,90" 89.9, "1.250,00 reais" 1250, "total 1.250,00" 1250, "R$ 89.90"
+    89.9, "R$ 2 mil" / "R$ 2k" / "2 mil reais" 2000, "R$ 1,5 mil" 1500, "R$ 1 milhão" 1000000.
+    Not read: a number without R$, reais or cents ("pedido 4521", "paguei 150"). Amounts past
+    CHAT_VALUE_MAX are no amount."""
+    found = _MONEY_RE.search(unicodedata.normalize("NFKC", text).casefold())
+    if found is None:
+        return None
+    for group in ("marked", "spoken", "cents"):
+        amount = found.group(group)
+        if amount is not None:
+            break
+    value = _amount_value(amount)
+    scale = found.group("marked_scale") or found.group("spoken_scale")
+    if scale:
+        value *= _SCALES[scale]
+    value = round(value, 2)
+    return value if value <= CHAT_VALUE_MAX else None
+
+
+def firing_chat_rules(rules: list[dict], text: str, sender: str) -> list[tuple[int, dict, str]]:
+    """The rules `text` from `sender` ("business" or "customer") fires, in their order, as
+    (index, rule, the keyword found). A keyword fires when its words are found inside the
+    message's (chat_words: "confirm" is inside "Confirmado!"). One event of a kind per message:
+    a later rule for an event an earlier rule fired is passed over (no purchase counted twice)."""
+    words, fired, events = None, [], set()
+    for i, rule in enumerate(rules):
+        if rule["from"] not in (sender, "any") or rule["event"] in events:
+            continue
+        if words is None:
+            words = chat_words(text)
+        keyword = next((k for k in rule["keywords"] if chat_words(k).strip() in words), None)
+        if keyword is not None:
+            fired.append((i, rule, keyword))
+            events.add(rule["event"])
+    return fired
+
+
+def company_chat_rules(company: Company, sender: str) -> list[dict]:
+    """The company's rules that can fire for a message from `sender`."""
+    return [rule for rule in company.settings.get("chat_rules") or ()
+            if rule["from"] in (sender, "any")]
+
+
+def chat_rule_event_id(message_key: str, rule: Mapping[str, Any]) -> str:
+    """The event_id of what `rule` made of the message `message_key`: the same for a message
+    delivered again (and the same rule), so a redelivery makes nothing new."""
+    digest = hashlib.sha256(f"{message_key}\n{json_dumps(rule)}".encode("utf-8",
+                                                                        "surrogatepass"))
+    return "chat_rule-" + digest.hexdigest()[:32]
+
+
+def dry_run_chat_rules(company: Company, rules: list[dict], text: str, sender: str) -> dict:
+    """What `rules` would make of `text` from `sender`, storing nothing (the test route)."""
+    amount = read_money(text)
+    fired = []
+    for i, rule, keyword in firing_chat_rules(rules, text, sender):
+        value = amount if rule["value"] == "from_text" else None
+        fired.append({"rule": i, "event": rule["event"], "keyword": keyword, "value": value,
+                      "currency": company.settings["currency"] if value is not None else None})
+    return {"fired": fired, "amount": amount}
+
+
+async def apply_chat_rules(tx: Tx, company: Company, lead_id: int, text: str, sender: str,
+                           message_key: str, occurred_at: float | None = None) -> list[dict]:
+    """Record on `lead_id` the event of each of the company's rules that the message `text`
+    from `sender` ("business" or "customer") fires: source "chat_rule", the rule kept on the
+    event, value (for "from_text") the first amount of the text in the company's currency.
+    `message_key` names the message for good (source, connection, message id): a message
+    delivered twice records nothing new. The text itself is not kept. Returns what was made
+    ({lead_id, event, event_row_id, value, duplicate?} each)."""
+    fired = firing_chat_rules(company_chat_rules(company, sender), text, sender)
+    made = []
+    for _, rule, _ in fired:
+        value = read_money(text) if rule["value"] == "from_text" else None
+        event, created = await record_event(
+            tx, company, lead_id, rule["event"], chat_rule_event_id(message_key, rule),
+            occurred_at or now(), "chat_rule", value,
+            company.settings["currency"] if value is not None else None, rule=rule)
+        made.append({"lead_id": lead_id, "event": rule["event"], "event_row_id": event["id"],
+                     "value": value, **({} if created else {"duplicate": True})})
+    return made
+
+
+async def chat_latest_lead(tx: Tx, company_id: str, chat: InboundMessage) -> dict | None:
+    """The latest lead of the contact a chat is with, by any identity the chat names (a phone in
+    either Brazilian form, a LID, a BSUID); None when the chat has no contact or the contact no
+    lead."""
+    for form in IDENTITY_FORMS:
+        value = getattr(chat, form)
+        values = phone_forms(value) if form == "phone" else (value,) if value else ()
+        if not values:
+            continue
+        where, args = tx.any_of(f"c.{form}", list(values))
+        lead = await tx.fetchone(
+            "SELECT l.id, l.contact_id FROM leads l JOIN contacts c ON c.id = l.contact_id "
+            f"WHERE c.company_id = ? AND {where} ORDER BY l.id DESC LIMIT 1", company_id, *args)
+        if lead is not None:
+            return lead
+    return None
+
+
+async def apply_business_message(tx: Tx, company: Company, msg: InboundMessage,
+                                 message_key: str) -> dict:
+    """The business's own message (Evolution `fromMe`, a Cloud API echo) to the chat `msg`
+    names: the business
+    rules run against the latest lead of the chat's contact. A chat with no lead gets nothing:
+    no contact and no lead are made from an outgoing message."""
+    lead = await chat_latest_lead(tx, company.id, msg)
+    if lead is None:
+        return {"ignored": "business message to a chat with no lead"}
+    made = await apply_chat_rules(tx, company, lead["id"], msg.text, "business", message_key,
+                                  msg.timestamp)
+    return {"from_business": True, "contact_id": lead["contact_id"], "lead_id": lead["id"],
+            "chat_rules": made}
+
+
+async def apply_customer_message(tx: Tx, company: Company, contact_id: int,
+                                 lead_id: int | None, msg: InboundMessage,
+                                 message_key: str) -> list[dict]:
+    """The customer and any rules on a customer's message, against the lead it made (`lead_id`)
+    or else the contact's latest lead. Nothing is read unless a rule fires."""
+    if not firing_chat_rules(company_chat_rules(company, "customer"), msg.text, "customer"):
+        return []
+    if lead_id is None:
+        lead = await tx.fetchone("SELECT id FROM leads WHERE contact_id = ? "
+                                 "ORDER BY id DESC LIMIT 1", contact_id)
+        if lead is None:
+            return []
+        lead_id = lead["id"]
+    return await apply_chat_rules(tx, company, lead_id, msg.text, "customer", message_key,
+                                  msg.timestamp)
 
 
 # ##################################################################################################
@@ -3456,13 +3726,22 @@ def makes_lead(msg: InboundMessage, free_code: bool, new_contact: bool) -> bool:
 
 
 async def match_message(tx: Tx, company: Company, connection: dict, msg: InboundMessage) -> dict:
-    """Apply SPEC §6's lead rules to one inbound message inside a unit of work."""
+    """Apply SPEC §6's lead rules to one inbound message inside a unit of work (and SPEC §14's
+    chat rules, which alone read the business's own messages)."""
     cache = UnitCache(tx)
+    if msg.from_business and not company_chat_rules(company, "business"):
+        return {"ignored": "from me"}
     if not cache.has_message(company.id, connection["id"], msg.message_id):
         await insert_messages(tx, company.id, [(connection["id"], msg.message_id)])
     message_row_id = cache.take_message(company.id, connection["id"], msg.message_id)
     if message_row_id is None:
         return {"ignored": "duplicate"}
+    message_key = f"{msg.source}-{connection['id']}-{msg.message_id}"  # (the chat rules')
+    if msg.from_business:
+        result = await apply_business_message(tx, company, msg, message_key)
+        tx.defer("UPDATE messages SET contact_id = ?, lead_id = ? WHERE id = ?",
+                 result.get("contact_id"), result.get("lead_id"), message_row_id)
+        return result
     contact, is_new = await resolve_contact(tx, company.id, msg)
     result: dict[str, Any] = {"contact_id": contact["id"]}
     visit, reason = await _visit_for_code(tx, company.id, msg.codes, contact["id"])
@@ -3502,6 +3781,9 @@ async def match_message(tx: Tx, company: Company, connection: dict, msg: Inbound
     else:
         result.pop("match", None)
         result["ignored"] = reason or "no lead"
+    made = await apply_customer_message(tx, company, contact["id"], lead_id, msg, message_key)
+    if made:
+        result["chat_rules"] = made
     tx.defer("UPDATE messages SET contact_id = ?, lead_id = ? WHERE id = ?",
              contact["id"], lead_id, message_row_id)
     return result
@@ -3989,27 +4271,13 @@ def hub_signature(secret: str, raw: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
 
 
-async def record_business_message(tx: Tx, company: Company, connection_id: str,
-                                  echo: Mapping[str, Any]) -> dict:
-    """A message the business sent from the WhatsApp Business app (coexistence): never a lead.
-    Its id is recorded, so a redelivery is known as one."""
-    cache = UnitCache(tx)
-    await insert_messages(tx, company.id, [(connection_id, echo["id"])])
-    if cache.take_message(company.id, connection_id, echo["id"]) is None:
-        return {"ignored": "duplicate"}
-    return {"ignored": "business message"}
-
-
 class CloudSource(Source):
     """Meta's WhatsApp Cloud API (SPEC §13): a signed body of entries and changes, the business
     number named by its phone_number_id (a cloud connection of the company)."""
 
     name = "cloud"
     optional_auth = False  # Meta signs every delivery with the app secret
-    events: Mapping[str, EventHandler] = {
-        "system": apply_identity_change,
-        "smb_message_echoes": record_business_message,
-    }
+    events: Mapping[str, EventHandler] = {"system": apply_identity_change}
 
     def read(self, envelope: Any, hint: str = "") -> list[SourceEvent]:
         if not isinstance(envelope, dict) or envelope.get("object") != "whatsapp_business_account":
@@ -4019,9 +4287,10 @@ class CloudSource(Source):
             if field == "smb_message_echoes":
                 echoes = value.get("message_echoes")
                 for echo in echoes if isinstance(echoes, list) else []:
-                    if (isinstance(echo, dict) and isinstance(echo.get("id"), str)
-                            and 0 < len(echo["id"]) <= 128):
-                        reads.append(SourceEvent(field, None, echo, number=number))
+                    found = cloud_echo(echo)
+                    reads.append(SourceEvent(field, None, echo, message=found, number=number)
+                                 if isinstance(found, InboundMessage) else SourceEvent(
+                                     field, None, ignored={"event": field, "ignored": found}))
                 continue
             messages = value.get("messages") if field == "messages" else None
             if not isinstance(messages, list) or not messages:
@@ -4175,6 +4444,8 @@ async def prefetch_messages(tx: Tx, inbound: list[tuple[str, str, InboundMessage
             await insert_messages(tx, company_id, [(i, msg.message_id) for i, msg in found])
         senders = set()
         for msg in msgs:  # the rows they will likely make, by the lead rule itself
+            if msg.from_business:  # (makes no contact nor lead)
+                continue
             who = tuple(getattr(msg, form) for form in IDENTITY_FORMS)
             known = [cache.contact(company_id, form, value)
                      for form, value in zip(IDENTITY_FORMS, who) if value]
@@ -4235,8 +4506,10 @@ async def _webhook_apply(tx: Tx, b: WebhookBatch, t: WebhookInput) -> Ingested:
             bad_json=True)
     result = Ingested(await ingest_envelope(tx, company, t.raw, t.envelope, t.headers,
                                             t.source, t.hint, delivery_id, b.isolated, t.via))
-    # A lead or label event has deliveries waiting when the company sends events somewhere.
-    result.wake = (any("lead_id" in r for r in [result, *result.get("results", ())])
+    # A lead, label or chat rule event has deliveries waiting when the company sends events
+    # somewhere.
+    result.wake = (any("lead_id" in r or r.get("chat_rules")
+                       for r in [result, *result.get("results", ())])
                    and bool(configured_destinations(company)))
     return result
 
@@ -6405,6 +6678,26 @@ async def update_company(request: web.Request) -> web.Response:
     if rotate:
         out["webhook_secret"] = secret
     return json_response(out)
+
+
+@routes.post("/api/chat-rules/test")
+async def try_chat_rules(request: web.Request) -> web.Response:
+    """Which chat rule a message would fire and the value it would read (SPEC §14), storing
+    nothing: against the company's rules, or the `chat_rules` given (the console's editor tries
+    rules before they are saved)."""
+    body = await object_body(request)
+    company = await acting_company(request, body)
+    for key in body:
+        if key not in ("company_id", "text", "from", "chat_rules"):
+            raise http_error(400, f"Unknown field: {key}")
+    text, sender = body.get("text"), body.get("from")
+    if not isinstance(text, str) or len(text) > CHAT_TEXT_MAX:
+        raise http_error(400, f"text must be text of at most {CHAT_TEXT_MAX} characters")
+    if sender not in ("business", "customer"):
+        raise http_error(400, "from must be business or customer")
+    rules = (validate_chat_rules(body["chat_rules"]) if "chat_rules" in body
+             else company.settings["chat_rules"])
+    return json_response(dry_run_chat_rules(company, rules, text, sender))
 
 
 @routes.get("/api/companies")

@@ -354,7 +354,11 @@
             h("b", {}, V.eventName(e.name)),
             e.value != null ? " · " + WT.fmt.money(e.value, e.currency || cur) : "",
             h("span", {class: "muted"}, WT.fmt.datetime(e.occurred_at) + " · " +
-              (WT.has("events.source." + e.source) ? WT.t("events.source." + e.source) : e.source)));
+              (WT.has("events.source." + e.source) ? WT.t("events.source." + e.source) : e.source) +
+              (e.rule ? " · " + WT.t("lead.chat_rule", {
+                from: WT.t("settings.chat_rule_from." + e.rule.from),
+                keywords: e.rule.keywords.map(function (k) { return "“" + k + "”"; }).join(", ")})
+                : "")));
         })) : WT.empty("lead.no_events");
 
       var deliveries = data.deliveries || [];

@@ -79,6 +79,11 @@
     ".v-secret .v-secret-label { font-weight: 600; font-size: .92rem; width: 100%; }",
     ".v-map-row { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr) auto; gap: .5rem; align-items: end; margin-bottom: .5rem; }",
     ".v-map-row .field { margin-bottom: 0; }",
+    ".v-rule { border: 1px solid var(--line); border-radius: 8px; padding: .7rem .8rem .6rem; margin-bottom: .6rem; }",
+    ".v-rule-fields { display: grid; gap: 0 .75rem; grid-template-columns: minmax(0, 1fr) minmax(0, 2fr) minmax(0, 1fr); }",
+    ".v-rule-try { border-top: 1px solid var(--line); margin-top: 1rem; padding-top: .25rem; }",
+    ".v-rule-try h3 { margin: .75rem 0 .5rem; }",
+    "ul.v-rule-fired { margin: .5rem 0 .25rem; padding-left: 1.2rem; }",
     ".v-two { display: grid; gap: 0 1rem; grid-template-columns: repeat(auto-fit, minmax(14rem, 1fr)); }",
     ".view-settings .field.check { flex-wrap: wrap; }",
     ".view-settings .field.check > label { flex: 1 1 0; min-width: 0; }",
@@ -115,6 +120,7 @@
     "  table.stack.v-compact td:first-child { grid-column: 1 / -1; font-weight: 600; font-size: 1rem; }",
     "  table.stack.v-compact td:first-child::before, table.stack.v-compact td.v-bare::before { content: none; }",
     "  .v-map-row { grid-template-columns: 1fr 1fr; }",
+    "  .v-rule-fields { grid-template-columns: 1fr; }",
     "  table.stack.v-names tr { padding: .5rem 0; }",
     "  table.stack.v-names td[data-label]::before { display: block; margin-bottom: .15rem; }",
     "  table.stack.v-names td.v-names-event { font-size: 1rem; }",
@@ -253,7 +259,7 @@
 
   /* The fields a 400 from PATCH /api/company or a view's form can name, in the order to look
      for them (longer names first, so "window_minutes" is not read as "window"). */
-  var ERROR_FIELDS = ["attribution_window_days", "window_minutes", "code_template", "code_mode",
+  var ERROR_FIELDS = ["chat_rules", "attribution_window_days", "window_minutes", "code_template", "code_mode",
     "allowed_origins", "timezone", "currency", "label_events", "google_ads_conversions",
     "store_first_message", "window_match", "webhook_auth_required", "evolution_url",
     "evolution_key", "meta.event_names", "ga4.event_names", "meta.dataset_id", "meta.access_token",
@@ -268,6 +274,12 @@
     if (raw && e.status === 400) {
       if (/public internet address/i.test(raw)) return WT.t("settings.error.private_url");
       if (/host name does not resolve/i.test(raw)) return WT.t("settings.error.unresolvable");
+      var rule = raw.match(/^chat_rules\[(\d+)\]\.(\w+)/);  // "chat_rules[2].keywords must be ..."
+      if (rule) {
+        return WT.t(WT.has("settings.error.chat_rules." + rule[2])
+          ? "settings.error.chat_rules." + rule[2] : "settings.error.chat_rules",
+          {n: Number(rule[1]) + 1});
+      }
       for (var i = 0; i < ERROR_FIELDS.length; i++) {
         var f = ERROR_FIELDS[i];
         if (raw.indexOf(f) >= 0 && WT.has("settings.error." + f)) {

@@ -1,5 +1,6 @@
 /* WhatsTracking console: the company's settings (GET/PATCH /api/company): its name, attribution,
-   code, region, label → event mapping, its WhatsApp server (Evolution API; the key write-only,
+   code, region, label → event mapping, chat rules (with a box to try a message on them, through
+   POST /api/chat-rules/test), its WhatsApp server (Evolution API; the key write-only,
    the server's state from GET /api/checks), conversion destinations (Meta, GA4, CRM webhook;
    secrets write-only; the event names each platform gets), failed deliveries with retry, and the
    Google Ads offline-conversions CSV with its conversion names. Shared helpers: window.WTV
@@ -9,6 +10,7 @@
   var h = WT.h;
 
   var LABEL_EVENTS = ["qualified", "purchase", "refund", "lost"];
+  var RULE_SENDERS = ["business", "customer", "any"];  // CHAT_RULE_SENDERS in whatstracking.py
   var CURRENCIES = ["BRL", "USD", "EUR", "ARS", "CLP", "COP", "MXN", "PEN", "UYU", "PYG", "BOB",
                     "GBP", "CAD", "AUD", "JPY", "CHF"];
   // Destinations and their fields as the API names them (DESTINATION_FIELDS in whatstracking.py);
@@ -286,6 +288,107 @@
           if (k) out[k] = row.eventInput.value;
         });
         return {label_events: out};
+      });
+    }
+
+    // ---- chat rules (SPEC §14) ----
+
+    /* The rules as rows (who writes, keywords separated by commas, the event, whether the value
+       is read from the text); save() sends them all. The try box sends the rows as they are now
+       (saved or not) with a message to POST /api/chat-rules/test, which stores nothing. */
+    function chatRulesForm() {
+      var rows = h("div", {id: "settings-chat-rules-rows"});
+      function addRow(rule) {
+        rule = rule || {from: "business", keywords: [], event: "purchase", value: "from_text"};
+        var who = WT.field({label: WT.t("settings.chat_rule_from"), name: "from", type: "select",
+                            value: rule.from, options: RULE_SENDERS.map(function (f) {
+                              return {value: f, label: WT.t("settings.chat_rule_sender." + f)};
+                            })});
+        var words = WT.field({label: WT.t("settings.chat_rule_keywords"), name: "keywords",
+                              value: rule.keywords.join(", "),
+                              placeholder: WT.t("settings.chat_rule_keywords_placeholder")});
+        var pick = WT.field({label: WT.t("settings.label_event"), name: "event", type: "select",
+                             value: rule.event, options: LABEL_EVENTS.map(function (e) {
+                               return {value: e, label: V.eventName(e)};
+                             })});
+        var value = WT.field({label: WT.t("settings.chat_rule_value"), name: "value",
+                              type: "checkbox", value: rule.value === "from_text"});
+        var row = h("div", {class: "v-rule"},
+          h("div", {class: "v-rule-fields"}, who, words, pick), value,
+          h("button", {type: "button", class: "btn ghost small",
+                       onclick: function () { row.remove(); }}, WT.t("settings.chat_rule_remove")));
+        row.read = function () {
+          return {from: who.input.value, event: pick.input.value,
+                  keywords: words.input.value.split(",").map(function (k) { return k.trim(); })
+                    .filter(Boolean),
+                  value: value.input.checked ? "from_text" : null};
+        };
+        row.wordsInput = words.input;
+        rows.appendChild(row);
+        return row;
+      }
+      (company.chat_rules || []).forEach(addRow);
+      function read() {
+        return Array.prototype.map.call(rows.children, function (row, i) {
+          var rule = row.read();
+          if (!rule.keywords.length) {
+            row.wordsInput.focus();
+            throw new Error(WT.t("settings.chat_rule_no_keywords", {n: i + 1}));
+          }
+          return rule;
+        });
+      }
+      var add = h("button", {type: "button", class: "btn ghost", id: "settings-chat-rule-add",
+                             onclick: function () { addRow().wordsInput.focus(); }},
+                  WT.t("settings.chat_rule_add"));
+
+      var text = WT.field({label: WT.t("settings.chat_try_text"), name: "chat_try_text",
+                           type: "textarea", rows: 2,
+                           placeholder: WT.t("settings.chat_try_placeholder")});
+      text.input.id = "settings-chat-try-text";
+      text.querySelector("label").setAttribute("for", "settings-chat-try-text");
+      var sender = WT.field({label: WT.t("settings.chat_try_from"), name: "chat_try_from",
+                             type: "select", value: "business",
+                             options: ["business", "customer"].map(function (f) {
+                               return {value: f, label: WT.t("settings.chat_rule_sender." + f)};
+                             })});
+      var outcome = h("div", {id: "settings-chat-try-result", role: "status",
+                              "aria-live": "polite"});
+      var tryError = V.errorBox("settings-chat-try-error");
+      var tryButton = h("button", {type: "button", class: "btn", id: "settings-chat-try",
+        onclick: function () {
+          tryError.textContent = ""; outcome.replaceChildren();
+          var rules;
+          try { rules = read(); } catch (e) { tryError.textContent = e.message; return; }
+          tryButton.disabled = true;
+          WT.api("POST", "/api/chat-rules/test", {body: {
+            text: text.input.value, from: sender.input.value, chat_rules: rules}})
+            .then(function (r) { outcome.replaceChildren.apply(outcome, tried(r)); },
+                  function (e) { tryError.textContent = V.errorText(e); })
+            .then(function () { tryButton.disabled = false; });
+        }}, WT.t("settings.chat_try_button"));
+      function tried(r) {
+        var out = r.fired.length ? [h("ul", {class: "v-rule-fired"}, r.fired.map(function (f) {
+          return h("li", {dataset: {event: f.event}},
+            h("b", {}, V.eventName(f.event)),
+            f.value != null ? " · " + WT.fmt.money(f.value, f.currency) : "",
+            h("span", {class: "muted"}, " · " + WT.t("settings.chat_try_rule",
+                                                      {n: f.rule + 1, keyword: f.keyword})));
+        }))] : [h("p", {class: "muted"}, WT.t("settings.chat_try_nothing"))];
+        out.push(h("p", {class: "muted small"}, r.amount != null
+          ? WT.t("settings.chat_try_amount", {amount: WT.fmt.money(r.amount, company.currency)})
+          : WT.t("settings.chat_try_no_amount")));
+        return out;
+      }
+      var trial = h("div", {class: "v-rule-try", id: "settings-chat-try-box"},
+        h("h3", {}, WT.t("settings.chat_try_title")), text, sender,
+        h("div", {class: "v-form-actions"}, tryButton, tryError), outcome);
+
+      return form("settings-chat-rules", WT.t("settings.chat_rules_title"),
+                  WT.t("settings.chat_rules_help"),
+                  [h("p", {class: "muted small"}, WT.t("settings.chat_rules_privacy")), rows,
+                   h("p", {}, add), trial], function () {
+        return {chat_rules: read()};
       });
     }
 
@@ -582,7 +685,8 @@
       var open = Array.prototype.map.call(body.querySelectorAll("details[open][id]"),
                                           function (d) { return d.id; });
       body.replaceChildren.apply(body, [
-        companyForm(), attributionForm(), codeForm(), regionForm(), labelsForm(), evolutionForm(),
+        companyForm(), attributionForm(), codeForm(), regionForm(), labelsForm(), chatRulesForm(),
+        evolutionForm(),
         h("h2", {class: "v-section-title"}, WT.t("settings.destinations_title")),
         h("p", {class: "muted"}, WT.t("settings.destinations_help"))]
         .concat(DESTINATIONS.map(destinationForm),

@@ -381,13 +381,35 @@ async def test_a_changed_bsuid_moves_the_contact(cloud):
     assert unknown["ignored"] == "unknown contact"
 
 
-async def test_business_echoes_are_recorded_never_leads(cloud):
+async def test_business_echoes_never_make_leads(cloud):
     answer = await deliver(cloud, "smb-message-echoes")
-    assert answer["event"] == "smb_message_echoes" and answer["ignored"] == "business message"
-    again = await deliver(cloud, "smb-message-echoes")
-    assert again["ignored"] == "duplicate"
+    assert answer["event"] == "smb_message_echoes" and answer["ignored"] == "from me"
     assert await cloud.db.fetchone("SELECT id FROM leads") is None
     assert await cloud.db.fetchone("SELECT id FROM contacts") is None
+
+
+async def test_a_business_echo_feeds_the_business_chat_rules_once(cloud):
+    resp = await cloud.client.patch("/api/company", json={"chat_rules": [
+        {"from": "business", "keywords": ["pedido confirmado"], "event": "purchase",
+         "value": "from_text"}]}, headers=cloud.auth)
+    assert resp.status == 200, await resp.text()
+    echo = cloud_fixture("smb-message-echoes", phone_number_id=PHONE_NUMBER_ID)
+    value = echo["entry"][0]["changes"][0]["value"]
+    value["message_echoes"][0]["text"]["body"] = "Pedido confirmado ✅ total R$ 1.250,90 😊"
+    stranger = await deliver(cloud, echo)  # nobody wrote from that number yet
+    assert stranger["ignored"] == "business message to a chat with no lead"
+    ad = await deliver(cloud, "text-referral-image-ad")  # the customer the echo answers
+    assert messages(cloud_fixture("text-referral-image-ad"))[0]["from"] == \
+        value["message_echoes"][0]["to"]
+    echo = fresh_ids(echo)
+    delivery = await send(cloud.client, hook(cloud), echo, APP_SECRET, retries=1)  # Meta retries
+    first, retry = (json.loads(text) for _, text in delivery.attempts)
+    assert first["lead_id"] == ad["lead_id"] and len(first["chat_rules"]) == 1
+    assert retry["ignored"] == "duplicate"
+    got = await cloud.client.get(f"/api/leads/{ad['lead_id']}", headers=cloud.auth)
+    events = [e for e in (await got.json())["events"] if e["name"] == "purchase"]
+    assert [(e["value"], e["source"]) for e in events] == [(1250.9, "chat_rule")]
+    assert (await cloud.db.fetchone("SELECT COUNT(*) AS n FROM leads"))["n"] == 1
 
 
 async def test_one_person_across_lid_phone_and_bsuid_is_one_contact(cloud):

@@ -1078,3 +1078,73 @@ async def test_admin_sees_a_company_s_reports_and_leads_and_an_empty_one_says_so
         await t(page, "settings.dest_none"), timeout=WAIT_MS)
     assert page.errors == [] and page.foreign == []
     await context.close()
+
+
+# ==================================================================================================
+# Chat rules: the editor, trying a message, and the events they make on the lead page
+# ==================================================================================================
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_chat_rule_edited_tried_saved_and_its_event_shown_on_the_lead(server, browser, lang):
+    _, expect = require_browser()
+    a = await server.company("empresa-regras", "Loja Regras")
+    phone = "5511987650001"
+    lead = await a.lead("Camila Souza", 0, "Oi! Quanto custa o vestido azul?", match="none",
+                        phone=phone)
+    context, page = await open_console(browser, server, a, lang, "settings")
+    card = page.locator("#settings-chat-rules")
+    await expect(page.locator("#settings-chat-rule-add")).to_be_visible(timeout=WAIT_MS)
+    await expect(card.locator("h2")).to_have_text(await t(page, "settings.chat_rules_title"))
+    await page.locator("#settings-chat-rule-add").click()
+    rule = card.locator(".v-rule").first
+    await rule.locator("input[name=keywords]").fill("pedido confirmado, venda fechada")
+    await expect(rule.locator("select[name=event]")).to_have_value("purchase")
+    await expect(rule.locator("input[name=value]")).to_be_checked()
+
+    # Trying a message uses the rule as edited, before it is saved, and stores nothing.
+    await page.locator("#settings-chat-try-text").fill("✅ PEDIDO CONFIRMADO! Total R$ 1.250,00")
+    await page.locator("#settings-chat-try").click()
+    result = page.locator("#settings-chat-try-result")
+    await expect(result.locator("li[data-event=purchase]")).to_contain_text(
+        await fmt(page, "money", 1250, "BRL"), timeout=WAIT_MS)
+    await expect(result.locator("li[data-event=purchase]")).to_contain_text(
+        await t(page, "settings.chat_try_rule", n=1, keyword="pedido confirmado"))
+    await card.locator("select[name=chat_try_from]").select_option("customer")
+    await page.locator("#settings-chat-try").click()
+    await expect(result).to_contain_text(await t(page, "settings.chat_try_nothing"),
+                                         timeout=WAIT_MS)
+    assert (await a.call("GET", "/api/company"))["chat_rules"] == []
+    await shot(page, "settings-chat-rules", lang, "desktop")
+    await card.screenshot(path=str(ARTIFACTS / f"console-chat-rules-card-{lang}.png"))
+
+    # A keyword that is only an emoji: the API's 400, in the user's language, nothing saved.
+    await rule.locator("input[name=keywords]").fill("✅")
+    await card.locator("button[type=submit]").click()
+    await expect(page.locator("#settings-chat-rules-error")).to_have_text(
+        await t(page, "settings.error.chat_rules.keywords", n=1), timeout=WAIT_MS)
+    assert (await a.call("GET", "/api/company"))["chat_rules"] == []
+    await rule.locator("input[name=keywords]").fill("pedido confirmado, venda fechada")
+    await card.locator("button[type=submit]").click()
+    await expect(page.locator("#settings-chat-rules-saved")).to_have_text(
+        await t(page, "common.saved"), timeout=WAIT_MS)
+    saved = {"from": "business", "keywords": ["pedido confirmado", "venda fechada"],
+             "event": "purchase", "value": "from_text"}
+    assert (await a.call("GET", "/api/company"))["chat_rules"] == [saved]
+    await clean_text(page, lang)
+
+    # The attendant confirms the sale in WhatsApp: the lead page shows the rule's purchase.
+    sale = fixture("messages-upsert-from-me")
+    sale["data"]["key"].update(id=uuid.uuid4().hex.upper(), remoteJid=f"{phone}@s.whatsapp.net")
+    sale["data"]["message"]["conversation"] = "Venda fechada! Total R$ 349,90. Obrigada, Camila 😊"
+    answer = await a.webhook(sale)
+    assert answer["chat_rules"][0]["value"] == 349.9
+    await page.goto(f"{server.base}/dashboard#/lead?id={lead}")
+    item = page.locator("#lead-events li[data-event=purchase]")
+    await expect(item).to_contain_text(await fmt(page, "money", 349.9, "BRL"), timeout=WAIT_MS)
+    await expect(item).to_contain_text(await t(page, "events.source.chat_rule"))
+    await expect(item).to_contain_text("“pedido confirmado”, “venda fechada”")
+    await expect(item).to_contain_text(await t(page, "settings.chat_rule_from.business"))
+    await clean_text(page, lang)
+    await shot(page, "lead-chat-rule", lang, "desktop")
+    assert page.errors == [] and page.foreign == []
+    await context.close()
