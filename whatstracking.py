@@ -7145,6 +7145,9 @@ async def reconcile_create(request: web.Request, company: Company, evolution: Ev
                              f"Connection {connection_id} was not created: the create call got "
                              f"no answer ({lost.message}) and the Evolution server does not "
                              "list the instance; try again") from None
+        if evolution.company_chose and exc.upstream_status is None:
+            # A company's own server that cannot be talked to: the one answer a closed port gets.
+            raise evolution_http_error(exc) from None
         log.warning("Evolution API: %s; then %s", lost.message, exc.message)
         raise http_error(504 if timed_out else 502,
                          f"The create call got no answer ({lost.message}) and whether the "

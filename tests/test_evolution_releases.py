@@ -19,7 +19,7 @@ import pytest
 
 import whatstracking
 from conftest import Api, create_company, eventually, fixture, upsert
-from fake_evolution import QR
+from fake_evolution import QR, FakeEvolution
 
 CONN = "loja-centro"
 SECRET_HEADER = "x-webhook-secret"
@@ -134,6 +134,26 @@ async def test_a_create_without_answer_that_made_the_instance_registers_it(
     # Managed like any connection: deleting it reaches Evolution.
     await call(api, "DELETE", "/api/delete-instance", 200, params={"connectionId": CONN})
     assert CONN not in evolution.instances
+
+
+async def test_a_company_s_own_server_that_dropped_the_create_is_reconciled_too(api):
+    # A server the company chose answers its failures with one sentence (no port scanner);
+    # the create it made all the same is still found and registered.
+    own = await FakeEvolution().start()
+    try:
+        await call(api, "PATCH", "/api/company", 200,
+                   json={"evolution_url": own.url, "evolution_key": own.global_key})
+        own.misbehave = "drop-create"
+        data = await create(api)
+        assert data["qrcode"]["code"] == QR["code"]
+        assert own.calls("POST", f"/webhook/set/{CONN}")
+        assert (await stored(api))["instance_token"] == sent_create(own).json["token"]
+        own.misbehave = "html"  # (it is the company's own server: one sentence for failures)
+        data = await create(api, 502, "loja-2")
+        assert data["error"].endswith("or what answers there is not Evolution API: check "
+                                      "evolution_url")
+    finally:
+        await own.close()
 
 
 async def test_a_create_that_timed_out_and_made_nothing_is_504_and_stores_nothing(
