@@ -3770,11 +3770,11 @@ async def match_message(tx: Tx, company: Company, connection: dict, msg: Inbound
         if visit is not None:
             lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "window",
                                         WINDOW_CONFIDENCE, visit, loads_or(visit["last_touch"], {}),
-                                        None)
+                                        msg.ad_context)
             result["match"] = "window"
-        else:
+        else:  # (a chat begun from a wa.me link or WhatsApp's search keeps where it began)
             lead_id = await insert_lead(tx, company, connection["id"], contact, msg, "none", 0.0,
-                                        None, {"utm_source": "direct"}, None)
+                                        None, {"utm_source": "direct"}, msg.ad_context)
             result["match"] = "none"
     if lead_id is not None:
         result["lead_id"] = lead_id

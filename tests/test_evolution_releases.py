@@ -316,6 +316,8 @@ async def test_a_chat_begun_elsewhere_than_at_an_ad_is_no_ad_lead(api, entry_poi
     lead = await only_lead(api)
     assert lead["attribution"]["utm_source"] == "direct"
     assert lead["attribution"]["ctwa_clid"] is None
+    # Where the chat began is kept on the lead, raw, as it came.
+    assert lead["context_info"] == envelope["data"]["contextInfo"]
 
 
 async def test_the_entry_point_decides_over_the_other_opaque_fields(api):
