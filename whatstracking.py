@@ -294,7 +294,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
                           ("TIKTOK_EVENTS_URL", Config.tiktok_events_url),
                           ("GOOGLE_TOKEN_URL", Config.google_token_url),
                           ("DATA_MANAGER_URL", Config.data_manager_url)):
-        value = get(name, default).rstrip("/")
+        value = get(name, default)
+        if name != "TIKTOK_EVENTS_URL":  # a base, joined with paths; TikTok's is the endpoint
+            value = value.rstrip("/")
         if value and not value.startswith(("http://", "https://")):
             raise ConfigError(f"{name} must start with http:// or https://.")
         urls[name] = value
@@ -4527,7 +4529,7 @@ class Destination:
 
     def test_event(self, company: Company) -> dict:
         """A made-up event for "Send a test event" (POST /api/destinations/{name}/test)."""
-        raise NotImplementedError
+        raise Refused(400, f"{self.name} has no test event")
 
     def test_request(self, config: Config, settings: Mapping[str, Any],
                      payload: dict) -> tuple[str, bytes, dict[str, str]]:

@@ -464,6 +464,26 @@ async def test_meta_ctwa_qualified_is_not_sent_by_default_and_a_refused_name_fai
     assert meta.accepted("ctwa-q2") == []
 
 
+async def test_meta_ctwa_lead_goes_to_its_own_dataset_with_its_token_and_page_id(api, meta):
+    # A WABA's dataset is often not the website pixel's; a number on the WhatsApp Business app
+    # has a Page and no WABA.
+    await configure(api, meta=meta_settings(messaging_dataset_id="777000111",
+                                            messaging_access_token="EAAB-waba-token",
+                                            page_id="1122334455"))
+    site = await website_lead(api)
+    chat = await ctwa_lead(api)
+    await delivery(api, site["id"], "meta", "lead", ("delivered",))
+    await delivery(api, chat["id"], "meta", "lead", ("delivered",))
+    web = meta.accepted(f"lead-{site['id']}")[0]
+    ctwa = meta.accepted(f"lead-{chat['id']}")[0]
+    assert (web["_dataset"], web["_access_token"]) == (DATASET, META_TOKEN)
+    assert (ctwa["_dataset"], ctwa["_access_token"]) == ("777000111", "EAAB-waba-token")
+    assert ctwa["user_data"] == {"page_id": "1122334455", "ctwa_clid": CTWA_CLID}
+    company = await call(api, "GET", "/api/company", 200)
+    assert company["meta"]["messaging_access_token_set"] is True
+    assert "EAAB-waba-token" not in json.dumps(company)
+
+
 async def test_meta_ctwa_lead_without_waba_id_is_skipped_with_a_reason(api, meta):
     await configure(api, meta=meta_settings())
     lead = await ctwa_lead(api)
@@ -516,6 +536,21 @@ async def test_ga4_sends_generate_lead_and_purchase_with_the_ga_client_id(api, g
     assert purchase["transaction_id"] == "T-1001"
     assert purchase["value"] == 89.9 and purchase["currency"] == "BRL"
     assert events["generate_lead"]["params"]["lead_source"] == "facebook"
+
+
+async def test_ga4_events_carry_the_visits_session_id_and_engagement_time(api, ga4):
+    await configure(api, ga4=ga4_settings())
+    lead = await website_lead(api, ga_client_id="1234567890.1732400000",
+                              ga_session_id="1732400123")
+    other = await website_lead(api, ga_client_id="5555.1732400000")  # no _ga_<id> cookie seen
+    await delivery(api, lead["id"], "ga4", "lead", ("delivered",))
+    await delivery(api, other["id"], "ga4", "lead", ("delivered",))
+    assert ga4.problems == []
+    by_client = {e["client_id"]: e["params"] for e in ga4.events()}
+    assert by_client["1234567890.1732400000"]["session_id"] == "1732400123"
+    assert by_client["1234567890.1732400000"]["engagement_time_msec"] == 1
+    assert "session_id" not in by_client["5555.1732400000"]
+    assert by_client["5555.1732400000"]["engagement_time_msec"] == 1
 
 
 async def test_every_destination_payload_carries_the_event_id(api, meta, ga4, crm):
@@ -700,6 +735,43 @@ async def test_a_400_fails_at_once_and_shows_in_failed_deliveries(api, meta):
     assert await deliveries(api, status="pending") == []
     assert len(meta.requests) == 1 and meta.events == []
     assert (await call(api, "GET", "/api/deliveries", 400, params={"status": "lost"}))["error"]
+
+
+async def test_meta_answering_200_with_events_received_0_is_not_delivered(api, meta):
+    lead = await meta_lead(api)
+    meta.fail("received0")
+    await post_event(api, lead["id"], name="qualified", event_id="q-zero")
+    failed = await delivery(api, lead["id"], "meta", "qualified")
+    assert failed["status"] == "failed" and failed["last_status"] == 200
+    assert failed["last_error"].startswith("Meta received 0 of 1 events: Events were discarded")
+    assert failed["response"]["events_received"] == 0
+    assert failed["response"]["messages"] == [
+        "Events were discarded: the dataset is not connected to this business"]
+    assert failed["response"]["fbtrace_id"] and failed["delivered_at"] is None
+
+
+async def test_meta_transient_error_as_http_400_is_retried_then_delivered(api, meta):
+    lead = await meta_lead(api)
+    meta.fail("transient", times=2)  # code 4, is_transient: Meta says wait and retry
+    await post_event(api, lead["id"], name="qualified", event_id="q-busy")
+    done = await delivery(api, lead["id"], "meta", "qualified")
+    assert done["status"] == "delivered" and done["attempts"] == 3, done
+    assert [r.status for r in meta.requests] == [400, 400, 200]
+    assert done["response"]["events_received"] == 1 and done["response"]["fbtrace_id"]
+    assert len(meta.accepted("q-busy")) == 1
+
+
+async def test_meta_transient_error_keeps_metas_answer_while_waiting(api, meta):
+    lead = await meta_lead(api)
+    meta.fail("transient", times=None)
+    await post_event(api, lead["id"], name="qualified", event_id="q-wait")
+    waiting = await delivery(api, lead["id"], "meta", "qualified", ("pending",), attempts=1,
+                             last_status=400)
+    assert "Application request limit reached" in waiting["last_error"]
+    assert waiting["response"]["error"]["code"] == 4
+    assert waiting["response"]["error"]["is_transient"] is True
+    meta.recover()
+    assert (await delivery(api, lead["id"], "meta", "qualified"))["status"] == "delivered"
 
 
 async def test_a_timeout_is_retried(api, meta):
