@@ -2703,7 +2703,8 @@ def ad_attribution(info: Mapping[str, Any]) -> dict:
 #
 # A lead's lifecycle is a list of events (lead, qualified, purchase, refund, lost). Recording an
 # event also commits, in the same transaction, one outbox row per destination the company has set
-# up (Meta, GA4, its CRM webhook); a background worker sends them. Nothing is lost on a restart.
+# up (Meta, GA4, TikTok, Google Ads, its CRM webhook); a background worker sends them. Nothing
+# is lost on a restart.
 # ##################################################################################################
 
 # The destinations themselves (DESTINATIONS) are classes in "Integrations: conversions out".

@@ -541,7 +541,10 @@
         }, function (e) {
           button.disabled = false;
           out.dataset.ok = "false";
-          out.replaceChildren(h("p", {class: "error", role: "alert"}, V.errorText(e)));
+          var raw = e && e.body && typeof e.body.error === "string" ? e.body.error : "";
+          out.replaceChildren(h("p", {class: "error", role: "alert"},
+            /needed for a test event/.test(raw) ? WT.t("settings.test_needs_code")
+              : /unreachable/.test(raw) ? WT.t("settings.test_unreachable") : V.errorText(e)));
         });
       });
       return h("div", {class: "v-test"}, h("h3", {}, WT.t("settings.test_title")),
