@@ -5249,9 +5249,12 @@ async def test_destination(config: Config, sessions: Sessions, company: Company,
     if destination is None:
         raise Refused(404, "Not found")
     settings = dict(company.settings.get(name) or {})
-    if not destination.configured(company.settings):
-        missing = destination.missing(company.settings) or ["enabled"]
-        raise Refused(400, f"{name} is not set up: " + ", ".join(f"{name}.{m}" for m in missing))
+    if not destination.set_up(company.settings):
+        raise Refused(400, f"{name} is not set up" if name not in company.settings
+                      else f"{name} is switched off ({name}.enabled)")
+    if destination.missing(company.settings):
+        raise Refused(400, f"{name} is not set up: " + ", ".join(
+            f"{name}.{m}" for m in destination.missing(company.settings)))
     for field in destination.test_fields:
         value = given.get(field)
         if value is not None:
@@ -5350,7 +5353,10 @@ async def finish_delivery(db: Storage, row: Mapping[str, Any], outcome: Outcome,
             status = "pending"
             next_at = ts + backoff_seconds(row["attempts"], retry_base)
     elif status == "retry":
-        if row["attempts"] >= DELIVERY_MAX_ATTEMPTS:
+        # A request the platform is still processing (its requestId kept) counts its checks
+        # against DELIVERY_POLL_MAX: a failed check must not end it sooner.
+        polling = '"requestId"' in (outcome.response or "")
+        if row["attempts"] >= (DELIVERY_POLL_MAX if polling else DELIVERY_MAX_ATTEMPTS):
             status = "failed"
         else:
             status = "pending"

@@ -142,3 +142,19 @@ async def test_the_key_is_write_only_and_the_customer_id_kept_as_digits(api, key
                                        "conversion_actions": ACTIONS,
                                        "service_account_key_set": True}
     assert key["private_key"][40:80] not in json.dumps(company)
+
+
+async def test_a_failed_check_keeps_the_request_id_and_sends_nothing_twice(api, google):
+    google.script = ["PROCESSING"]
+    lead = await website_lead(api, page_url="https://loja.test/?gclid=Cj0-keep")
+    waiting = await delivery(api, lead["id"], "data_manager", "lead", ("pending",), attempts=2)
+    request_id = waiting["response"]["requestId"]
+    google.fail("500")  # the next call, the token for the next check, fails
+    broken = await delivery(api, lead["id"], "data_manager", "lead", ("pending",),
+                            last_status=500)
+    assert broken["last_error"].startswith("Google token endpoint: HTTP 500")
+    assert broken["response"]["requestId"] == request_id
+    google.statuses[request_id] = ["SUCCESS"]
+    done = await delivery(api, lead["id"], "data_manager", "lead", ("delivered",))
+    assert done["response"]["requestId"] == request_id
+    assert len(google.ingested) == 1

@@ -135,11 +135,17 @@ async def test_unknown_unset_and_foreign_destinations(api):
     assert (await call(api, "POST", "/api/destinations/linkedin/test", 404))["error"] == \
         "Not found"
     data = await call(api, "POST", "/api/destinations/ga4/test", 400)
-    assert data["error"] == "ga4 is not set up: ga4.measurement_id, ga4.api_secret"
+    assert data["error"] == "ga4 is not set up"
+    await configure(api, ga4={"measurement_id": GA4_ID})
+    data = await call(api, "POST", "/api/destinations/ga4/test", 400)
+    assert data["error"] == "ga4 is not set up: ga4.api_secret"
+    await configure(api, ga4={"api_secret": GA4_SECRET, "enabled": False})
+    data = await call(api, "POST", "/api/destinations/ga4/test", 400)
+    assert data["error"] == "ga4 is switched off (ga4.enabled)"
     await call(api, "POST", "/api/destinations/ga4/test", 401, token=None)
     await call(api, "POST", "/api/destinations/ga4/test", 400, json=[])
     # The admin names the company; a company's token never tests another's destinations.
-    await configure(api, ga4=ga4_settings())
+    await configure(api, ga4={"enabled": True})
     other = await create_company(api.client, "outra-empresa")
     data = await call(api, "POST", "/api/destinations/ga4/test", 400, token=other["token"])
     assert "not set up" in data["error"]
