@@ -4473,6 +4473,15 @@ def _json_answer(raw: bytes) -> Any:
         return None
 
 
+def event_value(company: Company, event: Mapping[str, Any], always: bool = False) -> dict | None:
+    """{"value", "currency"} of an event that has a value, or of one whose platform event needs
+    them (`always`: a purchase's, 0 when unknown); None otherwise."""
+    if event["value"] is None and not always:
+        return None
+    return {"value": event["value"] or 0,
+            "currency": event["currency"] or company.settings["currency"]}
+
+
 def e164_hashes(phone: str | None) -> list[str]:
     """SHA-256 of each form of the number in E.164 with its `+` (Google, TikTok), the dialable
     form first."""
@@ -4688,10 +4697,7 @@ class Meta(Destination):
             else:
                 out["action_source"] = "chat"  # the conversion happened in the WhatsApp chat
             out["user_data"] = user
-        custom: dict[str, Any] = {}
-        if event["value"] is not None or event["name"] == "purchase":
-            custom = {"value": event["value"] or 0, "currency": event["currency"]
-                      or company.settings["currency"]}
+        custom = event_value(company, event, event["name"] == "purchase")
         if custom:
             out["custom_data"] = custom
         return out
@@ -4804,9 +4810,7 @@ class Ga4(Destination):
         session_id = str(attribution.get("ga_session_id") or "")
         if session_id.isdigit():
             params["session_id"] = session_id
-        if event["value"] is not None or name in ("purchase", "refund"):
-            params.update(value=event["value"] or 0, currency=event["currency"]
-                          or company.settings["currency"])
+        params.update(event_value(company, event, name in ("purchase", "refund")) or {})
         if name == "purchase":
             params["transaction_id"] = event["event_id"]
         elif name == "refund":
@@ -4898,9 +4902,9 @@ class Tiktok(Destination):
         page = attribution.get("page_url") or attribution.get("landing_page")
         if page:
             out["page"] = {"url": page}
-        if event["value"] is not None or event["name"] == "purchase":
-            out["properties"] = {"value": event["value"] or 0, "currency": event["currency"]
-                                 or company.settings["currency"]}
+        value = event_value(company, event, event["name"] == "purchase")
+        if value:
+            out["properties"] = value
         return out
 
     def request(self, config: Config, settings: Mapping[str, Any],
@@ -5030,9 +5034,9 @@ class DataManager(Destination):
             out["adIdentifiers"] = {click[0]: click[1]}
         if phones:
             out["userData"] = {"userIdentifiers": [{"phoneNumber": h} for h in phones]}
-        if event["value"] is not None:
-            out.update(conversionValue=event["value"],
-                       currency=event["currency"] or company.settings["currency"])
+        value = event_value(company, event)
+        if value:
+            out.update(conversionValue=value["value"], currency=value["currency"])
         return {"destinations": [self._destination(settings, action)], "events": [out],
                 "encoding": "HEX"}
 
