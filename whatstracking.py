@@ -4951,7 +4951,8 @@ DATA_MANAGER_PENDING = (None, "PROCESSING", "REQUEST_STATUS_UNKNOWN")
 GOOGLE_CLICK_IDS = ("gclid", "gbraid", "wbraid")  # one per conversion, in this preference
 
 
-def google_click_id(lead: Mapping[str, Any], attribution: Mapping[str, Any]) -> tuple[str, str] | None:
+def google_click_id(lead: Mapping[str, Any],
+                    attribution: Mapping[str, Any]) -> tuple[str, str] | None:
     """(kind, value) of the lead's Google ad click: gclid, else gbraid or wbraid (iOS)."""
     for kind in GOOGLE_CLICK_IDS:
         value = attribution.get(kind) or (lead.get(kind) if kind == "gclid" else None)
@@ -5228,8 +5229,8 @@ async def send_payload(session: aiohttp.ClientSession, config: Config, destinati
                            destination.test_outcome if test else destination.outcome)
 
 
-async def send_delivery(session: aiohttp.ClientSession, config: Config, company: Company, destination: Destination,
-                        lead: Mapping[str, Any], event: Mapping[str, Any],
+async def send_delivery(session: aiohttp.ClientSession, config: Config, company: Company,
+                        destination: Destination, lead: Mapping[str, Any], event: Mapping[str, Any],
                         facts: EventFacts, kept: Any = None) -> Outcome:
     """Send one lead event to one destination the company has configured; `kept`: the
     delivery's kept answer, when it says the platform is still processing it (asked instead)."""
