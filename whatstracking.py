@@ -1936,21 +1936,20 @@ def _validate_destination(name: str, value: Any, current: Any) -> dict | None:
             else:
                 merged.pop(key, None)
         elif key in ("customer_id", "login_customer_id"):  # Google Ads ids: 123-456-7890
-            number = digits(str(field)) if isinstance(field, (str, int)) else ""
-            if isinstance(field, bool) or len(number) != 10 \
-                    or not re.match(r"^[\d\s-]+\Z", str(field)):
+            if isinstance(field, bool) or not isinstance(field, (str, int)) \
+                    or not re.match(r"^[ -]*(?:[0-9][ -]*){10}\Z", str(field)):
                 raise Refused(400, f"{where} must be a Google Ads customer id like 123-456-7890")
-            merged[key] = number
+            merged[key] = digits(str(field))
         elif key == "service_account_key":  # the JSON key file of a Google Cloud service account
-            text = json_dumps(field) if isinstance(field, dict) else field
-            try:
-                if not isinstance(text, str) or len(text) > 16384:
-                    raise ValueError
-                service_account_key(text)
-            except ValueError:
-                raise Refused(400, f"{where} must be a service account's JSON key (with "
-                                   "client_email and private_key)") from None
-            merged[key] = text
+            valid = (isinstance(field, dict) and len(field) <= 20
+                     and isinstance(field.get("client_email"), str)
+                     and 1 <= len(field["client_email"]) <= 320
+                     and isinstance(field.get("private_key"), str)
+                     and 1 <= len(field["private_key"]) <= 8192)
+            if not valid:
+                raise Refused(400, f"{where} must be a service account's JSON key (an object "
+                                   "with client_email and private_key)")
+            merged[key] = json_dumps(field)
         else:
             if not isinstance(field, str) or not field.strip() or len(field) > 1024:
                 raise Refused(400, f"{where} must be non-empty text")
@@ -4730,7 +4729,7 @@ class Meta(Destination):
         if error:
             details = ", ".join(f"{k} {error[k]}" for k in ("type", "code", "error_subcode",
                                                              "fbtrace_id") if k in error)
-            said = error.get("error_user_msg") or error.get("message") or "Meta error"
+            said = error.get("message") or error.get("error_user_msg") or "Meta error"
             return f"{said}" + (f" ({details})" if details else ""), json_dumps({"error": error})
         kept = _documented(body, META_ANSWER_FIELDS)
         return None, json_dumps(kept) if kept else None
@@ -5249,25 +5248,28 @@ async def test_destination(config: Config, sessions: Sessions, company: Company,
     """"Send a test event": a made-up event the platform keeps apart (Meta's and TikTok's test
     codes, GA4's validation server, Data Manager's validateOnly, a signed ping to the CRM), and
     the platform's answer. `given`: the request's body (a test code not kept in the settings).
-    Refused: not a destination, not set up, no test code; 502: the platform is unreachable."""
+    Refused: not a destination (404), a bad test code (400), not set up or no test code
+    (409: the request is right, the company's settings are not there yet); 502: the platform
+    is unreachable."""
     destination = DESTINATIONS.get(name)
     if destination is None:
         raise Refused(404, "Not found")
     settings = dict(company.settings.get(name) or {})
+    for field in ("test_event_code",):  # what a test request may bring (Meta's, TikTok's code)
+        value = given.get(field)
+        if value is not None and (not isinstance(value, str) or not value or len(value) > 256):
+            raise Refused(400, f"{field} must be text of 1 to 256 characters")
+        if value and value.strip() and field in destination.test_fields:
+            settings[field] = value.strip()
     if not destination.set_up(company.settings):
-        raise Refused(400, f"{name} is not set up" if name not in company.settings
+        raise Refused(409, f"{name} is not set up" if name not in company.settings
                       else f"{name} is switched off ({name}.enabled)")
     if destination.missing(company.settings):
-        raise Refused(400, f"{name} is not set up: " + ", ".join(
+        raise Refused(409, f"{name} is not set up: " + ", ".join(
             f"{name}.{m}" for m in destination.missing(company.settings)))
     for field in destination.test_fields:
-        value = given.get(field)
-        if value is not None:
-            if not isinstance(value, str) or not value.strip() or len(value) > 256:
-                raise Refused(400, f"{field} must be non-empty text")
-            settings[field] = value.strip()
         if not settings.get(field):
-            raise Refused(400, f"{name}.{field} is needed for a test event (the platform shows "
+            raise Refused(409, f"{name}.{field} is needed for a test event (the platform shows "
                                f"test events under it, apart from real conversions)")
     session = sessions[0]
     if destination.url_field:

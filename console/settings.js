@@ -37,7 +37,7 @@
     {name: "data_manager", actions: ["lead", "qualified", "purchase"],
      fields: [{key: "customer_id", required: true, placeholder: "123-456-7890"},
               {key: "login_customer_id", placeholder: "123-456-7890"},
-              {key: "service_account_key", secret: true, required: true}]},
+              {key: "service_account_key", secret: true, required: true, json: true}]},
     {name: "crm_webhook", fields: [{key: "url", required: true, type: "url",
                                     placeholder: "https://"},
                                    {key: "secret", secret: true, required: true}]}
@@ -463,6 +463,11 @@
           var v = inputs[f.key].value.trim();
           if (f.secret) {
             if (secrets[f.key].cleared()) patch[f.key] = null;
+            else if (v && f.json) {  // a pasted JSON file, sent as the object it holds
+              try { patch[f.key] = JSON.parse(v); } catch (e) {
+                throw new Error(WT.t("settings.error." + spec.name + "." + f.key));
+              }
+            }
             else if (v) patch[f.key] = v;
           } else if (v) {
             patch[f.key] = v;

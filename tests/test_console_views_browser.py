@@ -29,7 +29,7 @@ import pytest
 import pytest_asyncio
 from conftest import free_port, require_browser, serve
 from fake_evolution import GLOBAL_KEY, FakeEvolution
-from fake_platforms import FakeMeta
+from fake_platforms import FakeMeta, new_service_account
 
 import whatstracking
 
@@ -811,6 +811,21 @@ async def test_settings_saved_read_back_secrets_write_only_errors_in_the_languag
         0, timeout=WAIT_MS)
     await expect(page.locator("#settings-meta input[name='meta.access_token']")).to_be_visible()
     assert (await a.call("GET", "/api/company"))["meta"]["access_token_set"] is False
+
+    # Google Ads through the Data Manager API: the ids, the key (write-only), one conversion
+    # action per event. Set up last and removed at once: no event of this walk goes to Google.
+    dm = page.locator("#settings-data-manager")
+    await dm.locator("input[name='data_manager.customer_id']").fill("123-456-7890")
+    await dm.locator("input[name='data_manager.service_account_key']").fill(
+        json.dumps(new_service_account()))
+    await dm.locator("input[name='data_manager.conversion_actions.purchase']").fill("987654321")
+    await dm.locator("button[type=submit]").click()
+    await expect(page.locator("#settings-data-manager-saved")).to_have_text(
+        await t(page, "common.saved"), timeout=WAIT_MS)
+    assert (await a.call("GET", "/api/company"))["data_manager"] == {
+        "customer_id": "1234567890", "conversion_actions": {"purchase": "987654321"},
+        "enabled": True, "service_account_key_set": True}
+    await a.call("PATCH", "/api/company", json={"data_manager": None})
     assert page.errors == [] and page.foreign == []
     await context.close()
 

@@ -39,7 +39,7 @@ async def api(make_config, aiohttp_client, google, key) -> Api:
     client = await aiohttp_client(whatstracking.create_app(make_config(
         GOOGLE_TOKEN_URL=google.token_url, DATA_MANAGER_URL=google.api_url, **FAST)))
     api = Api(client, await create_company(client))
-    await configure(api, data_manager={"service_account_key": json.dumps(key),
+    await configure(api, data_manager={"service_account_key": key,
                                        "customer_id": CUSTOMER, "conversion_actions": ACTIONS})
     return api
 
@@ -126,6 +126,8 @@ async def test_leads_without_a_click_id_or_phone_or_action_are_skipped(api, goog
     ({"customer_id": "12345"}, "data_manager.customer_id"),
     ({"service_account_key": "{\"client_email\": \"x@y\"}"}, "data_manager.service_account_key"),
     ({"service_account_key": "not json"}, "data_manager.service_account_key"),
+    ({"service_account_key": {"client_email": "x@y", "private_key": 42}},
+     "data_manager.service_account_key"),
     ({"conversion_actions": {"purchase": "AW-123/abc"}}, "data_manager.conversion_actions"),
     ({"conversion_actions": {"sale": "123"}}, "data_manager.conversion_actions"),
 ])

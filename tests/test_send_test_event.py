@@ -45,7 +45,7 @@ async def api(make_config, aiohttp_client, fakes) -> Api:
 
 async def test_meta_test_event_carries_the_test_code_and_returns_metas_answer(api, fakes):
     await configure(api, meta=meta_settings())
-    data = await call(api, "POST", "/api/destinations/meta/test", 400, json={})
+    data = await call(api, "POST", "/api/destinations/meta/test", 409, json={})
     assert data["error"].startswith("meta.test_event_code is needed for a test event")
     assert fakes["meta"].requests == []
 
@@ -90,7 +90,7 @@ async def test_ga4_test_goes_to_the_validation_server_and_returns_its_messages(a
 
 async def test_tiktok_test_event_needs_a_test_code_and_returns_tiktoks_code(api, fakes):
     await configure(api, tiktok={"pixel_code": PIXEL, "access_token": TIKTOK_TOKEN})
-    await call(api, "POST", "/api/destinations/tiktok/test", 400)
+    await call(api, "POST", "/api/destinations/tiktok/test", 409)
     data = await call(api, "POST", "/api/destinations/tiktok/test", 200,
                       json={"test_event_code": "TEST55"})
     assert data["ok"] is True and data["response"]["code"] == 0
@@ -102,7 +102,7 @@ async def test_tiktok_test_event_needs_a_test_code_and_returns_tiktoks_code(api,
 
 
 async def test_data_manager_test_is_validate_only(api, fakes):
-    await configure(api, data_manager={"service_account_key": json.dumps(fakes["key"]),
+    await configure(api, data_manager={"service_account_key": fakes["key"],
                                        "customer_id": "1234567890",
                                        "conversion_actions": {"purchase": "987654"}})
     data = await call(api, "POST", "/api/destinations/data_manager/test", 200)
@@ -134,20 +134,21 @@ async def test_crm_test_is_a_signed_ping_and_an_unreachable_one_is_502(api, fake
 async def test_unknown_unset_and_foreign_destinations(api):
     assert (await call(api, "POST", "/api/destinations/linkedin/test", 404))["error"] == \
         "Not found"
-    data = await call(api, "POST", "/api/destinations/ga4/test", 400)
+    data = await call(api, "POST", "/api/destinations/ga4/test", 409)
     assert data["error"] == "ga4 is not set up"
     await configure(api, ga4={"measurement_id": GA4_ID})
-    data = await call(api, "POST", "/api/destinations/ga4/test", 400)
+    data = await call(api, "POST", "/api/destinations/ga4/test", 409)
     assert data["error"] == "ga4 is not set up: ga4.api_secret"
     await configure(api, ga4={"api_secret": GA4_SECRET, "enabled": False})
-    data = await call(api, "POST", "/api/destinations/ga4/test", 400)
+    data = await call(api, "POST", "/api/destinations/ga4/test", 409)
     assert data["error"] == "ga4 is switched off (ga4.enabled)"
     await call(api, "POST", "/api/destinations/ga4/test", 401, token=None)
     await call(api, "POST", "/api/destinations/ga4/test", 400, json=[])
+    await call(api, "POST", "/api/destinations/meta/test", 400, json={"test_event_code": 7})
     # The admin names the company; a company's token never tests another's destinations.
     await configure(api, ga4={"enabled": True})
     other = await create_company(api.client, "outra-empresa")
-    data = await call(api, "POST", "/api/destinations/ga4/test", 400, token=other["token"])
+    data = await call(api, "POST", "/api/destinations/ga4/test", 409, token=other["token"])
     assert "not set up" in data["error"]
     data = await call(api, "POST", "/api/destinations/ga4/test", 200, token=ADMIN_TOKEN,
                       json={"company_id": api.company_id})
