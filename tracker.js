@@ -53,12 +53,15 @@
     };
 
     // ---- Sending
+    // GA4's session: its _ga_<container> cookie, GS1.1.<session id>.… or GS2.1.s<session id>$…
+    const gaSession = safe(() => d.cookie.match(/(?:^|; )_ga_[^=]+=GS\d\.\d\.s?(\d+)/)[1]);
     const send = safe((event, whatsapp_phone) => {
       const last = load("last") || {}, ga = cookie("_ga");
       const body = Object.assign({}, last, {
         ts: undefined, company_id: company, event, visitor_id: visitor, code,
         page_url: location.href, whatsapp_phone, first_touch: load("first"), fbp: cookie("_fbp"),
-        fbc: cookie("_fbc") || last.fbc, ga_client_id: ga && ga.split(".").slice(-2).join(".")
+        fbc: cookie("_fbc") || last.fbc, ga_client_id: ga && ga.split(".").slice(-2).join("."),
+        ga_session_id: gaSession()
       });
       fetch(api + "/tracking", {
         method: "POST", keepalive: true, credentials: "omit",

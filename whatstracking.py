@@ -17,6 +17,7 @@ environment wins), see ``config.example.env``:
     HOST, PORT, DATABASE_URL (sqlite:///whatstracking.db | postgresql://...), PUBLIC_URL,
     ADMIN_TOKEN, WEBHOOK_SHARED_TOKEN, EVOLUTION_API_URL, EVOLUTION_API_KEY, LOG_LEVEL,
     LOG_FORMAT (json|text), METRICS_TOKEN, TRUST_PROXY, RETENTION_DAYS, META_GRAPH_URL, GA4_MP_URL,
+    TIKTOK_EVENTS_URL, GOOGLE_TOKEN_URL, DATA_MANAGER_URL,
     SQLITE_SYNCHRONOUS (FULL|NORMAL), EVOLUTION_TIMEOUT, META_API_VERSION, DELIVERY_TIMEOUT,
     DELIVERY_RETRY_SECONDS, DELIVERY_POLL_SECONDS, DELIVERY_CONCURRENCY, DELIVERY_PER_COMPANY,
     ALLOW_PRIVATE_URLS, RATE_LIMIT_TRACKING, RATE_LIMIT_PUBLIC
@@ -93,7 +94,10 @@ DEFAULT_PORT = 8080
 DEFAULT_DATABASE_URL = "sqlite:///whatstracking.db"
 DEFAULT_META_GRAPH_URL = "https://graph.facebook.com"
 DEFAULT_GA4_MP_URL = "https://www.google-analytics.com/mp/collect"
-DEFAULT_META_API_VERSION = "v23.0"
+DEFAULT_META_API_VERSION = "v25.0"  # Graph API versions live about two years (changelog/versions)
+DEFAULT_TIKTOK_EVENTS_URL = "https://business-api.tiktok.com/open_api/v1.3/event/track/"
+DEFAULT_GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"  # OAuth 2.0, JWT-bearer grant
+DEFAULT_DATA_MANAGER_URL = "https://datamanager.googleapis.com/v1"
 
 TRACKING_BODY_MAX = 64 * 1024  # bytes
 WEBHOOK_BODY_MAX = 1024 * 1024  # bytes; also the most of a raw body we store
@@ -145,14 +149,14 @@ ZW_ZERO, ZW_ONE, ZW_FRAME = "\u200b", "\u200c", "\u200d"
 
 UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content", "utm_id")
 CLICK_ID_KEYS = ("gclid", "gbraid", "wbraid", "fbclid", "ttclid", "msclkid")
-COOKIE_KEYS = ("fbc", "fbp", "ga_client_id")
+COOKIE_KEYS = ("fbc", "fbp", "ga_client_id", "ga_session_id")
 CAMPAIGN_KEYS = UTM_KEYS + CLICK_ID_KEYS
 URL_KEYS = ("page_url", "referrer", "landing_page")
 TOUCH_KEYS = CAMPAIGN_KEYS + COOKIE_KEYS + URL_KEYS
 LEAD_ATTRIBUTION_KEYS = (
     UTM_KEYS[:5] + ("gclid", "gbraid", "wbraid", "fbclid", "fbc", "fbp", "ttclid", "msclkid",
-                    "ga_client_id", "ctwa_clid", "ad_id", "ad_title", "referrer", "landing_page",
-                    "page_url")
+                    "ga_client_id", "ga_session_id", "ctwa_clid", "ad_id", "ad_title", "referrer",
+                    "landing_page", "page_url")
 )
 
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -209,6 +213,9 @@ class Config:
     retention_days: int = 0
     meta_graph_url: str = DEFAULT_META_GRAPH_URL
     ga4_mp_url: str = DEFAULT_GA4_MP_URL
+    tiktok_events_url: str = DEFAULT_TIKTOK_EVENTS_URL
+    google_token_url: str = DEFAULT_GOOGLE_TOKEN_URL
+    data_manager_url: str = DEFAULT_DATA_MANAGER_URL
     sqlite_synchronous: str = "FULL"
     # Seconds for one Evolution API call (EVOLUTION_TIMEOUT: whole); create-instance gets
     # EVOLUTION_CREATE_WAIT more: 20 s covers Evolution's fixed 5 s and a slow socket start-up.
@@ -287,8 +294,13 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     for name, default in (("PUBLIC_URL", Config.public_url),
                           ("EVOLUTION_API_URL", Config.evolution_api_url),
                           ("META_GRAPH_URL", Config.meta_graph_url),
-                          ("GA4_MP_URL", Config.ga4_mp_url)):
-        value = get(name, default).rstrip("/")
+                          ("GA4_MP_URL", Config.ga4_mp_url),
+                          ("TIKTOK_EVENTS_URL", Config.tiktok_events_url),
+                          ("GOOGLE_TOKEN_URL", Config.google_token_url),
+                          ("DATA_MANAGER_URL", Config.data_manager_url)):
+        value = get(name, default)
+        if name != "TIKTOK_EVENTS_URL":  # a base, joined with paths; TikTok's is the endpoint
+            value = value.rstrip("/")
         if value and not value.startswith(("http://", "https://")):
             raise ConfigError(f"{name} must start with http:// or https://.")
         urls[name] = value
@@ -309,6 +321,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
                                   0, 36500),
         meta_graph_url=urls["META_GRAPH_URL"],
         ga4_mp_url=urls["GA4_MP_URL"],
+        tiktok_events_url=urls["TIKTOK_EVENTS_URL"],
+        google_token_url=urls["GOOGLE_TOKEN_URL"],
+        data_manager_url=urls["DATA_MANAGER_URL"],
         sqlite_synchronous=synchronous,
         evolution_timeout=_parse_int(
             "EVOLUTION_TIMEOUT", get("EVOLUTION_TIMEOUT", Config.evolution_timeout), 1, 300),
@@ -1968,6 +1983,34 @@ def _validate_destination(name: str, value: Any, current: Any) -> dict | None:
                     or len(field) > 1024):
                 raise Refused(400, f"{where} must be an http(s) URL")
             merged[key] = field
+        elif key == "conversion_actions":  # our event name → a Google Ads conversion action id
+            valid = isinstance(field, dict) and all(
+                k in EVENT_NAMES and (v is None or isinstance(v, (str, int))
+                                      and not isinstance(v, bool) and str(v).isdigit()
+                                      and len(str(v)) <= 20) for k, v in field.items())
+            if not valid:
+                raise Refused(400, f"{where} must map event names ({', '.join(EVENT_NAMES)}) "
+                                   "to conversion action ids (digits)")
+            actions = {k: str(v) for k, v in field.items() if v is not None}
+            if actions:
+                merged[key] = actions
+            else:
+                merged.pop(key, None)
+        elif key in ("customer_id", "login_customer_id"):  # Google Ads ids: 123-456-7890
+            if isinstance(field, bool) or not isinstance(field, (str, int)) \
+                    or not re.match(r"^[ -]*(?:[0-9][ -]*){10}\Z", str(field)):
+                raise Refused(400, f"{where} must be a Google Ads customer id like 123-456-7890")
+            merged[key] = digits(str(field))
+        elif key == "service_account_key":  # the JSON key file of a Google Cloud service account
+            valid = (isinstance(field, dict) and len(field) <= 20
+                     and isinstance(field.get("client_email"), str)
+                     and 1 <= len(field["client_email"]) <= 320
+                     and isinstance(field.get("private_key"), str)
+                     and 1 <= len(field["private_key"]) <= 8192)
+            if not valid:
+                raise Refused(400, f"{where} must be a service account's JSON key (an object "
+                                   "with client_email and private_key)")
+            merged[key] = json_dumps(field)
         else:
             if not isinstance(field, str) or not field.strip() or len(field) > 1024:
                 raise Refused(400, f"{where} must be non-empty text")
@@ -2985,7 +3028,8 @@ def cloud_changes(envelope: Any) -> list[tuple[str, str | None, dict]]:
 #
 # A lead's lifecycle is a list of events (lead, qualified, purchase, refund, lost). Recording an
 # event also commits, in the same transaction, one outbox row per destination the company has set
-# up (Meta, GA4, its CRM webhook); a background worker sends them. Nothing is lost on a restart.
+# up (Meta, GA4, TikTok, Google Ads, its CRM webhook); a background worker sends them. Nothing
+# is lost on a restart.
 # ##################################################################################################
 
 # The destinations themselves (DESTINATIONS) are classes in "Integrations: conversions out".
@@ -5208,32 +5252,42 @@ class EvolutionClient:
 
 
 # ##################################################################################################
-# Integrations: conversions out (Meta Conversions API, GA4 Measurement Protocol, signed webhook)
+# Integrations: conversions out (Meta Conversions API, GA4 Measurement Protocol, TikTok Events
+# API, Google's Data Manager API, signed webhook)
 #
 # Each destination is one small class in DESTINATIONS: its settings (which are secret, which it
 # cannot send without), the platform's event for (company, lead, event) or an Outcome saying why
-# it is not sent, the HTTP request that carries it, and which fields of the platform's answer are
-# kept. Everything else (settings validation, secrets masked, the outbox rows, the worker, the
-# doctor) loops over the registry. The answer becomes an Outcome: delivered, retry (network
-# errors, 5xx, 429; honouring Retry-After), failed (any other 4xx), or skipped (the platform
-# would refuse it: too old, nothing to match on, no event name mapped).
+# it is not sent, the HTTP request that carries it, and how the platform's answer reads. Everything
+# else (settings validation, secrets masked, the outbox rows, the worker, the test event, the
+# doctor) loops over the registry. The answer becomes an Outcome: delivered (the platform says it
+# took the event: an HTTP 2xx is not enough where the platform answers refusals with 200),
+# retry (network errors, 5xx, 429 and what the platform calls transient; honouring Retry-After),
+# failed (any other refusal), processing (taken, its result to be asked for later: Data Manager)
+# or skipped (the platform would refuse it: too old, nothing to match on, no event name mapped).
+# The platform's documented answer fields are kept on the delivery (GET /api/deliveries).
 # ##################################################################################################
 
 DELIVERY_MAX_ATTEMPTS = 8
 DELIVERY_BACKOFF_MAX = 6 * 3600  # seconds
+# Checks of a request still processing (Data Manager) before the delivery is given up: with the
+# backoff (30 s doubling, capped at 6 h) they span about three days.
+DELIVERY_POLL_MAX = 20
 # Seconds a claimed row stays its worker's beyond the delivery timeout (it is sent at once): the
 # reads before the request and the write after it. A worker killed meanwhile leaves the row
 # `sending`; once the lock has passed, it is sent again (delivery is at least once).
 DELIVERY_LOCK_MARGIN = 60
+# The phone number test events carry (Brazil's 5511 9... is a mobile range; no one's number is
+# needed for a test the platforms keep apart).
+TEST_PHONE = "5511900000000"
 
 
 @dataclasses.dataclass
 class Outcome:
-    status: str  # delivered | retry | failed | skipped
+    status: str  # delivered | retry | failed | skipped | processing
     http_status: int | None = None
     error: str | None = None
     retry_after: float | None = None
-    response: str | None = None
+    response: str | None = None  # the platform's answer as kept (JSON text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5265,17 +5319,19 @@ ANSWER_TEXT_MAX = 500  # characters kept of one field of a platform's answer
 
 
 def _documented(source: Any, fields: tuple[str, ...]) -> dict:
-    """The named fields of a platform's JSON answer, as short text or numbers; nothing else."""
+    """The named fields of a platform's JSON answer, as short text, numbers or true/false, and
+    lists of those (ten at most); nothing else."""
     if not isinstance(source, dict):
         return {}
     out = {}
     for key in fields:
         value = source.get(key)
-        if isinstance(value, bool) or value is None:
+        if value is None:
             continue
         if isinstance(value, list):
-            value = [str(v)[:ANSWER_TEXT_MAX] for v in value[:10]]
-        elif not isinstance(value, int):
+            value = [v if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     else str(v)[:ANSWER_TEXT_MAX] for v in value[:10]]
+        elif not isinstance(value, (int, bool)):
             value = str(value)[:ANSWER_TEXT_MAX]
         out[key] = value
     return out
@@ -5288,9 +5344,24 @@ def _json_answer(raw: bytes) -> Any:
         return None
 
 
+def event_value(company: Company, event: Mapping[str, Any], always: bool = False) -> dict | None:
+    """{"value", "currency"} of an event that has a value, or of one whose platform event needs
+    them (`always`: a purchase's, 0 when unknown); None otherwise."""
+    if event["value"] is None and not always:
+        return None
+    return {"value": event["value"] or 0,
+            "currency": event["currency"] or company.settings["currency"]}
+
+
+def e164_hashes(phone: str | None) -> list[str]:
+    """SHA-256 of each form of the number in E.164 with its `+` (Google, TikTok), the dialable
+    form first."""
+    return [sha256_hex("+" + form) for form in phone_forms(phone)]
+
+
 class Destination:
     """A platform a company's lead events are sent to. A subclass sets the class attributes and
-    writes `event` and `request` (and `outcome` if the platform's answers need it);
+    writes `event`, `request` and `test_event` (and `outcome` if the platform's answers need it);
     DESTINATIONS lists one instance of each."""
 
     name = ""  # the key of its settings (`{"meta": {...}}`) and of its outbox rows
@@ -5303,6 +5374,9 @@ class Destination:
     # (error sentence, answer to keep) from the platform's reply body: its documented fields
     # only. None: the reply is not read at all, its status alone counts.
     answer: Callable[[bytes], tuple[str | None, str | None]] | None = None
+    # What a test event needs beside `required` (Meta's and TikTok's test codes): given in the
+    # test request's body or kept in the settings.
+    test_fields: tuple[str, ...] = ()
 
     @property
     def url_field(self) -> str | None:
@@ -5334,6 +5408,28 @@ class Destination:
         company's settings of this destination, complete (see `required`)."""
         raise NotImplementedError
 
+    def test_event(self, company: Company) -> dict:
+        """A made-up event for "Send a test event" (POST /api/destinations/{name}/test)."""
+        raise Refused(400, f"{self.name} has no test event")
+
+    def test_request(self, config: Config, settings: Mapping[str, Any],
+                     payload: dict) -> tuple[str, bytes, dict[str, str]]:
+        """The request of a test event: one the platform keeps apart from real conversions
+        (a test code, a validation endpoint, validate-only)."""
+        return self.request(config, settings, payload)
+
+    async def authorize(self, session: aiohttp.ClientSession, config: Config,
+                        settings: Mapping[str, Any]) -> dict[str, str] | Outcome:
+        """Headers that authenticate the request, when they must be fetched first (an OAuth
+        token), or an Outcome saying why they could not be."""
+        return {}
+
+    async def follow_up(self, session: aiohttp.ClientSession, config: Config,
+                        settings: Mapping[str, Any], kept: Any) -> Outcome | None:
+        """For a row whose kept answer says the platform is still processing it: ask how it
+        went. None: send the event (again)."""
+        return None
+
     def outcome(self, status: int, raw: bytes, retry_after: float | None) -> Outcome:
         """The platform's answer (`raw`: b"" when `answer` is None) as an Outcome: 2xx delivered,
         5xx and 429 retry, any other status failed; `answer`'s fields kept. A platform that says
@@ -5345,18 +5441,25 @@ class Destination:
         error = f"HTTP {status}" + (f": {detail}" if detail else "")
         return Outcome(kind, status, error=error, retry_after=retry_after, response=kept)
 
+    def test_outcome(self, status: int, raw: bytes, retry_after: float | None) -> Outcome:
+        """A test event's answer as an Outcome (a validation endpoint's findings)."""
+        return self.outcome(status, raw, retry_after)
+
 
 async def post_json(session: aiohttp.ClientSession, destination: Destination, url: str, body: bytes,
-                    headers: Mapping[str, str], timeout: float) -> Outcome:
-    """POST a delivery. Only the destination's documented fields of the reply are kept (the CRM
-    webhook's reply: none, its status only), and every network failure reads "unreachable", so
-    a company's URL is no window onto what it reaches nor a port scanner."""
+                    headers: Mapping[str, str], timeout: float,
+                    read: Callable[[int, bytes, float | None], Outcome] | None = None,
+                    method: str = "POST") -> Outcome:
+    """POST a delivery (or GET a status: `method`). Only the destination's documented fields of
+    the reply are kept (the CRM webhook's reply: none, its status only), and every network
+    failure reads "unreachable", so a company's URL is no window onto what it reaches nor a port
+    scanner. `read`: how the answer becomes an Outcome (the destination's `outcome`)."""
     field = destination.url_field or "the URL"
     try:
-        async with session.post(url, data=body, headers={"Content-Type": "application/json",
-                                                         **headers},
-                                timeout=aiohttp.ClientTimeout(total=timeout),
-                                allow_redirects=False) as resp:
+        async with session.request(method, url, data=body if method == "POST" else None,
+                                   headers={"Content-Type": "application/json", **headers},
+                                   timeout=aiohttp.ClientTimeout(total=timeout),
+                                   allow_redirects=False) as resp:
             raw = await resp.read() if destination.answer else b""
             status = resp.status
             retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
@@ -5368,33 +5471,51 @@ async def post_json(session: aiohttp.ClientSession, destination: Destination, ur
         if refused_address(exc):
             return Outcome("failed", error=PRIVATE_URL_REFUSED.format(field=field))
         return Outcome("retry", error="unreachable")
-    return destination.outcome(status, raw, retry_after)
+    return (read or destination.outcome)(status, raw, retry_after)
 
 
 META_WINDOW = 7 * 86400  # seconds: Meta refuses events older than 7 days
 META_EVENT_NAMES = {
-    # website / chat leads: standard web events, plus a custom one for qualification
+    # Website and chat leads: standard web events, plus a custom one for qualification.
     "website": {"lead": "Lead", "qualified": "QualifiedLead", "purchase": "Purchase"},
-    # Click-to-WhatsApp leads: Meta accepts only its business-messaging event names here
-    "messaging": {"lead": "LeadSubmitted", "qualified": "QualifiedLead", "purchase": "Purchase"},
+    # Click-to-WhatsApp leads (action_source business_messaging): Meta takes a closed set of
+    # names here, and only LeadSubmitted and Purchase are ones every source agrees on (others,
+    # QualifiedLead among them, are refused by some accounts with subcode 2804066:
+    # docs.zernio.com/whatsapp/send-whatsapp-conversion). More by event_names.messaging.
+    "messaging": {"lead": "LeadSubmitted", "purchase": "Purchase"},
 }
-META_ERROR_FIELDS = ("message", "type", "code", "error_subcode", "fbtrace_id")  # Graph API errors
+META_ERROR_FIELDS = ("message", "type", "code", "error_subcode", "is_transient",
+                     "error_user_title", "error_user_msg", "fbtrace_id")  # Graph API errors
 META_ANSWER_FIELDS = ("events_received", "messages", "fbtrace_id")  # Conversions API success
+# Graph API error codes Meta calls temporary ("wait and retry"): 1, 2 (service down), 4, 17, 341
+# (throttling). They come as HTTP 400 (developers.facebook.com/docs/graph-api/guides/
+# error-handling); `is_transient: true` says the same of any other code.
+META_TRANSIENT_CODES = (1, 2, 4, 17, 341)
 
 
-def meta_phone_hash(phone: str) -> str:
-    """Meta: digits only, with country code, then SHA-256."""
-    return sha256_hex(digits(phone))
+def meta_phone_hashes(phone: str | None) -> list[str]:
+    """Meta's `ph`: digits with country code, SHA-256; a Brazilian mobile in both its forms
+    (with and without the 9th digit), since Meta may know the person by either."""
+    return [sha256_hex(form) for form in phone_forms(phone)]
 
 
 class Meta(Destination):
     """Meta Conversions API (META_GRAPH_URL): website leads matched on the hashed phone and the
-    fbc/fbp cookies, Click-to-WhatsApp leads on their ctwa_clid as business-messaging events."""
+    fbc/fbp cookies, Click-to-WhatsApp leads on their ctwa_clid as business-messaging events
+    (to their own dataset and token when set: a WABA's dataset is often not the pixel's).
+
+    action_source: Meta asks for where the conversion happened (`website`: on your website;
+    `chat`: "via a messaging app, SMS, or online messaging feature", parameters page). A website
+    lead's `lead` event is the visit's click to WhatsApp, seen on the site with its URL and
+    browser: `website`. What follows (qualified, purchase, refund) happens in the WhatsApp chat:
+    `chat`, still matched on the visit's fbc/fbp and the hashed phone."""
 
     name = "meta"
     fields = {"dataset_id": False, "access_token": True, "test_event_code": False,
-              "waba_id": False, "event_names": False, "enabled": False}
+              "messaging_dataset_id": False, "messaging_access_token": True,
+              "waba_id": False, "page_id": False, "event_names": False, "enabled": False}
     required = ("dataset_id", "access_token")
+    test_fields = ("test_event_code",)
 
     def event(self, company: Company, lead: Mapping[str, Any], event: Mapping[str, Any],
               facts: EventFacts) -> dict | Outcome:
@@ -5413,16 +5534,22 @@ class Meta(Destination):
                                "event_time": int(min(event["occurred_at"], now())),  # never ahead
                                "event_id": event["event_id"]}
         if ctwa:
-            if not meta.get("waba_id"):
-                return Outcome("skipped", error="the company's WhatsApp Business Account id "
-                                                "(meta.waba_id) is not set")
+            # The business's identity on WhatsApp: its WABA id, or the Facebook Page where there
+            # is no WABA (a number on the WhatsApp Business app); Meta asks for either.
+            if meta.get("waba_id"):
+                owner = {"whatsapp_business_account_id": meta["waba_id"]}
+            elif meta.get("page_id"):
+                owner = {"page_id": meta["page_id"]}
+            else:
+                return Outcome("skipped", error="neither the company's WhatsApp Business Account "
+                                                "id (meta.waba_id) nor its Page id (meta.page_id) "
+                                                "is set")
             out.update(action_source="business_messaging", messaging_channel="whatsapp",
-                       user_data={"whatsapp_business_account_id": meta["waba_id"],
-                                  "ctwa_clid": attribution["ctwa_clid"]})
+                       user_data={**owner, "ctwa_clid": attribution["ctwa_clid"]})
         else:
             user: dict[str, Any] = {}
             if lead["phone"]:
-                user["ph"] = [meta_phone_hash(lead["phone"])]
+                user["ph"] = meta_phone_hashes(lead["phone"])
             for key in ("fbc", "fbp"):
                 if attribution.get(key):
                     user[key] = attribution[key]
@@ -5434,53 +5561,98 @@ class Meta(Destination):
                 return Outcome("skipped",
                                error="nothing to match the person on (no phone, fbc, fbp)")
             source_url = attribution.get("page_url") or attribution.get("landing_page")
-            if lead["visit_id"] is not None and source_url and facts.user_agent:
+            if (event["name"] == "lead" and lead["visit_id"] is not None and source_url
+                    and facts.user_agent):
                 user["client_user_agent"] = facts.user_agent
                 out.update(action_source="website", event_source_url=source_url)
             else:
                 out["action_source"] = "chat"  # the conversion happened in the WhatsApp chat
             out["user_data"] = user
-        custom: dict[str, Any] = {}
-        if event["value"] is not None or event["name"] == "purchase":
-            custom = {"value": event["value"] or 0, "currency": event["currency"]
-                      or company.settings["currency"]}
+        custom = event_value(company, event, event["name"] == "purchase")
         if custom:
             out["custom_data"] = custom
         return out
 
     def request(self, config: Config, settings: Mapping[str, Any],
                 payload: dict) -> tuple[str, bytes, dict[str, str]]:
-        body: dict[str, Any] = {"data": [payload], "access_token": settings["access_token"]}
+        dataset, token = settings["dataset_id"], settings["access_token"]
+        if payload.get("action_source") == "business_messaging":
+            dataset = settings.get("messaging_dataset_id") or dataset
+            token = settings.get("messaging_access_token") or token
+        body: dict[str, Any] = {"data": [payload], "access_token": token}
         if settings.get("test_event_code"):
             body["test_event_code"] = settings["test_event_code"]
-        url = f"{config.meta_graph_url}/{config.meta_api_version}/{settings['dataset_id']}/events"
+        url = f"{config.meta_graph_url}/{config.meta_api_version}/{dataset}/events"
         return url, json_dumps(body).encode(), {}
+
+    def test_event(self, company: Company) -> dict:
+        return {"event_name": "Lead", "event_time": int(now()),
+                "event_id": f"test-{uuid.uuid4().hex[:12]}", "action_source": "chat",
+                "user_data": {"ph": meta_phone_hashes(TEST_PHONE)}}
 
     @staticmethod
     def answer(raw: bytes) -> tuple[str | None, str | None]:
-        """Meta's documented fields: error.message, type, code, error_subcode, fbtrace_id;
-        events_received, messages, fbtrace_id on success."""
+        """Meta's documented fields: error.message, type, code, error_subcode, is_transient,
+        error_user_title, error_user_msg, fbtrace_id; events_received, messages, fbtrace_id on
+        success."""
         body = _json_answer(raw)
         error = _documented(body.get("error") if isinstance(body, dict) else None,
                             META_ERROR_FIELDS)
         if error:
-            details = ", ".join(f"{k} {error[k]}" for k in META_ERROR_FIELDS[1:] if k in error)
-            sentence = (str(error.get("message", "Meta error"))
-                        + (f" ({details})" if details else ""))
-            return sentence, json_dumps({"error": error})
+            details = ", ".join(f"{k} {error[k]}" for k in ("type", "code", "error_subcode",
+                                                             "fbtrace_id") if k in error)
+            said = error.get("message") or error.get("error_user_msg") or "Meta error"
+            return f"{said}" + (f" ({details})" if details else ""), json_dumps({"error": error})
         kept = _documented(body, META_ANSWER_FIELDS)
         return None, json_dumps(kept) if kept else None
+
+    def outcome(self, status: int, raw: bytes, retry_after: float | None) -> Outcome:
+        """Delivered only when Meta counts the event received (it may answer 200 with
+        events_received 0 and say why in `messages`); its transient errors are retried."""
+        detail, kept = self.answer(raw)
+        answer = loads_or(kept, {})
+        error = answer.get("error") or {}
+        if error:
+            transient = (error.get("is_transient") is True
+                         or error.get("code") in META_TRANSIENT_CODES)
+            kind = "retry" if transient or status >= 500 or status == 429 else "failed"
+            return Outcome(kind, status, error=f"HTTP {status}: {detail}",
+                           retry_after=retry_after, response=kept)
+        if 200 <= status < 300:
+            received = answer.get("events_received")
+            if received != 1:
+                said = "; ".join(answer.get("messages") or [])
+                return Outcome("failed", status, response=kept,
+                               error=f"Meta received {received or 0} of 1 events"
+                                     + (f": {said}" if said else ""))
+            return Outcome("delivered", status, response=kept)
+        return super().outcome(status, raw, retry_after)
 
 
 GA4_WINDOW = 72 * 3600  # seconds: GA4 accepts timestamps up to 72 hours back
 GA4_EVENT_NAMES = {"lead": "generate_lead", "qualified": "qualify_lead", "purchase": "purchase",
                    "refund": "refund", "lost": "close_unconvert_lead"}
 GA4_MESSAGE_FIELDS = ("fieldPath", "description", "validationCode")  # the validation server's
+# Milliseconds of engagement an event carries: GA4 counts a session as engaged (and shows the
+# event in Realtime) only with engagement_time_msec set (developers.google.com/analytics/
+# devguides/collection/protocol/ga4/use-cases); one millisecond adds nothing to averages.
+GA4_ENGAGEMENT_MSEC = 1
+
+
+def ga4_debug_url(config: Config) -> str:
+    """GA4's validation server: the collect URL with /debug before /mp/collect."""
+    base = config.ga4_mp_url
+    if base.endswith("/mp/collect"):
+        return base[:-len("/mp/collect")] + "/debug/mp/collect"
+    return base
 
 
 class Ga4(Destination):
     """GA4 Measurement Protocol (GA4_MP_URL): the event on the visitor's GA client id (the _ga
-    cookie the tracker read), so it joins the session the ad click started."""
+    cookie the tracker read) and session id (its _ga_<id> cookie), so GA4 attributes it to the
+    session the ad click started. GA4 answers 2xx to everything, even events it drops: a
+    delivery here says GA4 was reached, and only a test event (its validation server) checks
+    an event."""
 
     name = "ga4"
     fields = {"measurement_id": False, "api_secret": True, "event_names": False, "enabled": False}
@@ -5504,10 +5676,12 @@ class Ga4(Destination):
         # payload; GA4 itself de-duplicates only purchases, by transaction_id.
         params: dict[str, Any] = {"lead_source": attribution.get("utm_source") or "direct",
                                   "match_method": lead["match_method"],
-                                  "event_id": event["event_id"]}
-        if event["value"] is not None or name in ("purchase", "refund"):
-            params.update(value=event["value"] or 0, currency=event["currency"]
-                          or company.settings["currency"])
+                                  "event_id": event["event_id"],
+                                  "engagement_time_msec": GA4_ENGAGEMENT_MSEC}
+        session_id = str(attribution.get("ga_session_id") or "")
+        if session_id.isdigit():
+            params["session_id"] = session_id
+        params.update(event_value(company, event, name in ("purchase", "refund")) or {})
         if name == "purchase":
             params["transaction_id"] = event["event_id"]
         elif name == "refund":
@@ -5515,11 +5689,27 @@ class Ga4(Destination):
         return {"client_id": client_id, "timestamp_micros": int(event["occurred_at"] * 1_000_000),
                 "events": [{"name": name, "params": params}]}
 
+    def _url(self, base: str, settings: Mapping[str, Any]) -> str:
+        return base + "?" + urllib.parse.urlencode(
+            {"measurement_id": settings["measurement_id"], "api_secret": settings["api_secret"]})
+
     def request(self, config: Config, settings: Mapping[str, Any],
                 payload: dict) -> tuple[str, bytes, dict[str, str]]:
-        url = config.ga4_mp_url + "?" + urllib.parse.urlencode(
-            {"measurement_id": settings["measurement_id"], "api_secret": settings["api_secret"]})
-        return url, json_dumps(payload).encode(), {}
+        return self._url(config.ga4_mp_url, settings), json_dumps(payload).encode(), {}
+
+    def test_event(self, company: Company) -> dict:
+        return {"client_id": "1234567890.1700000000", "events": [{
+            "name": "generate_lead", "params": {
+                "event_id": f"test-{uuid.uuid4().hex[:12]}", "value": 0,
+                "currency": company.settings["currency"],
+                "engagement_time_msec": GA4_ENGAGEMENT_MSEC}}]}
+
+    def test_request(self, config: Config, settings: Mapping[str, Any],
+                     payload: dict) -> tuple[str, bytes, dict[str, str]]:
+        # ENFORCE_RECOMMENDATIONS: the validation server also reports what GA4 would accept
+        # but not use as documented (validating-events page).
+        body = {**payload, "validation_behavior": "ENFORCE_RECOMMENDATIONS"}
+        return self._url(ga4_debug_url(config), settings), json_dumps(body).encode(), {}
 
     @staticmethod
     def answer(raw: bytes) -> tuple[str | None, str | None]:
@@ -5527,13 +5717,319 @@ class Ga4(Destination):
         (/debug/mp/collect) lists validationMessages."""
         body = _json_answer(raw)
         messages = body.get("validationMessages") if isinstance(body, dict) else None
-        kept = [m for m in (_documented(m, GA4_MESSAGE_FIELDS) for m in (messages or [])[:10]
-                            if isinstance(messages, list)) if m]
-        if not kept:
+        if not isinstance(messages, list):
             return None, None
+        kept = [m for m in (_documented(m, GA4_MESSAGE_FIELDS) for m in messages[:10]) if m]
         sentence = "; ".join(f"{m.get('fieldPath', '')}: {m.get('description', '')} "
                              f"({m.get('validationCode', '')})" for m in kept)
-        return sentence, json_dumps({"validationMessages": kept})
+        return sentence or None, json_dumps({"validationMessages": kept})
+
+    def test_outcome(self, status: int, raw: bytes, retry_after: float | None) -> Outcome:
+        """The validation server's answer: delivered with no validationMessages, else failed
+        with them."""
+        outcome = self.outcome(status, raw, retry_after)
+        if outcome.status == "delivered" and outcome.response is None:
+            return Outcome("failed", status, error="GA4's validation server gave no answer")
+        detail, _ = self.answer(raw)
+        if outcome.status == "delivered" and detail:
+            return Outcome("failed", status, error=detail, response=outcome.response)
+        return outcome
+
+
+TIKTOK_EVENT_NAMES = {"lead": "Contact", "purchase": "CompletePayment"}  # standard web events
+TIKTOK_ANSWER_FIELDS = ("code", "message", "request_id")
+# TikTok answers HTTP 200 with its own `code`: 0 is success; 40100 (too many requests) and
+# 50000/50002 (its system errors) are worth retrying; any other code is a refusal.
+TIKTOK_RETRY_CODES = (40100, 50000, 50002)
+
+
+class Tiktok(Destination):
+    """TikTok Events API (TIKTOK_EVENTS_URL, /open_api/v1.3/event/track/): website leads with a
+    ttclid (the TikTok ad click), matched on it, the hashed phone and the browser
+    (ads.tiktok.com/marketing_api/docs?id=1741601162187777)."""
+
+    name = "tiktok"
+    fields = {"pixel_code": False, "access_token": True, "test_event_code": False,
+              "event_names": False, "enabled": False}
+    required = ("pixel_code", "access_token")
+    test_fields = ("test_event_code",)
+
+    def event(self, company: Company, lead: Mapping[str, Any], event: Mapping[str, Any],
+              facts: EventFacts) -> dict | Outcome:
+        tiktok = company.settings.get(self.name) or {}
+        attribution = loads_or(lead["attribution"], {})
+        if not attribution.get("ttclid"):
+            return Outcome("skipped", error="the lead has no TikTok click id (ttclid)")
+        name = {**TIKTOK_EVENT_NAMES, **(tiktok.get("event_names") or {})}.get(event["name"])
+        if not name:
+            return Outcome("skipped", error=f"no TikTok event name for {event['name']}")
+        user: dict[str, Any] = {"ttclid": attribution["ttclid"]}
+        if lead["phone"]:
+            user["phone"] = e164_hashes(lead["phone"])
+        if facts.user_agent:
+            user["user_agent"] = facts.user_agent
+        out: dict[str, Any] = {"event": name, "event_time": int(min(event["occurred_at"], now())),
+                               "event_id": event["event_id"], "user": user}
+        page = attribution.get("page_url") or attribution.get("landing_page")
+        if page:
+            out["page"] = {"url": page}
+        value = event_value(company, event, event["name"] == "purchase")
+        if value:
+            out["properties"] = value
+        return out
+
+    def request(self, config: Config, settings: Mapping[str, Any],
+                payload: dict) -> tuple[str, bytes, dict[str, str]]:
+        body: dict[str, Any] = {"event_source": "web", "event_source_id": settings["pixel_code"],
+                                "data": [payload]}
+        if settings.get("test_event_code"):
+            body["test_event_code"] = settings["test_event_code"]
+        return (config.tiktok_events_url, json_dumps(body).encode(),
+                {"Access-Token": settings["access_token"]})
+
+    def test_event(self, company: Company) -> dict:
+        return {"event": "Contact", "event_time": int(now()),
+                "event_id": f"test-{uuid.uuid4().hex[:12]}",
+                "user": {"phone": e164_hashes(TEST_PHONE)}}
+
+    @staticmethod
+    def answer(raw: bytes) -> tuple[str | None, str | None]:
+        kept = _documented(_json_answer(raw), TIKTOK_ANSWER_FIELDS)
+        if not kept:
+            return None, None
+        return f"code {kept.get('code')}: {kept.get('message', '')}", json_dumps(kept)
+
+    def outcome(self, status: int, raw: bytes, retry_after: float | None) -> Outcome:
+        """Delivered only with `code` 0: TikTok refuses with HTTP 200 and an error code."""
+        if not 200 <= status < 300:
+            return super().outcome(status, raw, retry_after)
+        detail, kept = self.answer(raw)
+        code = loads_or(kept, {}).get("code")
+        if code == 0:
+            return Outcome("delivered", status, response=kept)
+        kind = "retry" if code in TIKTOK_RETRY_CODES else "failed"
+        return Outcome(kind, status, error=f"TikTok {detail or 'answered without a code'}",
+                       retry_after=retry_after, response=kept)
+
+
+# Google's Data Manager API (developers.google.com/data-manager/api): events:ingest takes the
+# conversion, requestStatus:retrieve says later whether Google Ads matched it.
+DATA_MANAGER_SCOPE = "https://www.googleapis.com/auth/datamanager"
+DATA_MANAGER_WINDOW = 90 * 86400  # seconds: Google Ads takes conversions of clicks up to 90 days
+DATA_MANAGER_ERROR_FIELDS = ("code", "message", "status")  # google.rpc.Status
+# requestStatus per destination: SUCCESS, PROCESSING, FAILED, PARTIAL_SUCCESS, or unknown.
+DATA_MANAGER_PENDING = (None, "PROCESSING", "REQUEST_STATUS_UNKNOWN")
+GOOGLE_CLICK_IDS = ("gclid", "gbraid", "wbraid")  # one per conversion, in this preference
+
+
+def google_click_id(lead: Mapping[str, Any],
+                    attribution: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(kind, value) of the lead's Google ad click: gclid, else gbraid or wbraid (iOS)."""
+    for kind in GOOGLE_CLICK_IDS:
+        value = attribution.get(kind) or (lead.get(kind) if kind == "gclid" else None)
+        if value:
+            return kind, value
+    return None
+
+
+def service_account_key(text: str) -> dict:
+    """A service-account key (the JSON file Google Cloud gives) as a dict; ValueError if it is
+    not one."""
+    key = json.loads(text)
+    if not isinstance(key, dict) or not all(isinstance(key.get(k), str) and key[k]
+                                            for k in ("client_email", "private_key")):
+        raise ValueError("a service-account key has client_email and private_key")
+    return key
+
+
+def google_error(raw: bytes) -> tuple[str | None, str | None]:
+    """Google's error answers: {"error": {code, message, status}} (APIs) or {"error",
+    "error_description"} (the OAuth token endpoint)."""
+    body = _json_answer(raw)
+    if not isinstance(body, dict):
+        return None, None
+    if isinstance(body.get("error"), dict):
+        error = _documented(body["error"], DATA_MANAGER_ERROR_FIELDS)
+        return (f"{error.get('message', '')} ({error.get('status', '')})" if error else None,
+                json_dumps({"error": error}) if error else None)
+    kept = _documented(body, ("error", "error_description", "requestId"))
+    if "error" in kept:
+        return f"{kept['error']}: {kept.get('error_description', '')}", json_dumps(kept)
+    return None, json_dumps(kept) if kept else None
+
+
+class DataManager(Destination):
+    """Google's Data Manager API (DATA_MANAGER_URL), replacing the Google Ads API's conversion
+    upload for new integrations since 2026-06-15: the conversion with its Google click id
+    (gclid, or gbraid/wbraid from iOS) and the hashed phone (enhanced conversions for leads),
+    sent as a service account (OAuth 2.0 JWT-bearer grant at GOOGLE_TOKEN_URL, signed by
+    google-auth). Google answers a requestId and matches later: the delivery stays pending,
+    its request's status asked with backoff until SUCCESS (delivered) or FAILED."""
+
+    name = "data_manager"
+    fields = {"service_account_key": True, "customer_id": False, "login_customer_id": False,
+              "conversion_actions": False, "enabled": False}
+    required = ("service_account_key", "customer_id", "conversion_actions")
+    answer = staticmethod(google_error)
+
+    def _destination(self, settings: Mapping[str, Any], action: str) -> dict:
+        out: dict[str, Any] = {"operatingAccount": {"accountType": "GOOGLE_ADS",
+                                                    "accountId": settings["customer_id"]},
+                               "productDestinationId": action}
+        if settings.get("login_customer_id"):  # a manager account acting for the customer
+            out["loginAccount"] = {"accountType": "GOOGLE_ADS",
+                                   "accountId": settings["login_customer_id"]}
+        return out
+
+    def event(self, company: Company, lead: Mapping[str, Any], event: Mapping[str, Any],
+              facts: EventFacts) -> dict | Outcome:
+        settings = company.settings.get(self.name) or {}
+        action = (settings.get("conversion_actions") or {}).get(event["name"])
+        if not action:
+            return Outcome("skipped", error=f"no Google Ads conversion action for "
+                                            f"{event['name']} (data_manager.conversion_actions)")
+        attribution = loads_or(lead["attribution"], {})
+        click = google_click_id(lead, attribution)
+        phones = e164_hashes(lead["phone"])
+        if click is None and not phones:
+            return Outcome("skipped", error="nothing to match on (no Google click id, no phone)")
+        if now() - event["occurred_at"] > DATA_MANAGER_WINDOW:
+            return Outcome("skipped", error="older than Google Ads' 90-day click window")
+        out: dict[str, Any] = {
+            "eventTimestamp": datetime.fromtimestamp(min(event["occurred_at"], now()),
+                                                     timezone.utc).isoformat(),
+            "transactionId": event["event_id"],
+            # Where the conversion happened, as for Meta: the click to WhatsApp on the site,
+            # then the chat (OTHER: neither web, app, store nor phone call).
+            "eventSource": "WEB" if event["name"] == "lead" and lead["visit_id"] else "OTHER"}
+        if click:
+            out["adIdentifiers"] = {click[0]: click[1]}
+        if phones:
+            out["userData"] = {"userIdentifiers": [{"phoneNumber": h} for h in phones]}
+        value = event_value(company, event)
+        if value:
+            out.update(conversionValue=value["value"], currency=value["currency"])
+        return {"destinations": [self._destination(settings, action)], "events": [out],
+                "encoding": "HEX"}
+
+    def request(self, config: Config, settings: Mapping[str, Any],
+                payload: dict) -> tuple[str, bytes, dict[str, str]]:
+        return f"{config.data_manager_url}/events:ingest", json_dumps(payload).encode(), {}
+
+    def test_event(self, company: Company) -> dict:
+        settings = company.settings.get(self.name) or {}
+        action = next(iter(settings["conversion_actions"].values()))
+        return {"destinations": [self._destination(settings, action)], "encoding": "HEX",
+                "events": [{"eventTimestamp": datetime.now(timezone.utc).isoformat(),
+                            "transactionId": f"test-{uuid.uuid4().hex[:12]}",
+                            "eventSource": "OTHER",
+                            "userData": {"userIdentifiers": [
+                                {"phoneNumber": h} for h in e164_hashes(TEST_PHONE)]}}]}
+
+    def test_request(self, config: Config, settings: Mapping[str, Any],
+                     payload: dict) -> tuple[str, bytes, dict[str, str]]:
+        url, _, headers = self.request(config, settings, payload)
+        return url, json_dumps({**payload, "validateOnly": True}).encode(), headers
+
+    async def authorize(self, session: aiohttp.ClientSession, config: Config,
+                        settings: Mapping[str, Any]) -> dict[str, str] | Outcome:
+        """An access token for the service account: a JWT signed with its key (RS256, by
+        google-auth) exchanged at the token endpoint (RFC 7523)."""
+        from google.auth import crypt, jwt  # only installs that use Data Manager sign JWTs
+        try:
+            key = service_account_key(settings["service_account_key"])
+            signer = crypt.RSASigner.from_service_account_info(key)
+        except (ValueError, TypeError):
+            return Outcome("failed", error="data_manager.service_account_key is not a usable "
+                                           "service-account key")
+        issued = int(now())
+        assertion = jwt.encode(signer, {"iss": key["client_email"], "scope": DATA_MANAGER_SCOPE,
+                                        "aud": config.google_token_url, "iat": issued,
+                                        "exp": issued + 3600}).decode()
+        form = urllib.parse.urlencode({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                                       "assertion": assertion}).encode()
+        try:
+            async with session.post(config.google_token_url, data=form, headers={
+                    "Content-Type": "application/x-www-form-urlencoded"},
+                    timeout=aiohttp.ClientTimeout(total=config.delivery_timeout),
+                    allow_redirects=False) as resp:
+                raw, status = await resp.read(), resp.status
+        except (asyncio.TimeoutError, aiohttp.ClientError):
+            return Outcome("retry", error="unreachable (Google's token endpoint)")
+        body = _json_answer(raw)
+        token = body.get("access_token") if isinstance(body, dict) else None
+        if status == 200 and isinstance(token, str) and token:
+            return {"Authorization": f"Bearer {token}"}
+        detail, kept = google_error(raw)
+        kind = "retry" if status >= 500 or status == 429 else "failed"
+        return Outcome(kind, status, error=f"Google token endpoint: HTTP {status}"
+                       + (f": {detail}" if detail else ""), response=kept)
+
+    def outcome(self, status: int, raw: bytes, retry_after: float | None) -> Outcome:
+        """events:ingest answers a requestId: the request is Google's now, its result later."""
+        outcome = super().outcome(status, raw, retry_after)
+        request_id = loads_or(outcome.response, {}).get("requestId")
+        if outcome.status != "delivered":
+            return outcome
+        if not request_id:
+            return Outcome("retry", status, error="Data Manager answered without a requestId")
+        return Outcome("processing", status, response=json_dumps({"requestId": request_id}))
+
+    def test_outcome(self, status: int, raw: bytes, retry_after: float | None) -> Outcome:
+        outcome = super().outcome(status, raw, retry_after)  # validateOnly: nothing to ask later
+        if outcome.status == "delivered":
+            outcome.response = json_dumps({**loads_or(outcome.response, {}),
+                                           "validateOnly": True})
+        return outcome
+
+    async def follow_up(self, session: aiohttp.ClientSession, config: Config,
+                        settings: Mapping[str, Any], kept: Any) -> Outcome | None:
+        if not isinstance(kept, dict) or not kept.get("requestId") \
+                or kept.get("requestStatus") not in DATA_MANAGER_PENDING:
+            return None
+        keep = json_dumps(kept)
+        auth = await self.authorize(session, config, settings)
+        if isinstance(auth, Outcome):
+            auth.response = keep  # the requestId stays: the next try asks again
+            return auth
+        url = f"{config.data_manager_url}/requestStatus:retrieve?" + urllib.parse.urlencode(
+            {"requestId": kept["requestId"]})
+
+        def read(status: int, raw: bytes, retry_after: float | None) -> Outcome:
+            if not 200 <= status < 300:
+                outcome = Destination.outcome(self, status, raw, retry_after)
+                outcome.response = keep
+                return outcome
+            return self.request_status(status, kept["requestId"], _json_answer(raw))
+
+        return await post_json(session, self, url, b"", auth, config.delivery_timeout, read,
+                               method="GET")
+
+    @staticmethod
+    def request_status(status: int, request_id: str, body: Any) -> Outcome:
+        """requestStatus:retrieve's answer for our one destination as an Outcome, its status,
+        error reasons and counts kept."""
+        per = body.get("requestStatusPerDestination") if isinstance(body, dict) else None
+        first = per[0] if isinstance(per, list) and per and isinstance(per[0], dict) else {}
+        state = first.get("requestStatus")
+        kept: dict[str, Any] = {"requestId": request_id}
+        if isinstance(state, str):
+            kept["requestStatus"] = state[:ANSWER_TEXT_MAX]
+        ingested = _documented(first.get("eventsIngestionStatus"), ("recordCount",))
+        if ingested:
+            kept["recordCount"] = ingested["recordCount"]
+        for info in ("errorInfo", "warningInfo"):
+            counts = (first.get(info) or {}).get(f"{info[:-4]}Counts") \
+                if isinstance(first.get(info), dict) else None
+            if isinstance(counts, list):
+                kept[info] = [_documented(c, ("recordCount", "reason")) for c in counts[:10]]
+        reasons = ", ".join(str(c.get("reason")) for c in kept.get("errorInfo", []))
+        if state == "SUCCESS":
+            return Outcome("delivered", status, response=json_dumps(kept))
+        if state in DATA_MANAGER_PENDING:
+            return Outcome("processing", status, response=json_dumps(kept))
+        return Outcome("failed", status, response=json_dumps(kept),
+                       error=f"Data Manager: {state}" + (f" ({reasons})" if reasons else ""))
 
 
 def crm_payload(company: Company, lead: Mapping[str, Any], event: Mapping[str, Any]) -> dict:
@@ -5566,9 +6062,14 @@ class CrmWebhook(Destination):
                    "X-WhatsTracking-Event": payload["type"]}
         return settings["url"], raw, headers
 
+    def test_event(self, company: Company) -> dict:
+        """A signed ping: the CRM checks the signature as for every event."""
+        return {"type": "ping", "company_id": company.id, "sent_at": iso(now())}
+
 
 # The registry: every loop over destinations goes through it, in this order.
-DESTINATIONS: dict[str, Destination] = {d.name: d for d in (Meta(), Ga4(), CrmWebhook())}
+DESTINATIONS: dict[str, Destination] = {
+    d.name: d for d in (Meta(), Ga4(), Tiktok(), DataManager(), CrmWebhook())}
 # Destination → its settings fields and whether each is a write-only secret (validate_settings
 # accepts these fields, Company.public shows a secret only as `<field>_set`).
 DESTINATION_FIELDS = {name: dict(d.fields) for name, d in DESTINATIONS.items()}
@@ -5586,16 +6087,73 @@ def destination_urls(settings: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def send_delivery(session: aiohttp.ClientSession, config: Config, company: Company, destination: Destination,
-                        lead: Mapping[str, Any], event: Mapping[str, Any],
-                        facts: EventFacts) -> Outcome:
-    """Send one lead event to one destination the company has configured."""
+async def send_payload(session: aiohttp.ClientSession, config: Config, destination: Destination,
+                       settings: Mapping[str, Any], payload: dict, test: bool = False) -> Outcome:
+    """POST one payload (a test event's when `test`) to a destination and read the answer."""
+    auth = await destination.authorize(session, config, settings)
+    if isinstance(auth, Outcome):
+        return auth
+    build = destination.test_request if test else destination.request
+    url, body, headers = build(config, settings, payload)
+    return await post_json(session, destination, url, body, {**headers, **auth},
+                           config.delivery_timeout,
+                           destination.test_outcome if test else destination.outcome)
+
+
+async def send_delivery(session: aiohttp.ClientSession, config: Config, company: Company,
+                        destination: Destination, lead: Mapping[str, Any], event: Mapping[str, Any],
+                        facts: EventFacts, kept: Any = None) -> Outcome:
+    """Send one lead event to one destination the company has configured; `kept`: the
+    delivery's kept answer, when it says the platform is still processing it (asked instead)."""
+    settings = company.settings.get(destination.name) or {}
+    later = await destination.follow_up(session, config, settings, kept)
+    if later is not None:
+        return later
     payload = destination.event(company, lead, event, facts)
     if isinstance(payload, Outcome):
         return payload
-    settings = company.settings.get(destination.name) or {}
-    url, body, headers = destination.request(config, settings, payload)
-    return await post_json(session, destination, url, body, headers, config.delivery_timeout)
+    return await send_payload(session, config, destination, settings, payload)
+
+
+async def test_destination(config: Config, sessions: Sessions, company: Company, name: str,
+                           given: Mapping[str, Any]) -> dict:
+    """"Send a test event": a made-up event the platform keeps apart (Meta's and TikTok's test
+    codes, GA4's validation server, Data Manager's validateOnly, a signed ping to the CRM), and
+    the platform's answer. `given`: the request's body (a test code not kept in the settings).
+    Refused: not a destination (404), a bad test code (400), not set up or no test code
+    (409: the request is right, the company's settings are not there yet); 502: the platform
+    is unreachable."""
+    destination = DESTINATIONS.get(name)
+    if destination is None:
+        raise Refused(404, "Not found")
+    settings = dict(company.settings.get(name) or {})
+    for field in ("test_event_code",):  # what a test request may bring (Meta's, TikTok's code)
+        value = given.get(field)
+        if value is not None and (not isinstance(value, str) or not value or len(value) > 256):
+            raise Refused(400, f"{field} must be text of 1 to 256 characters")
+        if value and value.strip() and field in destination.test_fields:
+            settings[field] = value.strip()
+    if not destination.set_up(company.settings):
+        raise Refused(409, f"{name} is not set up" if name not in company.settings
+                      else f"{name} is switched off ({name}.enabled)")
+    if destination.missing(company.settings):
+        raise Refused(409, f"{name} is not set up: " + ", ".join(
+            f"{name}.{m}" for m in destination.missing(company.settings)))
+    for field in destination.test_fields:
+        if not settings.get(field):
+            raise Refused(409, f"{name}.{field} is needed for a test event (the platform shows "
+                               f"test events under it, apart from real conversions)")
+    session = sessions[0]
+    if destination.url_field:
+        session = session_for(config, company, destination.url_field,
+                              settings.get(destination.company_url), sessions)
+    outcome = await send_payload(session, config, destination, settings,
+                                 destination.test_event(company), test=True)
+    if outcome.http_status is None and outcome.status == "retry":
+        raise Refused(502, f"{name} is unreachable")
+    return {"ok": outcome.status == "delivered", "destination": name, "status": outcome.status,
+            "http_status": outcome.http_status, "error": outcome.error,
+            "response": delivery_response(outcome.response)}
 
 
 DUE = ("((status = 'pending' AND next_attempt_at <= ?) OR "
@@ -5665,8 +6223,19 @@ async def finish_delivery(db: Storage, row: Mapping[str, Any], outcome: Outcome,
     ts = now()
     status = outcome.status
     next_at = row["next_attempt_at"]
-    if status == "retry":
-        if row["attempts"] >= DELIVERY_MAX_ATTEMPTS:
+    error = outcome.error
+    if status == "processing":  # the platform has it; ask again later, a while at most
+        if row["attempts"] >= DELIVERY_POLL_MAX:
+            status = "failed"
+            error = f"still processing after {row['attempts']} checks"
+        else:
+            status = "pending"
+            next_at = ts + backoff_seconds(row["attempts"], retry_base)
+    elif status == "retry":
+        # A request the platform is still processing (its requestId kept) counts its checks
+        # against DELIVERY_POLL_MAX: a failed check must not end it sooner.
+        polling = '"requestId"' in (outcome.response or "")
+        if row["attempts"] >= (DELIVERY_POLL_MAX if polling else DELIVERY_MAX_ATTEMPTS):
             status = "failed"
         else:
             status = "pending"
@@ -5679,7 +6248,7 @@ async def finish_delivery(db: Storage, row: Mapping[str, Any], outcome: Outcome,
         await tx.execute(
             "UPDATE deliveries SET status = ?, next_attempt_at = ?, locked_until = NULL, "
             "last_status = ?, last_error = ?, response = ?, delivered_at = ?, updated_at = ? "
-            "WHERE id = ?", status, next_at, outcome.http_status, outcome.error,
+            "WHERE id = ?", status, next_at, outcome.http_status, error,
             outcome.response, ts if status == "delivered" else None, ts, row["id"])
 
     await db.transact(run)
@@ -5712,7 +6281,8 @@ async def run_delivery(db: Storage, config: Config, sessions: Sessions,
         url = destination_urls(company.settings)[destination.url_field]
         session = session_for(config, company, destination.url_field, url, sessions)
     return await send_delivery(session, config, company, destination, lead, event,
-                               EventFacts(user_agent, purchase_id))
+                               EventFacts(user_agent, purchase_id),
+                               delivery_response(row["response"]))
 
 
 async def deliver(db: Storage, config: Config, sessions: Sessions,
@@ -7683,9 +8253,22 @@ async def retry_delivery(request: web.Request) -> web.Response:
     return json_response({"ok": True, "delivery": delivery_json(row)})
 
 
+@routes.post("/api/destinations/{name}/test")
+async def send_test_event(request: web.Request) -> web.Response:
+    """Send a test event the platform keeps apart and answer with what the platform said."""
+    body = await object_body(request) if request.body_exists else {}
+    company = await acting_company(request, body)
+    result = await test_destination(request.app[CONFIG], (request.app[HTTP],
+                                    request.app[COMPANY_HTTP]), company,
+                                    request.match_info["name"], body)
+    return json_response(result)
+
+
 @routes.get("/api/exports/google-ads.csv")
 async def google_ads_export(request: web.Request) -> web.Response:
-    """Offline click conversions in Google Ads' upload template, gclid leads only."""
+    """Offline click conversions in Google Ads' upload template: leads with a Google click id
+    (gclid, or gbraid/wbraid from iOS: one of the three per row, as the template wants), with
+    the hashed phone of enhanced conversions for leads (SHA-256 of E.164 with its `+`)."""
     company = await authenticate(request)
     start, end = parse_range(request.query, zoneinfo.ZoneInfo(company.settings["timezone"]))
     conversions = google_ads_conversions(company)
@@ -7695,8 +8278,10 @@ async def google_ads_export(request: web.Request) -> web.Response:
             google_ads_conversion_names(company)))
     names = {event: name for event, name in conversions.items()
              if not wanted or name == wanted}
-    sql = ("SELECT l.gclid, e.name, e.value, e.currency, e.occurred_at FROM lead_events e "
-           "JOIN leads l ON l.id = e.lead_id WHERE e.company_id = ? AND l.gclid IS NOT NULL")
+    # gbraid/wbraid live in the attribution JSON: every lead with a click id of the three.
+    sql = ("SELECT l.gclid, l.phone, l.attribution, e.name, e.value, e.currency, e.occurred_at "
+           "FROM lead_events e JOIN leads l ON l.id = e.lead_id WHERE e.company_id = ? AND "
+           "(l.gclid IS NOT NULL OR l.attribution LIKE '%braid\":\"%')")
     args: list[Any] = [company.id]
     if start is not None:
         sql += " AND e.occurred_at >= ?"
@@ -7709,15 +8294,19 @@ async def google_ads_export(request: web.Request) -> web.Response:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow([f"Parameters:TimeZone={company.settings['timezone']}"])
-    writer.writerow(["Google Click ID", "Conversion Name", "Conversion Time", "Conversion Value",
-                     "Conversion Currency"])
+    writer.writerow(["Google Click ID", "GBRAID", "WBRAID", "Conversion Name", "Conversion Time",
+                     "Conversion Value", "Conversion Currency", "Phone Number"])
     for row in rows:
-        if row["name"] not in names:
+        click = google_click_id(row, loads_or(row["attribution"], {}))
+        if row["name"] not in names or click is None:
             continue
+        ids = [click[1] if kind == click[0] else "" for kind in GOOGLE_CLICK_IDS]
         when = datetime.fromtimestamp(row["occurred_at"], zone).strftime("%Y-%m-%d %H:%M:%S")
         value = "" if row["value"] is None else f"{row['value']:g}"
-        writer.writerow([row["gclid"], names[row["name"]], when, value,
-                         row["currency"] or company.settings["currency"]])
+        phone = e164_hashes(row["phone"])
+        writer.writerow([*ids, names[row["name"]], when, value,
+                         row["currency"] or company.settings["currency"],
+                         phone[0] if phone else ""])
     return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8", headers={
         "Content-Disposition": 'attachment; filename="google-ads-conversions.csv"'})
 

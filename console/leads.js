@@ -400,6 +400,10 @@
             WT.toast(V.errorText(e), "error");
           });
         }}, WT.t("deliveries.retry")) : null;
+      // GA4 answers "yes" to everything; Data Manager's answer comes later (its request status).
+      var note = d.destination === "ga4" && d.status === "delivered" ? WT.t("deliveries.ga4_note")
+        : d.status === "pending" && d.response && d.response.requestId
+          ? WT.t("deliveries.processing_note") : null;
       var when = d.status === "delivered" ? d.delivered_at
         : d.status === "pending" ? d.next_attempt_at : d.updated_at;
       return h("div", {class: "v-delivery", dataset: {delivery: d.id, destination: d.destination,
@@ -414,6 +418,7 @@
           [WT.t("deliveries.last_error"), d.last_error, "last_error"],
           [WT.t("deliveries.when." + d.status), when ? WT.fmt.datetime(when) : null, "when"]
         ]),
+        note ? h("p", {class: "muted small", dataset: {note: d.destination}}, note) : null,
         answer != null ? h("details", {class: "v-answer"},
           h("summary", {}, WT.t("deliveries.response")),
           h("pre", {class: "v-json"}, answer)) : null);

@@ -264,6 +264,10 @@
     "store_first_message", "window_match", "webhook_auth_required", "evolution_url",
     "evolution_key", "meta.event_names", "ga4.event_names", "meta.dataset_id", "meta.access_token",
     "meta.waba_id", "meta.test_event_code", "ga4.measurement_id", "ga4.api_secret",
+    "meta.messaging_dataset_id", "meta.messaging_access_token", "meta.page_id",
+    "tiktok.pixel_code", "tiktok.access_token", "tiktok.test_event_code", "tiktok.event_names",
+    "data_manager.customer_id", "data_manager.login_customer_id",
+    "data_manager.service_account_key", "data_manager.conversion_actions",
     "crm_webhook.url", "crm_webhook.secret", "conversion_name", "value", "name"];
 
   /* An ApiError as text in the user's language: a field the message names has a sentence of

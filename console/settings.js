@@ -1,8 +1,9 @@
 /* WhatsTracking console: the company's settings (GET/PATCH /api/company): its name, attribution,
    code, region, label → event mapping, chat rules (with a box to try a message on them, through
-   POST /api/chat-rules/test), its WhatsApp server (Evolution API; the key write-only,
-   the server's state from GET /api/checks), conversion destinations (Meta, GA4, CRM webhook;
-   secrets write-only; the event names each platform gets), failed deliveries with retry, and the
+   POST /api/chat-rules/test), its WhatsApp server (Evolution API; the key write-only, the
+   server's state from GET /api/checks), conversion destinations (Meta, GA4, TikTok, Google's
+   Data Manager, CRM webhook; secrets write-only; the event names each platform gets; "Send a
+   test event" with the platform's answer), failed deliveries with retry, and the
    Google Ads offline-conversions CSV with its conversion names. Shared helpers: window.WTV
    (reports.js). */
 (function () {
@@ -20,16 +21,25 @@
   var DESTINATIONS = [
     {name: "meta", paths: [
       {key: "website", defaults: {lead: "Lead", qualified: "QualifiedLead", purchase: "Purchase"}},
-      {key: "messaging", defaults: {lead: "LeadSubmitted", qualified: "QualifiedLead",
-                                    purchase: "Purchase"}}],
+      {key: "messaging", defaults: {lead: "LeadSubmitted", purchase: "Purchase"}}],
      fields: [{key: "dataset_id", required: true},
                             {key: "access_token", secret: true, required: true},
-                            {key: "waba_id"}, {key: "test_event_code"}]},
+                            {key: "waba_id"}, {key: "page_id"}, {key: "messaging_dataset_id"},
+                            {key: "messaging_access_token", secret: true},
+                            {key: "test_event_code"}]},
     {name: "ga4", paths: [
       {key: null, defaults: {lead: "generate_lead", qualified: "qualify_lead", purchase: "purchase",
                              refund: "refund", lost: "close_unconvert_lead"}}],
      fields: [{key: "measurement_id", required: true, placeholder: "G-XXXXXXX"},
                            {key: "api_secret", secret: true, required: true}]},
+    {name: "tiktok", paths: [{key: null, defaults: {lead: "Contact", purchase: "CompletePayment"}}],
+     fields: [{key: "pixel_code", required: true}, {key: "access_token", secret: true, required: true},
+              {key: "test_event_code"}]},
+    // conversion_actions: our event → a Google Ads conversion action id, one field per event.
+    {name: "data_manager", actions: ["lead", "qualified", "purchase"],
+     fields: [{key: "customer_id", required: true, placeholder: "123-456-7890"},
+              {key: "login_customer_id", placeholder: "123-456-7890"},
+              {key: "service_account_key", secret: true, required: true, json: true}]},
     {name: "crm_webhook", fields: [{key: "url", required: true, type: "url",
                                     placeholder: "https://"},
                                    {key: "secret", secret: true, required: true}]}
@@ -523,6 +533,15 @@
         secrets[f.key] = secret;
         return secret.node;
       });
+      var storedActions = (stored && stored.conversion_actions) || {};
+      var actions = (spec.actions || []).map(function (ev) {
+        var field = WT.field({label: WT.t("settings.dest." + spec.name + ".action", {event: V.eventName(ev)}),
+                              name: spec.name + ".conversion_actions." + ev,
+                              value: storedActions[ev] || "", placeholder: "123456789",
+                              attrs: {inputmode: "numeric", autocomplete: "off"}});
+        field.input.dataset.event = ev;
+        return field;
+      });
       var enabled = WT.field({label: WT.t("settings.dest_enabled"), name: spec.name + ".enabled",
                               type: "checkbox", value: !stored || stored.enabled !== false});
       var storedNames = (stored && stored.event_names) || {};
@@ -541,12 +560,17 @@
                      WT.t(on ? (stored.enabled === false ? "settings.dest_off" : "settings.dest_on")
                           : "settings.dest_none"));
       var el = form("settings-" + spec.name.replace("_", "-"), title,
-                    WT.t("settings.dest." + spec.name + "_help"), [fields, namesBox, enabled], function () {
+                    WT.t("settings.dest." + spec.name + "_help"), [fields, actions, namesBox, enabled], function () {
         var patch = {};
         spec.fields.forEach(function (f) {
           var v = inputs[f.key].value.trim();
           if (f.secret) {
             if (secrets[f.key].cleared()) patch[f.key] = null;
+            else if (v && f.json) {  // a pasted JSON file, sent as the object it holds
+              try { patch[f.key] = JSON.parse(v); } catch (e) {
+                throw new Error(WT.t("settings.error." + spec.name + "." + f.key));
+              }
+            }
             else if (v) patch[f.key] = v;
           } else if (v) {
             patch[f.key] = v;
@@ -569,12 +593,22 @@
             patch.event_names = Object.keys(wanted).length ? wanted : null;
           }
         }
+        if (actions.length) {
+          var wantedActions = {};
+          actions.forEach(function (f) {
+            var v = f.input.value.trim();
+            if (v) wantedActions[f.input.dataset.event] = v;
+            else if (storedActions[f.input.dataset.event]) wantedActions[f.input.dataset.event] = null;
+          });
+          if (Object.keys(wantedActions).length) patch.conversion_actions = wantedActions;
+        }
         patch.enabled = enabled.input.checked;
         var out = {};
         out[spec.name] = patch;
         return out;
       });
       el.querySelector("h2").append(" ", status);
+      if (on && stored.enabled !== false) el.appendChild(testBox(spec.name));
       if (on) {
         el.querySelector(".v-form-actions").appendChild(h("button", {type: "button", class: "btn ghost",
           dataset: {removeDestination: spec.name}, onclick: function () {
@@ -591,6 +625,38 @@
           }}, WT.t("settings.dest_remove")));
       }
       return el;
+    }
+
+    /* "Send a test event": the platform's own answer, shown as it came (POST
+       /api/destinations/{name}/test). Meta and TikTok use the saved test event code. */
+    function testBox(name) {
+      var out = h("div", {class: "v-test-result", id: "settings-" + name + "-test", role: "status"});
+      var button = h("button", {type: "button", class: "btn small", dataset: {testDestination: name}},
+                     WT.t("settings.test_send"));
+      button.addEventListener("click", function () {
+        button.disabled = true;
+        out.replaceChildren(h("p", {class: "muted small"}, WT.t("settings.test_sending")));
+        WT.api("POST", "/api/destinations/" + name + "/test", {body: {}}).then(function (r) {
+          button.disabled = false;
+          out.dataset.ok = r.ok ? "true" : "false";
+          out.replaceChildren(
+            h("p", {class: r.ok ? "ok" : "error"},
+              WT.t(r.ok ? "settings.test_ok" : "settings.test_refused") +
+              (r.http_status != null ? " (HTTP " + r.http_status + ")" : "") +
+              (r.error ? ": " + r.error : "")),
+            name === "ga4" ? h("p", {class: "muted small"}, WT.t("settings.test_ga4_note")) : null,
+            r.response != null ? h("pre", {class: "v-json"}, JSON.stringify(r.response, null, 2)) : null);
+        }, function (e) {
+          button.disabled = false;
+          out.dataset.ok = "false";
+          var raw = e && e.body && typeof e.body.error === "string" ? e.body.error : "";
+          out.replaceChildren(h("p", {class: "error", role: "alert"},
+            /needed for a test event/.test(raw) ? WT.t("settings.test_needs_code")
+              : /unreachable/.test(raw) ? WT.t("settings.test_unreachable") : V.errorText(e)));
+        });
+      });
+      return h("div", {class: "v-test"}, h("h3", {}, WT.t("settings.test_title")),
+               h("p", {class: "muted small"}, WT.t("settings.test_help." + name)), button, out);
     }
 
     // ---- failed deliveries ----

@@ -29,7 +29,7 @@ import pytest
 import pytest_asyncio
 from conftest import free_port, require_browser, serve
 from fake_evolution import GLOBAL_KEY, FakeEvolution
-from fake_platforms import FakeMeta
+from fake_platforms import FakeMeta, new_service_account
 
 import whatstracking
 
@@ -755,6 +755,14 @@ async def test_settings_saved_read_back_secrets_write_only_errors_in_the_languag
     stored = await whatstracking.get_company(server.app[whatstracking.DB], a.id)
     assert stored.settings["meta"]["access_token"] == META_TOKEN
     assert stored.settings["meta"]["test_event_code"] == "TEST123"
+    # "Send a test event": Meta's own answer, shown as it came; the event carried the test code.
+    await meta.locator("[data-test-destination=meta]").click()
+    result = page.locator("#settings-meta-test")
+    await expect(result).to_have_attribute("data-ok", "true", timeout=WAIT_MS)
+    await expect(result).to_contain_text(await t(page, "settings.test_ok"))
+    await expect(result.locator("pre")).to_contain_text('"events_received": 1')
+    assert server.meta.events[-1]["_test_event_code"] == "TEST123"
+    assert server.meta.events[-1]["event_id"].startswith("test-")
     # A bad CRM address: its error in the user's language.
     crm = page.locator("#settings-crm-webhook")
     await crm.locator("input[name='crm_webhook.url']").fill("ftp://crm.example")
@@ -789,9 +797,9 @@ async def test_settings_saved_read_back_secrets_write_only_errors_in_the_languag
     content = pathlib.Path(await download.path()).read_text("utf-8")
     lines = content.strip().splitlines()
     assert lines[0] == "Parameters:TimeZone=America/Manaus"
-    assert lines[1].startswith("Google Click ID,Conversion Name")
+    assert lines[1].startswith("Google Click ID,GBRAID,WBRAID,Conversion Name")
     rows = [line.split(",") for line in lines[2:]]
-    assert [(r[0], r[1], r[3], r[4]) for r in rows] == [
+    assert [(r[0], r[3], r[5], r[6]) for r in rows] == [
         ("EAIaIQobChMI-gclid-views", "WhatsApp Purchase", "120", "USD")]
 
     # A secret can be cleared: "set" goes, the API says it is not set any more.
@@ -803,6 +811,21 @@ async def test_settings_saved_read_back_secrets_write_only_errors_in_the_languag
         0, timeout=WAIT_MS)
     await expect(page.locator("#settings-meta input[name='meta.access_token']")).to_be_visible()
     assert (await a.call("GET", "/api/company"))["meta"]["access_token_set"] is False
+
+    # Google Ads through the Data Manager API: the ids, the key (write-only), one conversion
+    # action per event. Set up last and removed at once: no event of this walk goes to Google.
+    dm = page.locator("#settings-data-manager")
+    await dm.locator("input[name='data_manager.customer_id']").fill("123-456-7890")
+    await dm.locator("input[name='data_manager.service_account_key']").fill(
+        json.dumps(new_service_account()))
+    await dm.locator("input[name='data_manager.conversion_actions.purchase']").fill("987654321")
+    await dm.locator("button[type=submit]").click()
+    await expect(page.locator("#settings-data-manager-saved")).to_have_text(
+        await t(page, "common.saved"), timeout=WAIT_MS)
+    assert (await a.call("GET", "/api/company"))["data_manager"] == {
+        "customer_id": "1234567890", "conversion_actions": {"purchase": "987654321"},
+        "enabled": True, "service_account_key_set": True}
+    await a.call("PATCH", "/api/company", json={"data_manager": None})
     assert page.errors == [] and page.foreign == []
     await context.close()
 

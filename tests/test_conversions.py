@@ -344,16 +344,19 @@ async def test_meta_website_lead_sends_hashed_phone_fbc_fbp_and_user_agent(api, 
     lead_event = next(e for e in await lead_events(api, lead["id"]) if e["name"] == "lead")
 
     assert len(meta.events) == 2 and len(meta.requests) == 2
-    assert all(r.path == f"/v23.0/{DATASET}/events" for r in meta.requests)
+    assert all(r.path == f"/v25.0/{DATASET}/events" for r in meta.requests)
     first, purchase = meta.accepted(lead_event["event_id"])[0], meta.accepted("order-9001")[0]
+    # The click to WhatsApp happened on the website; the purchase in the chat.
+    assert first["action_source"] == "website" and first["event_source_url"] == PAGE
+    assert first["user_data"]["client_user_agent"] == UA
+    assert purchase["action_source"] == "chat" and "event_source_url" not in purchase
     for sent in (first, purchase):
         assert sent["_access_token"] == META_TOKEN
         assert sent["_test_event_code"] == "TEST4242"
-        assert sent["action_source"] == "website"
-        assert sent["event_source_url"] == PAGE
         user = sent["user_data"]
-        assert user["client_user_agent"] == UA
-        assert user["ph"] == [hashlib.sha256(phone.encode()).hexdigest()]
+        # A Brazilian mobile in both forms: with its 9th digit and as older WhatsApp ids have it.
+        assert user["ph"] == [hashlib.sha256(phone.encode()).hexdigest(),
+                              hashlib.sha256(b"551187654321").hexdigest()]
         assert user["fbp"] == FBP
         # No _fbc cookie: built from the fbclid as fb.1.<click time in ms>.<fbclid>.
         clicked_ms = int(ts(lead["clicked_at"]) * 1000)
@@ -385,13 +388,14 @@ async def test_meta_organic_lead_is_a_chat_event_with_the_hashed_phone(api, meta
     await delivery(api, lead["id"], "meta", "qualified", ("delivered",))
     sent = meta.accepted("q-organic")[0]
     assert sent["action_source"] == "chat" and sent["event_name"] == "QualifiedLead"
-    assert sent["user_data"] == {"ph": [hashlib.sha256(b"5531991234567").hexdigest()]}
+    assert sent["user_data"] == {"ph": [hashlib.sha256(b"5531991234567").hexdigest(),
+                                        hashlib.sha256(b"553191234567").hexdigest()]}
 
 
 async def test_meta_event_names_are_mapped_per_path(api, meta):
     await configure(api, meta=meta_settings(waba_id=WABA, event_names={
         "website": {"qualified": "Contact", "lost": "LostLead"},
-        "messaging": {"lead": "ViewContent", "qualified": "QualifiedLead"}}))
+        "messaging": {"lead": "ViewContent", "qualified": "InitiateCheckout"}}))
     site = await website_lead(api)
     chat = await ctwa_lead(api)
     await post_event(api, site["id"], name="qualified", event_id="site-q")
@@ -404,7 +408,7 @@ async def test_meta_event_names_are_mapped_per_path(api, meta):
     assert meta.accepted("site-q")[0]["event_name"] == "Contact"
     assert meta.accepted("site-lost")[0]["event_name"] == "LostLead"
     assert meta.accepted(f"lead-{site['id']}")[0]["event_name"] == "Lead"  # default kept
-    assert meta.accepted("chat-q")[0]["event_name"] == "QualifiedLead"
+    assert meta.accepted("chat-q")[0]["event_name"] == "InitiateCheckout"
     assert meta.accepted(f"lead-{chat['id']}")[0]["event_name"] == "ViewContent"
     assert meta.accepted("chat-buy")[0]["event_name"] == "Purchase"  # default kept
 
@@ -440,17 +444,44 @@ async def test_meta_ctwa_lead_is_a_business_messaging_event(api, meta):
     assert meta.accepted("ctwa-order")[0]["custom_data"] == {"value": 120, "currency": "BRL"}
 
 
-async def test_meta_ctwa_qualified_lead_goes_out_as_qualified_lead(api, meta):
-    # A label on the chat is how most WhatsApp sellers qualify a lead: Meta takes QualifiedLead
-    # on the business-messaging path too.
+async def test_meta_ctwa_qualified_is_not_sent_by_default_and_a_refused_name_fails(api, meta):
+    # Only LeadSubmitted and Purchase are names every source agrees Meta takes on the
+    # business-messaging path: a qualified CTWA lead is sent only when the company maps it, and
+    # a name Meta refuses there fails at once with Meta's words.
     await configure(api, meta=meta_settings(waba_id=WABA))
     lead = await ctwa_lead(api)
     await post_event(api, lead["id"], name="qualified", event_id="ctwa-q")
-    done = await delivery(api, lead["id"], "meta", "qualified")
-    assert done["status"] == "delivered", done
-    sent = meta.accepted("ctwa-q")[0]
-    assert sent["event_name"] == "QualifiedLead"
-    assert sent["action_source"] == "business_messaging"
+    skipped = await delivery(api, lead["id"], "meta", "qualified")
+    assert skipped["status"] == "skipped" and "messaging" in skipped["last_error"]
+
+    await configure(api, meta={"event_names": {"messaging": {"qualified": "QualifiedLead"}}})
+    await post_event(api, lead["id"], name="qualified", event_id="ctwa-q2")
+    failed = await delivery(api, lead["id"], "meta", "qualified", event_id="ctwa-q2")
+    assert failed["status"] == "failed" and failed["attempts"] == 1
+    assert "QualifiedLead is not supported for business_messaging" in failed["last_error"]
+    assert failed["response"]["error"]["error_subcode"] == 2804066
+    assert failed["response"]["error"]["fbtrace_id"]
+    assert meta.accepted("ctwa-q2") == []
+
+
+async def test_meta_ctwa_lead_goes_to_its_own_dataset_with_its_token_and_page_id(api, meta):
+    # A WABA's dataset is often not the website pixel's; a number on the WhatsApp Business app
+    # has a Page and no WABA.
+    await configure(api, meta=meta_settings(messaging_dataset_id="777000111",
+                                            messaging_access_token="EAAB-waba-token",
+                                            page_id="1122334455"))
+    site = await website_lead(api)
+    chat = await ctwa_lead(api)
+    await delivery(api, site["id"], "meta", "lead", ("delivered",))
+    await delivery(api, chat["id"], "meta", "lead", ("delivered",))
+    web = meta.accepted(f"lead-{site['id']}")[0]
+    ctwa = meta.accepted(f"lead-{chat['id']}")[0]
+    assert (web["_dataset"], web["_access_token"]) == (DATASET, META_TOKEN)
+    assert (ctwa["_dataset"], ctwa["_access_token"]) == ("777000111", "EAAB-waba-token")
+    assert ctwa["user_data"] == {"page_id": "1122334455", "ctwa_clid": CTWA_CLID}
+    company = await call(api, "GET", "/api/company", 200)
+    assert company["meta"]["messaging_access_token_set"] is True
+    assert "EAAB-waba-token" not in json.dumps(company)
 
 
 async def test_meta_ctwa_lead_without_waba_id_is_skipped_with_a_reason(api, meta):
@@ -505,6 +536,21 @@ async def test_ga4_sends_generate_lead_and_purchase_with_the_ga_client_id(api, g
     assert purchase["transaction_id"] == "T-1001"
     assert purchase["value"] == 89.9 and purchase["currency"] == "BRL"
     assert events["generate_lead"]["params"]["lead_source"] == "facebook"
+
+
+async def test_ga4_events_carry_the_visits_session_id_and_engagement_time(api, ga4):
+    await configure(api, ga4=ga4_settings())
+    lead = await website_lead(api, ga_client_id="1234567890.1732400000",
+                              ga_session_id="1732400123")
+    other = await website_lead(api, ga_client_id="5555.1732400000")  # no _ga_<id> cookie seen
+    await delivery(api, lead["id"], "ga4", "lead", ("delivered",))
+    await delivery(api, other["id"], "ga4", "lead", ("delivered",))
+    assert ga4.problems == []
+    by_client = {e["client_id"]: e["params"] for e in ga4.events()}
+    assert by_client["1234567890.1732400000"]["session_id"] == "1732400123"
+    assert by_client["1234567890.1732400000"]["engagement_time_msec"] == 1
+    assert "session_id" not in by_client["5555.1732400000"]
+    assert by_client["5555.1732400000"]["engagement_time_msec"] == 1
 
 
 async def test_every_destination_payload_carries_the_event_id(api, meta, ga4, crm):
@@ -689,6 +735,43 @@ async def test_a_400_fails_at_once_and_shows_in_failed_deliveries(api, meta):
     assert await deliveries(api, status="pending") == []
     assert len(meta.requests) == 1 and meta.events == []
     assert (await call(api, "GET", "/api/deliveries", 400, params={"status": "lost"}))["error"]
+
+
+async def test_meta_answering_200_with_events_received_0_is_not_delivered(api, meta):
+    lead = await meta_lead(api)
+    meta.fail("received0")
+    await post_event(api, lead["id"], name="qualified", event_id="q-zero")
+    failed = await delivery(api, lead["id"], "meta", "qualified")
+    assert failed["status"] == "failed" and failed["last_status"] == 200
+    assert failed["last_error"].startswith("Meta received 0 of 1 events: Events were discarded")
+    assert failed["response"]["events_received"] == 0
+    assert failed["response"]["messages"] == [
+        "Events were discarded: the dataset is not connected to this business"]
+    assert failed["response"]["fbtrace_id"] and failed["delivered_at"] is None
+
+
+async def test_meta_transient_error_as_http_400_is_retried_then_delivered(api, meta):
+    lead = await meta_lead(api)
+    meta.fail("transient", times=2)  # code 4, is_transient: Meta says wait and retry
+    await post_event(api, lead["id"], name="qualified", event_id="q-busy")
+    done = await delivery(api, lead["id"], "meta", "qualified")
+    assert done["status"] == "delivered" and done["attempts"] == 3, done
+    assert [r.status for r in meta.requests] == [400, 400, 200]
+    assert done["response"]["events_received"] == 1 and done["response"]["fbtrace_id"]
+    assert len(meta.accepted("q-busy")) == 1
+
+
+async def test_meta_transient_error_keeps_metas_answer_while_waiting(api, meta):
+    lead = await meta_lead(api)
+    meta.fail("transient", times=None)
+    await post_event(api, lead["id"], name="qualified", event_id="q-wait")
+    waiting = await delivery(api, lead["id"], "meta", "qualified", ("pending",), attempts=1,
+                             last_status=400)
+    assert "Application request limit reached" in waiting["last_error"]
+    assert waiting["response"]["error"]["code"] == 4
+    assert waiting["response"]["error"]["is_transient"] is True
+    meta.recover()
+    assert (await delivery(api, lead["id"], "meta", "qualified"))["status"] == "delivered"
 
 
 async def test_a_timeout_is_retried(api, meta):
@@ -896,8 +979,13 @@ async def google_csv(api: Api, **params) -> list[list[str]]:
     return read_csv(text)
 
 
-HEADER = ["Google Click ID", "Conversion Name", "Conversion Time", "Conversion Value",
-          "Conversion Currency"]
+HEADER = ["Google Click ID", "GBRAID", "WBRAID", "Conversion Name", "Conversion Time",
+          "Conversion Value", "Conversion Currency", "Phone Number"]
+
+
+def google_phone(lead: dict) -> str:
+    """Enhanced conversions for leads: SHA-256 of the number in E.164 with its +."""
+    return hashlib.sha256(f"+{lead['phone']}".encode()).hexdigest()
 
 
 async def test_google_ads_csv_lists_gclid_conversions_in_the_company_timezone(api):
@@ -918,21 +1006,22 @@ async def test_google_ads_csv_lists_gclid_conversions_in_the_company_timezone(ap
     assert rows[0] == ["Parameters:TimeZone=America/New_York"]
     assert rows[1] == HEADER
     # Hand-computed New York local times: EST (UTC-5) in winter, EDT (UTC-4) in July.
+    phone = google_phone(lead)
     assert rows[2:] == [
-        [gclid, "WhatsApp Lead", "2025-01-15 07:00:00", "", "BRL"],
-        [gclid, "WhatsApp Qualified Lead", "2025-02-28 22:15:00", "", "BRL"],
-        [gclid, "WhatsApp Purchase", "2025-07-04 14:30:00", "199.9", "BRL"],
+        [gclid, "", "", "WhatsApp Lead", "2025-01-15 07:00:00", "", "BRL", phone],
+        [gclid, "", "", "WhatsApp Qualified Lead", "2025-02-28 22:15:00", "", "BRL", phone],
+        [gclid, "", "", "WhatsApp Purchase", "2025-07-04 14:30:00", "199.9", "BRL", phone],
     ]
     for row in rows[2:]:
-        datetime.strptime(row[2], "%Y-%m-%d %H:%M:%S")
+        datetime.strptime(row[4], "%Y-%m-%d %H:%M:%S")
 
     assert (await google_csv(api, conversion_name="WhatsApp Purchase"))[2:] == [
-        [gclid, "WhatsApp Purchase", "2025-07-04 14:30:00", "199.9", "BRL"]]
+        [gclid, "", "", "WhatsApp Purchase", "2025-07-04 14:30:00", "199.9", "BRL", phone]]
     in_range = await google_csv(api, **{"from": "2025-02-01T00:00:00Z",
                                         "to": "2025-06-30T00:00:00Z"})
-    assert [r[1] for r in in_range[2:]] == ["WhatsApp Qualified Lead"]
+    assert [r[3] for r in in_range[2:]] == ["WhatsApp Qualified Lead"]
     from_purchase = await google_csv(api, **{"from": "2025-07-04T18:30:00Z"})
-    assert [r[1] for r in from_purchase[2:]] == ["WhatsApp Purchase"]
+    assert [r[3] for r in from_purchase[2:]] == ["WhatsApp Purchase"]
 
     outsider = Api(api.client, await create_company(api.client, "outra-empresa"))
     assert await google_csv(outsider) == [["Parameters:TimeZone=America/Sao_Paulo"], HEADER]
@@ -948,7 +1037,7 @@ async def test_google_ads_csv_date_range_is_in_the_company_timezone(api):
     await post_event(api, lead["id"], name="qualified", occurred_at="2025-03-01T03:15:00Z")
 
     def names(rows: list[list[str]]) -> list[str]:
-        return [r[1] for r in rows[2:]]
+        return [r[3] for r in rows[2:]]
 
     assert names(await google_csv(api, to="2025-02-28")) == ["WhatsApp Lead",
                                                               "WhatsApp Qualified Lead"]
@@ -960,6 +1049,26 @@ async def test_google_ads_csv_date_range_is_in_the_company_timezone(api):
     assert resp.status == 400 and "from" in (await resp.json())["error"]
 
 
+async def test_google_ads_csv_lists_ios_gbraid_and_wbraid_leads_one_click_id_a_row(api):
+    # Brazilian 12-digit WhatsApp id: Google gets the dialable E.164 form (+55 11 9…).
+    web = await website_lead(api, phone="551187654321", page_url="https://loja.test/?wbraid=WB-1",
+                             message_time=ts("2025-05-10T15:00:00Z"))
+    app = await website_lead(api, page_url="https://loja.test/?gbraid=GB-1&wbraid=WB-2",
+                             message_time=ts("2025-05-10T16:00:00Z"))
+    both = await website_lead(api, page_url="https://loja.test/?gclid=GC-1&gbraid=GB-3",
+                              message_time=ts("2025-05-10T17:00:00Z"))
+    await website_lead(api, message_time=ts("2025-05-10T18:00:00Z"))  # no Google click: left out
+    rows = await google_csv(api)
+    assert rows[1] == HEADER
+    assert rows[2:] == [
+        ["", "", "WB-1", "WhatsApp Lead", "2025-05-10 12:00:00", "", "BRL",
+         hashlib.sha256(b"+5511987654321").hexdigest()],
+        ["", "GB-1", "", "WhatsApp Lead", "2025-05-10 13:00:00", "", "BRL", google_phone(app)],
+        ["GC-1", "", "", "WhatsApp Lead", "2025-05-10 14:00:00", "", "BRL", google_phone(both)],
+    ]
+    assert web["phone"] == "551187654321"
+
+
 async def test_google_ads_csv_uses_the_companys_conversion_names(api):
     await configure(api, google_ads_conversions={"purchase": "Compra WhatsApp", "lead": ""})
     lead = await website_lead(api, page_url="https://loja.test/?gclid=GCLID-2",
@@ -968,7 +1077,8 @@ async def test_google_ads_csv_uses_the_companys_conversion_names(api):
                      occurred_at="2025-05-11T15:00:00Z")
     rows = await google_csv(api)
     assert rows[0] == ["Parameters:TimeZone=America/Sao_Paulo"]
-    assert rows[2:] == [["GCLID-2", "Compra WhatsApp", "2025-05-11 12:00:00", "10", "USD"]]
+    assert rows[2:] == [["GCLID-2", "", "", "Compra WhatsApp", "2025-05-11 12:00:00", "10", "USD",
+                         google_phone(lead)]]
     assert (await google_csv(api, conversion_name="Compra WhatsApp"))[2:] == rows[2:]
     # A name the company no longer uses is refused, naming the ones it does ("lead": "" drops
     # the lead conversion).

@@ -44,7 +44,8 @@ class Example(whatstracking.Destination):
 
 
 def test_each_registered_destination_declares_what_the_loops_need():
-    assert list(whatstracking.DESTINATIONS) == ["meta", "ga4", "crm_webhook"]
+    assert list(whatstracking.DESTINATIONS) == ["meta", "ga4", "tiktok", "data_manager",
+                                                "crm_webhook"]
     for name, destination in whatstracking.DESTINATIONS.items():
         assert isinstance(destination, whatstracking.Destination)
         assert destination.name == name

@@ -396,8 +396,10 @@ async def test_meta_failures_keep_only_metas_documented_error_fields(aiohttp_cli
         assert row["last_error"] == ("HTTP 400: Invalid OAuth access token. (type OAuthException, "
                                      "code 190, error_subcode 463, fbtrace_id AbCdEf)")
         stored = await api.db.fetchone("SELECT response FROM deliveries WHERE id = ?", row["id"])
+        # Meta's documented error fields only (is_transient decides a retry), texts cut.
         assert json.loads(stored["response"]) == {"error": {
             "message": "Invalid OAuth access token.", "type": "OAuthException", "code": 190,
-            "error_subcode": 463, "fbtrace_id": "AbCdEf"}}
+            "error_subcode": 463, "is_transient": False, "error_user_msg": "x" * 500,
+            "fbtrace_id": "AbCdEf"}}
     finally:
         await runner.cleanup()

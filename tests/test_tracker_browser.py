@@ -282,6 +282,9 @@ async def test_meta_and_google_cookies_and_fbclid_reach_the_lead(api, site, new_
     await visitor.context.add_cookies([
         {"name": "_fbp", "value": "fb.1.1700000000000.1234567890", "url": site},
         {"name": "_ga", "value": "GA1.1.111111111.1700000000", "url": site},
+        # GA4's session cookie, in the format gtag.js writes since 2025 (GS2: s<session id>$…)
+        {"name": "_ga_ABC123XYZ", "value": "GS2.1.s1700000555$o3$g1$t1700000600$j0$l0$h0",
+         "url": site},
     ])
     page = await land_then_open_products(visitor, site, "?utm_source=facebook&fbclid=FbClick1")
     await open_plain_link(visitor, page)
@@ -294,6 +297,7 @@ async def test_meta_and_google_cookies_and_fbclid_reach_the_lead(api, site, new_
     assert attribution["fbp"] == "fb.1.1700000000000.1234567890"
     assert attribution["fbc"].startswith("fb.1.") and attribution["fbc"].endswith(".FbClick1")
     assert attribution["ga_client_id"] == "111111111.1700000000"
+    assert attribution["ga_session_id"] == "1700000555"  # GA4 attributes the events to it
 
 
 async def test_code_held_by_another_visitor_is_replaced_by_the_servers_code(api, site, new_visitor):
