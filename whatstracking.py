@@ -4021,6 +4021,7 @@ async def store_adopted(db: Storage, company: Company, connection_id: str, found
 
 
 _META_ID_RE = re.compile(r"[0-9]{5,32}")
+_APP_SECRET_RE = re.compile(r"[0-9A-Za-z]{16,256}")  # Meta's are 32 hex digits
 
 
 def cloud_connection_fields(body: Mapping[str, Any]) -> dict:
@@ -4033,11 +4034,11 @@ def cloud_connection_fields(body: Mapping[str, Any]) -> dict:
             raise Refused(400, f"{name} must be the number Meta shows for it (digits)")
         fields[name] = value
     secret = body.get("app_secret")
-    if not isinstance(secret, str) or not 16 <= len(secret) <= 256 or secret != secret.strip():
+    if not isinstance(secret, str) or not _APP_SECRET_RE.fullmatch(secret):
         raise Refused(400, "app_secret must be the Meta app's secret (App settings > Basic)")
     fields["app_secret"] = secret
     token = body.get("access_token")
-    if token is not None and (not isinstance(token, str) or not 0 < len(token) <= 2048):
+    if "access_token" in body and (not isinstance(token, str) or not 0 < len(token) <= 2048):
         raise Refused(400, "access_token must be text of at most 2048 characters")
     fields["access_token"] = token
     return fields

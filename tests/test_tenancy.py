@@ -440,7 +440,7 @@ async def test_adoption_when_evolution_has_no_such_instance_refuses_the_key_or_i
 
 async def test_adoption_validates_its_body(acme, evolution):
     good = {"type": "evolution", "connectionId": ACME_CONN, "adopt": True, "instance_token": "t"}
-    for field, value in (("type", None), ("type", "cloud"), ("adopt", None), ("adopt", False),
+    for field, value in (("type", None), ("type", "telegram"), ("adopt", None), ("adopt", False),
                          ("adopt", "true"), ("connectionId", None), ("connectionId", "a b"),
                          ("connectionId", "a" * 65), ("instance_token", 5),
                          ("instance_token", ""), ("instance_token", "x" * 257)):
