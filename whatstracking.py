@@ -4111,11 +4111,12 @@ async def prefetch_messages(tx: Tx, inbound: list[tuple[str, str, InboundMessage
             await insert_messages(tx, company_id, [(i, msg.message_id) for i, msg in found])
         senders = set()
         for msg in msgs:  # the rows they will likely make, by the lead rule itself
-            known = [cache.contact(company_id, form, getattr(msg, form))
-                     for form in ("phone", "lid") if getattr(msg, form)]
-            new = not any(known) and (msg.phone, msg.lid) not in senders
+            who = tuple(getattr(msg, form) for form in IDENTITY_FORMS)
+            known = [cache.contact(company_id, form, value)
+                     for form, value in zip(IDENTITY_FORMS, who) if value]
+            new = not any(known) and who not in senders
             if new:
-                senders.add((msg.phone, msg.lid))
+                senders.add(who)
                 wanted["contacts"] += 1
             visits = [cache.code_visit(company_id, code) for code in msg.codes]
             if makes_lead(msg, any(isinstance(v, dict) and v["code_lead_id"] is None
@@ -6126,16 +6127,21 @@ async def note_on_connection(app: web.Application, sql: str, *args: Any) -> int:
         return 0
 
 
-async def note_delivery(app: web.Application, company_id: str, envelope: Any) -> None:
+async def note_delivery(app: web.Application, item: WebhookInput) -> None:
     """Keep the time of the connection's last accepted delivery, to the minute: one UPDATE a
-    minute per connection and process at most, none per message (an existing row only)."""
-    instance = envelope_instance(envelope)
-    if instance is None or app[WEBHOOK_NOTES]["delivered"].retry_after((company_id, instance)):
-        return
+    minute per connection and process at most, none per message (an existing row only). A
+    Cloud API body names its numbers by phone_number_id."""
+    if item.via is CLOUD:
+        column, named = "phone_number_id", {n for _, n, _ in cloud_changes(item.envelope) if n}
+    else:
+        column, named = "id", {envelope_instance(item.envelope)} - {None}
     ts = now()
-    await note_on_connection(
-        app, "UPDATE connections SET last_delivery_at = ? WHERE company_id = ? AND id = ? AND "
-        "(last_delivery_at IS NULL OR last_delivery_at < ?)", ts, company_id, instance, ts)
+    for name in named:
+        if not app[WEBHOOK_NOTES]["delivered"].retry_after((item.company_id, column, name)):
+            await note_on_connection(
+                app, f"UPDATE connections SET last_delivery_at = ? WHERE company_id = ? AND "
+                f"{column} = ? AND (last_delivery_at IS NULL OR last_delivery_at < ?)", ts,
+                item.company_id, name, ts)
 
 
 async def note_rejection(app: web.Application, item: WebhookInput, status: int) -> None:
@@ -6190,7 +6196,7 @@ async def receive_webhook(request: web.Request, item: WebhookInput,
         raise http_error(*result.refused)
     if result.get("bad_json"):
         raise not_json_error(refused, delivery_id=result["delivery_id"])
-    await note_delivery(request.app, item.company_id, item.envelope)
+    await note_delivery(request.app, item)
     request.app[METRICS].observe_webhook(time.perf_counter() - started)
     if result.get("failed"):
         return failed_delivery_answer(request, result["delivery_id"])
@@ -6370,7 +6376,8 @@ async def check_outbound_urls(request: web.Request, company: Company, settings: 
 LEAD_CSV_COLUMNS = ("id", "created_at", "phone", "name", "match_method", "confidence", "code",
                     "connection_id", "utm_source", "utm_medium", "utm_campaign", "utm_term",
                     "utm_content", "gclid", "fbclid", "ctwa_clid", "ad_id", "ad_title",
-                    "landing_page", "referrer", "clicked_at", "first_message")
+                    "landing_page", "referrer", "clicked_at", "first_message", "source",
+                    "wa_id", "bsuid", "username")
 
 
 LEAD_SEARCH_MAX = 100  # characters of a lead search (q)
@@ -6410,9 +6417,10 @@ def lead_filters(query: Mapping[str, str], company: Company, db: Storage
     if len(search) > LEAD_SEARCH_MAX:
         raise http_error(400, f"q must be at most {LEAD_SEARCH_MAX} characters")
     if search:
-        # The name contains it (any case), or, when it has digits, the phone contains them.
-        sql += f" AND ({db.lower('name')} LIKE ? ESCAPE '\\'"
-        args.append(like_pattern(search.lower()))
+        # The name or @username contains it (any case), or, when it has digits, the phone
+        # contains them.
+        sql += f" AND ({db.lower('name')} LIKE ? ESCAPE '\\' OR username LIKE ? ESCAPE '\\'"
+        args += [like_pattern(search.lower()), like_pattern(search.lower().lstrip("@"))]
         if digits(search):
             sql += " OR phone LIKE ?"
             args.append(like_pattern(digits(search)))
@@ -6446,7 +6454,7 @@ async def leads_csv(request: web.Request, where: str, args: list[Any]) -> web.St
             f"SELECT * FROM leads WHERE {page_sql} ORDER BY id DESC LIMIT 1000", *page_args)
         for row in rows:
             lead = lead_json(row)
-            flat = {**lead, **lead["attribution"]}
+            flat = {**lead, **lead["attribution"], **lead["identities"]}
             writer.writerow([csv_cell(flat.get(col)) for col in LEAD_CSV_COLUMNS])
         await response.write(out.getvalue().encode())
         out.seek(0)
@@ -7081,7 +7089,7 @@ async def webhook_ingest(request: web.Request) -> web.Response:
                                                  payload, exc)
         if getattr(result, "refused", None):  # (the company was deleted meanwhile)
             raise http_error(*result.refused)
-        await note_delivery(request.app, company.id, payload)
+        await note_delivery(request.app, item)
         if result.get("failed"):
             return failed_delivery_answer(request, result["delivery_id"])
         if getattr(result, "wake", False):

@@ -426,3 +426,24 @@ async def test_the_admin_adds_a_cloud_number_for_a_company(api):
         "waba_id": WABA_ID, "app_secret": APP_SECRET, "company_id": api.company_id},
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert resp.status == 201, await resp.text()
+
+
+async def test_a_username_customer_is_found_by_search_and_exported(cloud):
+    await deliver(cloud, "bsuid-only")
+    for q in ("lu.artes", "@LU.ARTESANATO"):
+        found = await cloud.leads(q=q)
+        assert [l["identities"]["username"] for l in found] == ["lu.artesanato"], q
+    resp = await cloud.client.get("/api/leads", params={"format": "csv"}, headers=cloud.auth)
+    text = (await resp.read()).decode("utf-8-sig").splitlines()
+    header, row = text[0].split(","), text[1].split(",")
+    assert dict(zip(header, row))["username"] == "lu.artesanato"
+    assert dict(zip(header, row))["bsuid"].startswith("BR.")
+    assert dict(zip(header, row))["source"] == "cloud"
+
+
+async def test_the_connection_shows_when_meta_last_delivered(cloud):
+    resp = await cloud.client.get("/api/connections", headers=cloud.auth)
+    assert (await resp.json())["connections"][0]["lastDeliveryAt"] is None
+    await deliver(cloud, "status-sent")
+    resp = await cloud.client.get("/api/connections", headers=cloud.auth)
+    assert (await resp.json())["connections"][0]["lastDeliveryAt"] is not None

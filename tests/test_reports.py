@@ -31,7 +31,7 @@ METHODS = ("code", "ctwa", "window", "none")
 CSV_HEADER = ["id", "created_at", "phone", "name", "match_method", "confidence", "code",
               "connection_id", "utm_source", "utm_medium", "utm_campaign", "utm_term",
               "utm_content", "gclid", "fbclid", "ctwa_clid", "ad_id", "ad_title", "landing_page",
-              "referrer", "clicked_at", "first_message"]
+              "referrer", "clicked_at", "first_message", "source", "wa_id", "bsuid", "username"]
 
 _phones = itertools.count(5511960000001)
 
