@@ -13,7 +13,7 @@
     return username ? "@" + String(username).replace(/^@+/, "") : null;
   }
   function identities(l) { return l.identities || {phone: l.phone, lid: l.lid}; }
-  /* Who the lead is when they have no name: their @username, else nothing. */
+  /* What to call the lead: the name, else their @username, else "(no name)". */
   function leadName(l) { return l.name || handle(identities(l).username) || WT.t("leads.no_name"); }
 
   // ---- the list ------------------------------------------------------------------------------

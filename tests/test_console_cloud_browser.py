@@ -164,10 +164,15 @@ async def test_cloud_number_connected_from_the_console_receives_metas_webhooks(s
     ad = [l for l in leads.values() if l["match_method"] == "ctwa"]
     assert ad and ad[0]["attribution"]["ctwa_clid"]
 
-    # Deleted here (the history stays, Meta's webhooks are refused), then completely: the name
-    # connects again with a new verify token — what the console tells a user who lost theirs.
+    # The card now says messages are arriving, and when the last one came.
     await page.goto(f"{server.base}/dashboard#/connections")
     card = page.locator("article.connection[data-connection=loja-nuvem]")
+    await expect(card.locator("[data-state]")).to_have_text(
+        await t(page, "connections.cloud_state.receiving"), timeout=WAIT_MS)
+    await expect(card).not_to_contain_text(await t(page, "connections.no_message_yet"))
+
+    # Deleted here (the history stays, Meta's webhooks are refused), then completely: the name
+    # connects again with a new verify token — what the console tells a user who lost theirs.
     await card.get_by_role("button", name=await t(page, "connections.delete"), exact=True).click()
     await expect(page.locator("dialog")).to_contain_text(await t(page, "connections.cloud_delete_body"))
     await page.click("dialog .btn.danger")
