@@ -998,7 +998,7 @@ ALTER TABLE api_tokens ADD COLUMN last_used_at {real};
 """),
     (9, identities_and_cloud_connections),
     # The chat rule that made an event (SPEC §14), as JSON; null for the other sources.
-    (11, """
+    (10, """
 ALTER TABLE lead_events ADD COLUMN rule TEXT;
 """),
 ]
