@@ -927,8 +927,10 @@ async def settings_walk(server: Server, browser, lang: str, expect, own: FakeEvo
     await expect(meta.locator("input[name='name.website.qualified']")).to_have_attribute(
         "placeholder", "QualifiedLead")
     await meta.locator("input[name='name.website.qualified']").fill("Contact")
-    await meta.locator("input[name='send.messaging.qualified']").uncheck()
-    await expect(meta.locator("input[name='name.messaging.qualified']")).to_be_disabled()
+    # Click-to-WhatsApp: only LeadSubmitted and Purchase go by default; qualified is opt-in.
+    await expect(meta.locator("input[name='send.messaging.qualified']")).not_to_be_checked()
+    await meta.locator("input[name='send.messaging.purchase']").uncheck()
+    await expect(meta.locator("input[name='name.messaging.purchase']")).to_be_disabled()
     await meta.locator("input[name='send.website.refund']").check()
     await meta.locator("button[type=submit]").click()
     await expect(page.locator("#settings-meta-error")).to_contain_text(
@@ -939,7 +941,7 @@ async def settings_walk(server: Server, browser, lang: str, expect, own: FakeEvo
         await t(page, "common.saved"), timeout=WAIT_MS)
     company = await a.call("GET", "/api/company")
     assert company["meta"]["event_names"] == {"website": {"qualified": "Contact"},
-                                              "messaging": {"qualified": None}}
+                                              "messaging": {"purchase": None}}
     assert company["meta"]["access_token_set"] and "access_token" not in company["meta"]
 
     # GA4: a purchase under another name, "lost" not sent.
