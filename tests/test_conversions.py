@@ -1066,7 +1066,7 @@ async def test_google_ads_csv_lists_ios_gbraid_and_wbraid_leads_one_click_id_a_r
         ["", "GB-1", "", "WhatsApp Lead", "2025-05-10 13:00:00", "", "BRL", google_phone(app)],
         ["GC-1", "", "", "WhatsApp Lead", "2025-05-10 14:00:00", "", "BRL", google_phone(both)],
     ]
-    assert web["phone"] == "551187654321"
+    assert (web["phone"], web["identities"]["wa_id"]) == ("5511987654321", "551187654321")
 
 
 async def test_google_ads_csv_uses_the_companys_conversion_names(api):
