@@ -1985,13 +1985,15 @@ def _validate_destination(name: str, value: Any, current: Any) -> dict | None:
             merged[key] = field
         elif key == "conversion_actions":  # our event name → a Google Ads conversion action id
             valid = isinstance(field, dict) and all(
-                k in EVENT_NAMES and (v is None or isinstance(v, (str, int))
-                                      and not isinstance(v, bool) and str(v).isdigit()
-                                      and len(str(v)) <= 20) for k, v in field.items())
+                k in EVENT_NAMES and (v is None or (
+                    isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 20) or (
+                    whole_number(v) is not None and 0 <= whole_number(v) < 10 ** 20))
+                for k, v in field.items())
             if not valid:
                 raise Refused(400, f"{where} must map event names ({', '.join(EVENT_NAMES)}) "
                                    "to conversion action ids (digits)")
-            actions = {k: str(v) for k, v in field.items() if v is not None}
+            actions = {k: v if isinstance(v, str) else str(whole_number(v))
+                       for k, v in field.items() if v is not None}
             if actions:
                 merged[key] = actions
             else:
@@ -3173,6 +3175,11 @@ CHAT_TEXT_MAX = 65536  # characters a WhatsApp text message can hold (the test r
 CHAT_VALUE_MAX = 1e12  # the largest value an event takes (as POST /api/leads/{id}/events)
 
 
+# A keyword must hold something chat_words keeps: a digit or a letter of the Latin alphabets
+# (accented ones included; not × and ÷, which sit among them).
+_KEYWORD_CHAR_RE = re.compile("[0-9A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u00ff]")
+
+
 def validate_chat_rules(value: Any) -> list[dict]:
     """The `chat_rules` setting checked and normalised (keywords stripped, `value` present), or
     Refused(400) naming the rule and field: `chat_rules[2].keywords must be ...`. null: none."""
@@ -3198,7 +3205,7 @@ def validate_chat_rules(value: Any) -> list[dict]:
                                f"{CHAT_RULE_KEYWORDS_MAX} words or phrases of at most "
                                f"{CHAT_KEYWORD_MAX} characters")
         for j, keyword in enumerate(keywords):
-            if not chat_words(keyword):
+            if not _KEYWORD_CHAR_RE.search(keyword):  # (the same class as openapi.json's)
                 raise Refused(400, f"{where}.keywords[{j}] must contain a letter or a digit "
                                    "(emoji and punctuation are not matched)")
         if rule.get("event") not in FOLLOW_UP_EVENTS:
