@@ -2860,6 +2860,7 @@ def ad_attribution(info: Mapping[str, Any]) -> dict | None:
 CLOUD_CONTENT_TYPES = frozenset(("text", "image", "video", "document", "audio", "sticker",
                                  "location", "contacts", "button", "interactive", "order"))
 BSUID_MAX = 160  # "CC." + up to 128 characters, with room for a parent id's "CC.ENT."
+BSUID_RE = re.compile(r"[A-Z]{2}\.(?:ENT\.)?[0-9A-Za-z]{1,128}")  # BR.1502576394655843
 
 
 def cloud_text(message: Mapping[str, Any]) -> str:
@@ -4817,19 +4818,23 @@ async def purge_expired(db: Storage, retention_days: int) -> dict:
 ERASE_WINDOW = 2000  # raw webhook bodies searched per transaction when erasing a person
 
 
-async def erase_contact(db: Storage, company_id: str, phone: str) -> dict:
-    """Erase one person (LGPD/GDPR): their leads with events and deliveries, message records,
-    the contact, and the raw webhook bodies that mention the number. Visits stay (they hold no
-    personal data) but their codes are spent, so nobody else can be matched to them."""
-    forms = list(phone_forms(phone))  # a Brazilian mobile with and without its 9th digit
+async def erase_contact(db: Storage, company_id: str, phone: str | None = None,
+                        bsuid: str | None = None) -> dict:
+    """Erase one person (LGPD/GDPR), known by phone (either Brazilian form) or by BSUID: their
+    leads with events and deliveries, message records, the contact, and the raw webhook bodies
+    that mention the number or the id. Visits stay (they hold no personal data) but their codes
+    are spent, so nobody else can be matched to them."""
+    forms = list(phone_forms(phone)) if phone else [bsuid]
+    columns = ("phone", "wa_id") if phone else ("bsuid",)
 
     async def run(tx: Tx) -> dict:
-        (by_phone, args), (by_id, more) = tx.any_of("phone", forms), tx.any_of("wa_id", forms)
-        person = f"company_id = ? AND ({by_phone} OR {by_id})"
+        matches = [tx.any_of(column, forms) for column in columns]
+        person = f"company_id = ? AND ({' OR '.join(where for where, _ in matches)})"
+        args = [arg for _, more in matches for arg in more]
         contacts = [r["id"] for r in await tx.fetchall(
-            f"SELECT id FROM contacts WHERE {person}", company_id, *args, *more)]
+            f"SELECT id FROM contacts WHERE {person}", company_id, *args)]
         lead_rows = await tx.fetchall(f"SELECT id, visit_id FROM leads WHERE {person}",
-                                      company_id, *args, *more)
+                                      company_id, *args)
         taken = {r["id"] for r in lead_rows}
         for contact_id in contacts:
             lead_rows += [r for r in await tx.fetchall(
@@ -8461,14 +8466,21 @@ async def metrics(request: web.Request) -> web.Response:
 @routes.delete("/api/contacts/{phone}")
 async def delete_contact(request: web.Request) -> web.Response:
     company = await authenticate(request)
-    phone = digits(request.match_info["phone"])
-    if not 8 <= len(phone) <= 15:
-        raise http_error(400, "phone must be a number with country code (8 to 15 digits)")
-    erased = await erase_contact(request.app[DB], company.id, phone)
+    given = request.match_info["phone"]
+    if BSUID_RE.fullmatch(given):  # a person Meta knows only by their business-scoped id
+        erased = await erase_contact(request.app[DB], company.id, bsuid=given)
+        who = {"bsuid": given}
+    else:
+        phone = digits(given)
+        if not 8 <= len(phone) <= 15:
+            raise http_error(400, "phone must be a number with country code (8 to 15 digits) "
+                                  "or a BSUID (BR.1502576394655843)")
+        erased = await erase_contact(request.app[DB], company.id, phone)
+        who = {"phone": phone}
     log.info("contact erased", extra={"fields": {
         "event": "contact_erased", "company_id": company.id, **erased,
         "request_id": request[REQUEST_ID]}})
-    return json_response({"ok": True, "phone": phone, "erased": erased})
+    return json_response({"ok": True, **who, "erased": erased})
 
 
 # ##################################################################################################

@@ -381,9 +381,9 @@
         h("section", {class: "card"}, h("h2", {}, WT.t("lead.deliveries")),
           h("p", {class: "muted small"}, WT.t("lead.deliveries_help")), sent),
         h("section", {class: "card v-erase", id: "lead-erase"}, h("h2", {}, WT.t("lead.erase_title")),
-          h("p", {class: "muted small"}, WT.t(l.phone ? "lead.erase_help" : "lead.erase_no_phone")),
-          l.phone ? h("button", {type: "button", class: "btn danger", id: "lead-erase-button",
-                                 onclick: function () { erase(l); }}, WT.t("lead.erase")) : null));
+          h("p", {class: "muted small"}, WT.t(erasable(l) ? "lead.erase_help" : "lead.erase_no_phone")),
+          erasable(l) ? h("button", {type: "button", class: "btn danger", id: "lead-erase-button",
+                                     onclick: function () { erase(l); }}, WT.t("lead.erase")) : null));
       root.dataset.deliveries = deliveries.map(function (d) { return d.status; }).join(",");
     }
 
@@ -425,17 +425,23 @@
     }
 
     /* LGPD: DELETE /api/contacts/{phone} erases the person (every lead of the number, its
-       events, deliveries, messages and raw webhook bodies); then the list, with what was erased. */
+       events, deliveries, messages and raw webhook bodies); a person Meta knows only by BSUID
+       is erased by it. Then the list, with what was erased. */
+    function erasable(l) {
+      return l.phone || identities(l).bsuid || null;
+    }
+
     function erase(l) {
-      var who = l.name || handle(identities(l).username) || WT.fmt.phone(l.phone);
+      var shown = l.phone ? WT.fmt.phone(l.phone) : identities(l).bsuid;
+      var who = l.name || handle(identities(l).username) || shown;
       WT.confirm({title: WT.t("lead.erase_confirm_title", {name: who}),
-                  body: [h("p", {}, WT.t("lead.erase_confirm_body", {phone: WT.fmt.phone(l.phone)})),
+                  body: [h("p", {}, WT.t("lead.erase_confirm_body", {phone: shown})),
                          h("p", {class: "muted small"}, WT.t("lead.erase_confirm_note"))],
                   confirm: WT.t("lead.erase_confirm"), danger: true}).then(function (ok) {
         if (!ok) return;
         var button = document.getElementById("lead-erase-button");
         if (button) button.disabled = true;
-        WT.api("DELETE", "/api/contacts/" + encodeURIComponent(l.phone)).then(function (res) {
+        WT.api("DELETE", "/api/contacts/" + encodeURIComponent(erasable(l))).then(function (res) {
           turn++;  // nothing more to load here
           var erased = res.erased || {};
           var list = h("dl", {class: "facts v-erased", id: "lead-erased"},

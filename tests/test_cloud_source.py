@@ -469,3 +469,19 @@ async def test_the_connection_shows_when_meta_last_delivered(cloud):
     await deliver(cloud, "status-sent")
     resp = await cloud.client.get("/api/connections", headers=cloud.auth)
     assert (await resp.json())["connections"][0]["lastDeliveryAt"] is not None
+
+
+async def test_a_bsuid_only_customer_is_erased_by_bsuid(cloud):
+    body = cloud_fixture("bsuid-only", phone_number_id=PHONE_NUMBER_ID)
+    bsuid = body["entry"][0]["changes"][0]["value"]["contacts"][0]["user_id"]
+    await deliver(cloud, body)
+    await deliver(cloud, "text")  # somebody else, kept
+    resp = await cloud.client.delete(f"/api/contacts/{bsuid}", headers=cloud.auth)
+    data = await resp.json()
+    assert resp.status == 200, data
+    assert data["bsuid"] == bsuid and "phone" not in data
+    assert data["erased"]["leads"] == 1 and data["erased"]["contacts"] == 1
+    assert data["erased"]["webhook_deliveries"] == 1  # the raw body naming the BSUID
+    assert [l["identities"]["bsuid"] for l in await cloud.leads()] == [None]
+    resp = await cloud.client.delete("/api/contacts/BR.", headers=cloud.auth)
+    assert resp.status == 400 and "BSUID" in (await resp.json())["error"]
