@@ -90,6 +90,20 @@ async def db(database_url):
     await storage.close()
 
 
+async def storage_at(database_url: str, version: int) -> whatstracking.Storage:
+    """A connected Storage on the test database migrated only up to schema `version`: the
+    database an older release left, for a test of the migrations after it."""
+    storage = whatstracking.Storage.from_url(database_url)
+    await storage.connect()
+    newest = whatstracking.MIGRATIONS
+    whatstracking.MIGRATIONS = [m for m in newest if m[0] <= version]
+    try:
+        await storage.migrate()
+    finally:
+        whatstracking.MIGRATIONS = newest
+    return storage
+
+
 @pytest.fixture
 def make_config(database_url):
     def make(**env: str) -> whatstracking.Config:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import whatstracking
-from conftest import fixture, upsert
+from conftest import fixture, storage_at, upsert
 
 SITE = "https://loja.test/?utm_source=google&utm_campaign=nono-digito"
 
@@ -110,16 +110,8 @@ async def test_migration_9_makes_old_mobile_ids_dialable_and_folds_twins(databas
     """A database at schema 8 where one person became two contacts (their 12-digit id from one
     Evolution release, the 13-digit number from another) and a landline: after migrating, one
     contact with the dialable phone and the id beside it, both leads its own."""
-    db = whatstracking.Storage.from_url(database_url)
-    await db.connect()
+    db = await storage_at(database_url, 8)
     try:
-        newest = whatstracking.MIGRATIONS
-        whatstracking.MIGRATIONS = [m for m in newest if m[0] <= 8]
-        try:
-            await db.migrate()
-        finally:
-            whatstracking.MIGRATIONS = newest
-
         async def seed(tx):
             for cid, phone in ((1, "553188776655"), (2, "5531988776655"), (3, "553133334444")):
                 await tx.execute("INSERT INTO contacts (id, company_id, phone, created_at, "
@@ -133,7 +125,7 @@ async def test_migration_9_makes_old_mobile_ids_dialable_and_folds_twins(databas
                                  f"m{cid}", cid, cid)
 
         await db.transact(seed)
-        assert await db.migrate() == [v for v, _ in newest if v > 8]
+        assert await db.migrate() == [v for v, _ in whatstracking.MIGRATIONS if v > 8]
         contacts = await db.fetchall("SELECT id, phone, wa_id FROM contacts ORDER BY id")
         assert [dict(r) for r in contacts] == [
             {"id": 1, "phone": "5531988776655", "wa_id": "553188776655"},

@@ -17,7 +17,7 @@ import urllib.parse
 import pytest
 
 import whatstracking
-from conftest import ADMIN_TOKEN, Api, create_company, fixture, upsert
+from conftest import ADMIN_TOKEN, Api, create_company, fixture, storage_at, upsert
 from fake_evolution import FakeEvolution, closed_port_url, response
 # The server with the fake Evolution as its default, and the helpers, of the connection tests.
 from test_connections import (  # noqa: F401 - client, server_env: fixtures (evolution: conftest)
@@ -560,14 +560,7 @@ async def test_migration_6_hashes_clear_secrets_and_verifies_created_connections
 
 async def test_after_migration_6_old_secrets_still_authenticate(make_config, aiohttp_client,
                                                                 database_url):
-    storage = whatstracking.Storage.from_url(database_url)
-    await storage.connect()
-    original = whatstracking.MIGRATIONS
-    whatstracking.MIGRATIONS = [m for m in original if m[0] <= 5]
-    try:
-        await storage.migrate()
-    finally:
-        whatstracking.MIGRATIONS = original
+    storage = await storage_at(database_url, 5)
 
     async def seed(tx):
         await tx.execute("INSERT INTO companies (id, name, webhook_secret, created_at, "
